@@ -1,0 +1,8 @@
+// kiln: fused, shape-specialized GPU kernels for generative-model inference.
+#pragma once
+
+#include "kiln/device.hpp"
+#include "kiln/error.hpp"
+#include "kiln/jit.hpp"
+#include "kiln/rope_flux.hpp"
+#include "kiln/tensor.hpp"

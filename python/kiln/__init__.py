@@ -1,0 +1,55 @@
+"""kiln: shape-specialized CUDA kernels compiled at run time with NVRTC.
+
+Ops take torch tensors (CPU or CUDA; registered as torch custom ops, so torch.compile graphs can
+hold them), numpy arrays (CPU) and CuPy arrays (CUDA), and return an array of the same kind::
+
+    import torch, kiln
+
+    qkv = torch.randn(1, 4608, 3, 24, 128, device="cuda", dtype=torch.bfloat16)
+    pe = ...  # f32 [L, D/2, 2, 2] rotations [[cos, -sin], [sin, cos]] (BFL/ComfyUI layout)
+    q = kiln.rope_flux(qkv[:, :, 0], pe, norm_weight=q_norm_scale)  # [N, H, L, D], contiguous
+    v = kiln.rope_flux(qkv[:, :, 2])                                 # permute only
+
+CUDA work goes on the current stream of the input's framework. Kernels are compiled on first
+use and cached on disk (see kiln.jit and the `kiln cache` command); `kiln bench` measures them
+against PyTorch.
+
+Errors are kiln.KilnError (a RuntimeError) with a `code`; the subclasses are
+InvalidArgumentError (also ValueError), UnsupportedError (also NotImplementedError),
+OutOfMemoryError (also MemoryError), CudaError and CompileError.
+"""
+
+import sys
+
+from . import jit
+from ._C import (
+    CompileError,
+    CudaError,
+    InvalidArgumentError,
+    KilnError,
+    OutOfMemoryError,
+    UnsupportedError,
+)
+from .device import cuda_arch, cuda_available, cuda_device_count, cuda_unavailable_reason
+from .ops import rope_flux
+
+__version__ = jit.version()
+
+if sys.modules.get("torch") is not None:
+    # Register torch.ops.kiln.* now, so a first call under torch.compile finds them.
+    from . import _torch  # noqa: F401
+
+__all__ = [
+    "CompileError",
+    "CudaError",
+    "InvalidArgumentError",
+    "KilnError",
+    "OutOfMemoryError",
+    "UnsupportedError",
+    "cuda_arch",
+    "cuda_available",
+    "cuda_device_count",
+    "cuda_unavailable_reason",
+    "jit",
+    "rope_flux",
+]

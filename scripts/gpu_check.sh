@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU check, run on a machine with a CUDA GPU from a clean tree: build, every test (the GPU
+# ones included), compute-sanitizer memcheck and racecheck on the GPU tests, the Python tests and
+# the benchmark suites. Logs, JSON and charts go to $OUT (default ./out).
+#
+#   scripts/gpu_check.sh                  # every stage
+#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python bench
+#
+# Uses the machine's python3 (with torch) and needs no network. GoogleTest comes from the system,
+# or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=${OUT:-$root/out}
+mkdir -p "$out"
+log="$out/gpu_check.log"
+stages=${*:-build tests sanitize python bench}
+export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
+export PYTHONUNBUFFERED=1
+build=build/gpu
+tests="$build/tests/kiln_tests"
+gpu_filter='*Cuda*:*Large*:RopeFluxJit*:JitKernel*'
+failed=()
+summary=()
+
+run() {  # run NAME COMMAND...: logs the command's output, records pass or fail
+  local name=$1
+  shift
+  local t0=$SECONDS
+  echo "==== $name: $*" | tee -a "$log"
+  if "$@" >>"$log" 2>&1; then
+    summary+=("$(printf '%-12s ok      %4ds' "$name" $((SECONDS - t0)))")
+  else
+    summary+=("$(printf '%-12s FAILED  %4ds' "$name" $((SECONDS - t0)))")
+    failed+=("$name")
+    tail -40 "$log"
+  fi
+}
+
+want() { [[ " $stages " == *" $1 "* ]]; }
+
+{
+  date
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  nvcc --version | tail -2
+  python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+} >>"$log" 2>&1
+
+if want build; then
+  gtest_args=()
+  [ -d .gtest ] && gtest_args=(-DKILN_GTEST_SOURCE_DIR="$root/.gtest")
+  run configure cmake -S . -B "$build" -G Ninja -DKILN_WERROR=ON "${gtest_args[@]}"
+  run build cmake --build "$build" -j "$(nproc)"
+fi
+if want tests; then
+  run cpp_tests "$tests" --gtest_brief=1
+fi
+if want sanitize; then
+  run memcheck compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
+    "$tests" --gtest_brief=1 --gtest_filter="$gpu_filter"
+  run racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
+    "$tests" --gtest_brief=1 --gtest_filter="$gpu_filter"
+fi
+if want python; then
+  run py_install python3 -m pip install -q --no-build-isolation --no-deps --no-index \
+    --config-settings=build-dir=build/gpu-python .
+  run pytest python3 -m pytest tests/python -q -rs
+fi
+if want bench; then
+  run bench python3 -m kiln.bench
+fi
+
+echo
+echo "GPU check on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1):"
+printf '  %s\n' "${summary[@]}"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]} (log: $log)"
+  exit 1
+fi
+echo "all stages passed (log: $log)"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# kiln's test command: set up, build (warnings are errors), check formatting, run every test:
+# the C++ suite through ctest and the Python suite through pytest. GPU tests report "skipped"
+# on machines without a CUDA device.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+scripts/setup.sh
+jobs=$(nproc)
+
+echo "== format"
+git ls-files '*.cpp' '*.hpp' '*.cuh' | xargs clang-format --dry-run --Werror
+
+echo "== build"
+cmake -S . -B build/test -G Ninja -DKILN_WERROR=ON -DCMAKE_BUILD_TYPE=Release
+cmake --build build/test -j "$jobs"
+
+echo "== C++ tests"
+# A scratch JIT cache, so that the tests see neither the user's cache nor a stale one.
+KILN_CACHE_DIR=$(mktemp -d) ctest --test-dir build/test -j "$jobs" --output-on-failure
+
+echo "== Python tests"
+.venv/bin/python -m pip install -q --no-build-isolation "$root"
+KILN_CACHE_DIR=$(mktemp -d) .venv/bin/python -m pytest tests/python -q -rs

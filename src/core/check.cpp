@@ -1,0 +1,90 @@
+#include "core/check.hpp"
+
+#include <string>
+
+namespace kiln::check {
+
+void fail(const char* op, ErrorCode code, const std::string& message) {
+  throw Error(code, std::string("kiln::") + op + ": " + message);
+}
+
+std::string shape_str(std::span<const std::int64_t> shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
+void dtype_in(const char* op, const char* arg, const TensorView& t,
+              std::initializer_list<DType> allowed) {
+  for (DType d : allowed) {
+    if (t.dtype() == d) return;
+  }
+  std::string names;
+  for (DType d : allowed) {
+    if (!names.empty()) names += ", ";
+    names += dtype_name(d);
+  }
+  fail(op, ErrorCode::invalid_argument,
+       std::string(arg) + " has dtype " + dtype_name(t.dtype()) + ", expected one of " + names);
+}
+
+void dims(const char* op, const char* arg, const TensorView& t, int expected) {
+  if (t.dim() != expected) {
+    fail(op, ErrorCode::invalid_argument,
+         std::string(arg) + " has " + std::to_string(t.dim()) + " dims " + t.shape_str() +
+             ", expected " + std::to_string(expected));
+  }
+}
+
+void shape(const char* op, const char* arg, const TensorView& t,
+           std::span<const std::int64_t> expected, const std::string& why) {
+  bool same = t.dim() == static_cast<int>(expected.size());
+  for (int d = 0; same && d < t.dim(); ++d) same = t.size(d) == expected[std::size_t(d)];
+  if (!same) {
+    fail(op, ErrorCode::invalid_argument,
+         std::string(arg) + " has shape " + t.shape_str() + ", expected " + shape_str(expected) +
+             (why.empty() ? "" : " (" + why + ")"));
+  }
+}
+
+void contiguous(const char* op, const char* arg, const TensorView& t) {
+  if (!t.is_contiguous()) {
+    fail(op, ErrorCode::invalid_argument,
+         std::string(arg) + " must be contiguous, got strides " + shape_str(t.strides()) +
+             " for shape " + t.shape_str());
+  }
+}
+
+void no_overlap(const char* op, const char* out_arg, const TensorView& out, const char* in_arg,
+                const TensorView& in) {
+  if (may_overlap(out, in)) {
+    fail(op, ErrorCode::invalid_argument,
+         std::string(out_arg) + " overlaps " + in_arg + " in memory; expected separate buffers");
+  }
+}
+
+void non_null(const char* op, const char* arg, const TensorView& t) {
+  if (t.numel() > 0 && t.data() == nullptr) {
+    fail(op, ErrorCode::invalid_argument,
+         std::string(arg) + " has a null data pointer for " + std::to_string(t.numel()) +
+             " elements");
+  }
+}
+
+Device common_device(const char* op,
+                     std::initializer_list<std::pair<const char*, const TensorView*>> args) {
+  const auto* first = args.begin();
+  for (const auto& [name, view] : args) {
+    if (view != nullptr && !(view->device() == first->second->device())) {
+      fail(op, ErrorCode::invalid_argument,
+           std::string(name) + " is on " + view->device().str() + ", expected " +
+               first->second->device().str() + " like " + first->first);
+    }
+  }
+  return first->second->device();
+}
+
+}  // namespace kiln::check

@@ -1,0 +1,113 @@
+#include "core/cuda.hpp"
+
+#include <array>
+#include <mutex>
+#include <string>
+
+#include "core/check.hpp"
+#include "kiln/device.hpp"
+
+namespace kiln {
+
+namespace {
+
+struct Probe {
+  int count = 0;
+  std::string reason;
+};
+
+const Probe& probe() {
+  static const Probe p = [] {
+    Probe r;
+    const cudaError_t status = cudaGetDeviceCount(&r.count);
+    if (status != cudaSuccess) {
+      r.count = 0;
+      r.reason = std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+      cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    } else if (r.count == 0) {
+      r.reason = "the driver reports no CUDA device";
+    }
+    return r;
+  }();
+  return p;
+}
+
+}  // namespace
+
+int cuda_device_count() { return probe().count; }
+
+std::string cuda_unavailable_reason() { return probe().reason; }
+
+std::string cuda_arch(int device) {
+  cuda::require_device("cuda_arch", Device::cuda(device));
+  static std::mutex m;
+  static std::array<std::string, 64> archs;
+  std::lock_guard<std::mutex> lock(m);
+  auto& arch = archs.at(std::size_t(device));
+  if (arch.empty()) {
+    int major = 0;
+    int minor = 0;
+    cuda::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+                "cuda_arch", "cudaDeviceGetAttribute(major)");
+    cuda::check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+                "cuda_arch", "cudaDeviceGetAttribute(minor)");
+    if (major < 8) {
+      check::fail("cuda_arch", ErrorCode::unsupported,
+                  "device " + std::to_string(device) + " has compute capability " +
+                      std::to_string(major) + "." + std::to_string(minor) +
+                      ", expected 8.0 or newer");
+    }
+    // Hopper's wgmma and setmaxnreg live in the arch-specific sm_90a target.
+    arch = "sm_" + std::to_string(major) + std::to_string(minor) + (major == 9 ? "a" : "");
+  }
+  return arch;
+}
+
+namespace cuda {
+
+void check(cudaError_t status, const char* op, const char* what) {
+  if (status == cudaSuccess) return;
+  const ErrorCode code =
+      status == cudaErrorMemoryAllocation ? ErrorCode::out_of_memory : ErrorCode::cuda_error;
+  check::fail(op, code,
+              std::string(what) + " failed: " + cudaGetErrorName(status) + " (" +
+                  cudaGetErrorString(status) + ")");
+}
+
+void require_device(const char* op, Device device) {
+  const int count = cuda_device_count();
+  if (count == 0) {
+    check::fail(op, ErrorCode::unsupported,
+                "no CUDA device available (" + cuda_unavailable_reason() + ")");
+  }
+  if (device.type != DeviceType::cuda || device.index < 0 || device.index >= count) {
+    check::fail(op, ErrorCode::invalid_argument,
+                "device " + device.str() + " is not a CUDA device of this machine (" +
+                    std::to_string(count) + " visible)");
+  }
+}
+
+DeviceGuard::DeviceGuard(const char* op, int device) {
+  check(cudaGetDevice(&previous_), op, "cudaGetDevice");
+  if (previous_ != device) check(cudaSetDevice(device), op, "cudaSetDevice");
+}
+
+DeviceGuard::~DeviceGuard() {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+}
+
+int sm_count(int device) {
+  static std::mutex m;
+  static std::array<int, 64> counts{};
+  std::lock_guard<std::mutex> lock(m);
+  int& n = counts.at(std::size_t(device));
+  if (n == 0) {
+    check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "sm_count",
+          "cudaDeviceGetAttribute(multiProcessorCount)");
+  }
+  return n;
+}
+
+}  // namespace cuda
+}  // namespace kiln

@@ -1,0 +1,353 @@
+#include "jit/kernel_cache.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <tuple>
+
+#include "core/cuda.hpp"
+#include "core/log.hpp"
+#include "jit/disk_cache.hpp"
+#include "jit/nvrtc.hpp"
+#include "kiln/device.hpp"
+
+namespace kiln::jit {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double elapsed_ms(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+std::string ms_text(double ms) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2f ms", ms);
+  return text;
+}
+
+std::string env(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr ? std::string() : std::string(value);
+}
+
+// Launches get 48 KiB of dynamic shared memory unless the kernel opts in to more.
+constexpr std::size_t kDefaultSharedMemory = 48 * 1024;
+
+// The largest dynamic shared memory each loaded kernel has opted in to. Each (device, kernel)
+// is loaded from its own library, so a handle names one device's kernel. Never destroyed, like
+// process_cache(), whose kernels it tracks.
+struct SharedMemoryOptIns {
+  std::mutex mutex;
+  std::unordered_map<cudaKernel_t, std::size_t> bytes;
+};
+
+SharedMemoryOptIns& opt_ins() {
+  static SharedMemoryOptIns* const registry = new SharedMemoryOptIns;
+  return *registry;
+}
+
+void allow_shared_memory(const char* op, const Kernel& kernel, std::size_t bytes) {
+  SharedMemoryOptIns& registry = opt_ins();
+  std::lock_guard<std::mutex> lock(registry.mutex);
+  std::size_t& allowed = registry.bytes[kernel.handle];
+  if (bytes <= allowed) return;
+  cuda::check(
+      cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel.handle),
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+      op, ("cudaFuncSetAttribute(MaxDynamicSharedMemorySize) for " + *kernel.key).c_str());
+  allowed = bytes;
+}
+
+// Occupancy queries, per (kernel handle, threads, dynamic shared memory).
+struct Occupancies {
+  std::mutex mutex;
+  std::map<std::tuple<cudaKernel_t, int, std::size_t>, int> blocks;
+};
+
+Occupancies& occupancies() {
+  static Occupancies* const registry = new Occupancies;
+  return *registry;
+}
+
+}  // namespace
+
+int resident_blocks(const char* op, const Kernel& kernel, int threads, std::size_t smem_bytes) {
+  Occupancies& registry = occupancies();
+  const auto key = std::make_tuple(kernel.handle, threads, smem_bytes);
+  std::lock_guard<std::mutex> lock(registry.mutex);
+  if (const auto it = registry.blocks.find(key); it != registry.blocks.end()) return it->second;
+  int blocks = 0;
+  cuda::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                  &blocks, reinterpret_cast<const void*>(kernel.handle), threads, smem_bytes),
+              op, ("cudaOccupancyMaxActiveBlocksPerMultiprocessor for " + *kernel.key).c_str());
+  registry.blocks.emplace(key, blocks);
+  return blocks;
+}
+
+CacheConfig config_from_env() {
+  CacheConfig config;
+  config.log = log::env_flag("KILN_JIT_LOG");
+  // XDG asks to ignore relative paths in XDG_CACHE_HOME.
+  const std::string xdg = env("XDG_CACHE_HOME");
+  if (const std::string dir = env("KILN_CACHE_DIR"); !dir.empty()) {
+    config.dir = dir;
+  } else if (xdg.starts_with('/')) {
+    config.dir = xdg + "/kiln";
+  } else if (const std::string home = env("HOME"); !home.empty()) {
+    config.dir = home + "/.cache/kiln";
+  }
+  return config;
+}
+
+// One cubin loaded on one device. The library is context-independent, but loading it per device
+// keeps handles per device (see SharedMemoryOptIns).
+struct KernelCache::Loaded {
+  cudaLibrary_t library = nullptr;
+  Kernel kernel;
+  std::string key;  // what kernel.key points to
+
+  Loaded() = default;
+  Loaded(const Loaded&) = delete;
+  Loaded& operator=(const Loaded&) = delete;
+  ~Loaded() {
+    if (library == nullptr) return;
+    {
+      // A later library may reuse the handle; it must opt in afresh.
+      SharedMemoryOptIns& registry = opt_ins();
+      std::lock_guard<std::mutex> lock(registry.mutex);
+      registry.bytes.erase(kernel.handle);
+    }
+    {
+      Occupancies& registry = occupancies();
+      std::lock_guard<std::mutex> lock(registry.mutex);
+      std::erase_if(registry.blocks,
+                    [&](const auto& entry) { return std::get<0>(entry.first) == kernel.handle; });
+    }
+    cudaLibraryUnload(library);
+  }
+};
+
+KernelCache::KernelCache(CacheConfig config) : log_(config.log) {
+  if (config.dir.empty()) return;
+  std::error_code error;
+  fs::create_directories(config.dir, error);
+  std::string problem;
+  std::error_code ignored;  // an unreadable path is not a folder either
+  if (!fs::is_directory(config.dir, ignored)) {
+    problem = "cannot be created" + (error ? " (" + error.message() + ")" : std::string());
+  } else if (::access(config.dir.c_str(), W_OK | X_OK) != 0) {
+    problem = "is not writable";
+  }
+  if (!problem.empty()) {
+    log::warning_once("jit-cache-dir:" + config.dir,
+                      "jit: kernel cache folder " + config.dir + " " + problem +
+                          "; compiled kernels are cached in memory only");
+    return;
+  }
+  dir_ = config.dir;
+}
+
+KernelCache::~KernelCache() = default;
+
+std::shared_ptr<const Cubin> KernelCache::cubin(const KernelSpec& spec, const std::string& arch) {
+  // Reused per thread so that a memory hit allocates nothing but spec.key().
+  thread_local std::string memory_key;
+  memory_key.assign(arch).append(1, '|').append(spec.key());
+
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    const auto [it, inserted] = cubins_.try_emplace(memory_key);
+    if (inserted) break;  // this thread builds it; the nullptr tells others to wait
+    if (it->second != nullptr) {
+      ++stats_.memory_hits;
+      return it->second;
+    }
+    built_.wait(lock);
+  }
+  lock.unlock();
+
+  const std::string building = memory_key;
+  std::shared_ptr<const Cubin> built;
+  try {
+    check_arch(arch);
+    built = load_or_compile(spec, arch, key_material(spec, arch));
+  } catch (...) {
+    // Waiters retry and meet the same error themselves.
+    lock.lock();
+    cubins_.erase(building);
+    built_.notify_all();
+    throw;
+  }
+  lock.lock();
+  cubins_[building] = built;
+  built_.notify_all();
+  return built;
+}
+
+std::shared_ptr<const Cubin> KernelCache::load_or_compile(const KernelSpec& spec,
+                                                          const std::string& arch,
+                                                          const std::string& key_text) {
+  const std::string key = spec.key();
+  fs::path file;
+  if (!dir_.empty()) {
+    file = fs::path(dir_) / entry_file_name(key_text);
+    const Clock::time_point start = Clock::now();
+    EntryRead entry = read_entry(file, key_text);
+    const double ms = elapsed_ms(start);
+    if (entry.status == EntryRead::ok) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        ++stats_.disk_hits;
+        stats_.disk_load_ms += ms;
+      }
+      if (log_) log::info("jit: loaded " + key + " for " + arch + " from disk in " + ms_text(ms));
+      return std::make_shared<const Cubin>(
+          Cubin{arch, key, std::move(entry.lowered_name), std::move(entry.image)});
+    }
+    if (entry.status == EntryRead::corrupt) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        ++stats_.corrupt_entries;
+        stats_.disk_load_ms += ms;
+      }
+      log::warning("jit: cache entry " + file.string() + " for " + key + " on " + arch +
+                   " rejected (" + entry.problem + "); recompiling it");
+    }
+  }
+
+  const Clock::time_point start = Clock::now();
+  std::string nvrtc_log;
+  auto cubin = std::make_shared<const Cubin>(compile(spec, arch, nvrtc_log));
+  const double ms = elapsed_ms(start);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++stats_.compiles;
+    stats_.compile_ms += ms;
+  }
+  if (log_) {
+    log::info("jit: compiled " + key + " for " + arch + " in " + ms_text(ms) +
+              (nvrtc_log.empty() ? std::string() : ":\n" + nvrtc_log));
+  }
+  if (!dir_.empty()) {
+    const std::string error = write_entry(file, key_text, *cubin);
+    if (error.empty()) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++stats_.disk_writes;
+    } else {
+      log::warning_once("jit-cache-write:" + dir_, "jit: cannot store compiled kernels in " + dir_ +
+                                                       " (" + error +
+                                                       "); they are cached in memory only");
+    }
+  }
+  return cubin;
+}
+
+Kernel KernelCache::kernel(const KernelSpec& spec, int device) {
+  thread_local std::string memory_key;
+  char digits[16];
+  char* digits_end = std::to_chars(digits, digits + sizeof digits, device).ptr;
+  memory_key.assign(digits, digits_end).append(1, '|').append(spec.key());
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (const auto it = loaded_.find(memory_key); it != loaded_.end()) {
+      ++stats_.memory_hits;
+      return it->second->kernel;
+    }
+  }
+
+  const std::string loading = memory_key;
+  const std::shared_ptr<const Cubin> image = cubin(spec, cuda_arch(device));
+  const Clock::time_point start = Clock::now();
+  auto loaded = std::make_unique<Loaded>();
+  loaded->key = image->key;
+  loaded->kernel.key = &loaded->key;
+  cuda::check(cudaLibraryLoadData(&loaded->library, image->image.data(), nullptr, nullptr, 0,
+                                  nullptr, nullptr, 0),
+              "jit", ("cudaLibraryLoadData for " + image->key + " (" + image->arch + ")").c_str());
+  cuda::check(
+      cudaLibraryGetKernel(&loaded->kernel.handle, loaded->library, image->lowered_name.c_str()),
+      "jit", ("cudaLibraryGetKernel for " + image->key + " (" + image->lowered_name + ")").c_str());
+  if (log_) {
+    log::info("jit: loaded " + image->key + " for " + image->arch + " into device " +
+              std::to_string(device) + " in " + ms_text(elapsed_ms(start)));
+  }
+
+  std::lock_guard<std::mutex> lock(mutex_);
+  // A thread that lost the race keeps `loaded`, which unloads itself after the lock is released.
+  return loaded_.try_emplace(loading, std::move(loaded)).first->second->kernel;
+}
+
+Stats KernelCache::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
+void KernelCache::reset_stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_ = Stats{};
+}
+
+std::vector<CacheEntry> KernelCache::list() const {
+  std::vector<CacheEntry> entries;
+  if (dir_.empty()) return entries;
+  std::error_code error;
+  for (const fs::directory_entry& file : fs::directory_iterator(dir_, error)) {
+    if (file.is_regular_file(error) &&
+        file_kind(file.path().filename().string()) == FileKind::entry) {
+      entries.push_back(describe_entry(file.path()));
+    }
+  }
+  std::sort(entries.begin(), entries.end(),
+            [](const CacheEntry& a, const CacheEntry& b) { return a.path < b.path; });
+  return entries;
+}
+
+std::size_t KernelCache::clear() {
+  {
+    // Entries being built (nullptr) stay: their builders will fill them in.
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::erase_if(cubins_, [](const auto& entry) { return entry.second != nullptr; });
+  }
+  std::size_t removed = 0;
+  if (dir_.empty()) return removed;
+  std::error_code error;
+  for (const fs::directory_entry& file : fs::directory_iterator(dir_, error)) {
+    if (file.is_regular_file(error) &&
+        file_kind(file.path().filename().string()) != FileKind::foreign &&
+        fs::remove(file.path(), error)) {
+      ++removed;
+    }
+  }
+  return removed;
+}
+
+KernelCache& process_cache() {
+  // Never destroyed: kernels launched from static destructors must stay loaded, and unloading
+  // libraries while the CUDA runtime shuts down fails.
+  static KernelCache* const cache = new KernelCache(config_from_env());
+  return *cache;
+}
+
+void launch(const char* op, const Kernel& kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
+            Stream stream, void** args) {
+  if (smem_bytes > kDefaultSharedMemory) allow_shared_memory(op, kernel, smem_bytes);
+  const cudaError_t status =
+      cudaLaunchKernel(reinterpret_cast<const void*>(kernel.handle), grid, block, args, smem_bytes,
+                       static_cast<cudaStream_t>(stream));
+  if (status != cudaSuccess) {
+    // Clear the error we report, so that a caller's next cudaGetLastError does not see it again.
+    cudaGetLastError();
+    cuda::check(status, op, ("launching " + *kernel.key).c_str());
+  }
+}
+
+}  // namespace kiln::jit

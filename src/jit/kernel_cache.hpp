@@ -1,0 +1,106 @@
+// The run-time compiler and its caches.
+//
+// kernel(spec, device): memory cache -> disk cache -> NVRTC, then cudaLibraryLoadData.
+// cubin(spec, arch):    memory cache -> disk cache -> NVRTC, nothing loaded (needs no GPU).
+//
+// Disk entries live in CacheConfig::dir, one file per (spec, arch), named by a hash of the key
+// material: the kernel source and every header it includes (transitively), the specialization,
+// the arch, the NVRTC version, the compile flags and kiln's version. A file holds a header with
+// the full key text, the cubin size and a checksum; an entry whose header, key or checksum does
+// not match is recompiled with a warning and never used. Entries are written to a temporary file
+// in the same folder and renamed into place, so concurrent processes both succeed and no reader
+// sees a partial file. A folder that is missing and cannot be created, or is read-only, makes the
+// cache memory-only with one warning.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "jit/kernel_spec.hpp"
+#include "kiln/jit.hpp"
+#include "kiln/tensor.hpp"
+
+namespace kiln::jit {
+
+struct CacheConfig {
+  std::string dir;   // "" = memory-only
+  bool log = false;  // print each compile and load with its time (KILN_JIT_LOG)
+};
+
+// $KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else $HOME/.cache/kiln; log from KILN_JIT_LOG.
+CacheConfig config_from_env();
+
+struct Cubin {
+  std::string arch;          // "sm_90a"
+  std::string key;           // spec.key()
+  std::string lowered_name;  // mangled name of the instantiated kernel
+  std::vector<char> image;   // the cubin
+};
+
+// A kernel loaded on a device, ready for launch(). Handles stay valid while their KernelCache
+// lives; process_cache() is never destroyed.
+struct Kernel {
+  cudaKernel_t handle = nullptr;
+  const std::string* key = nullptr;  // spec.key(), owned by the cache
+};
+
+class KernelCache {
+ public:
+  explicit KernelCache(CacheConfig config);
+  ~KernelCache();
+  KernelCache(const KernelCache&) = delete;
+  KernelCache& operator=(const KernelCache&) = delete;
+
+  // Thread-safe. Throws kiln::Error (compile_error) with the NVRTC log and the specialization.
+  std::shared_ptr<const Cubin> cubin(const KernelSpec& spec, const std::string& arch);
+  // Thread-safe. Loads the cubin for cuda_arch(device) on first use.
+  Kernel kernel(const KernelSpec& spec, int device);
+
+  Stats stats() const;
+  void reset_stats();
+  // "" when memory-only.
+  const std::string& dir() const { return dir_; }
+  // The entry files in dir(), each checked (header, checksum, file name).
+  std::vector<CacheEntry> list() const;
+  // Removes kiln's files from dir() (entries and leftover temporary files, nothing else) and
+  // empties the memory cubin cache; returns the number of files removed. Kernels already loaded
+  // stay loaded: their handles may be in use.
+  std::size_t clear();
+
+ private:
+  struct Loaded;
+  std::shared_ptr<const Cubin> load_or_compile(const KernelSpec& spec, const std::string& arch,
+                                               const std::string& key_text);
+
+  std::string dir_;
+  bool log_ = false;
+  mutable std::mutex mutex_;
+  std::condition_variable built_;  // a cubin another thread was building is ready (or failed)
+  Stats stats_;
+  // arch|key -> cubin; nullptr while one thread builds it and the others wait on built_.
+  std::unordered_map<std::string, std::shared_ptr<const Cubin>> cubins_;
+  std::unordered_map<std::string, std::unique_ptr<Loaded>> loaded_;  // device|key -> kernel
+};
+
+// The process-wide cache, configured from the environment on first use.
+KernelCache& process_cache();
+
+// Enqueues `kernel` on `stream`; throws kiln::Error (cuda_error) naming `op` and the kernel.
+void launch(const char* op, const Kernel& kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
+            Stream stream, void** args);
+
+// Blocks of `threads` threads (with `smem_bytes` of dynamic shared memory) that fit on one
+// multiprocessor at once, for sizing persistent grids; cached per (kernel, threads, smem).
+int resident_blocks(const char* op, const Kernel& kernel, int threads, std::size_t smem_bytes);
+
+// Every (spec) a workload needs; throws kiln::Error (invalid_argument) for an unknown workload.
+std::vector<KernelSpec> workload_variants(const std::string& workload);
+
+}  // namespace kiln::jit

@@ -1,0 +1,27 @@
+#include "jit/kernel_spec.hpp"
+
+namespace kiln::jit {
+
+std::string KernelSpec::name_expression() const {
+  if (params.empty()) return kernel;
+  std::string s = kernel + "<";
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    if (i) s += ", ";
+    s += params[i].second;
+  }
+  return s + ">";
+}
+
+std::string KernelSpec::key() const {
+  if (params.empty()) return kernel;
+  std::string s = kernel + "<";
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    if (i) s += ", ";
+    s += params[i].first;
+    s += '=';
+    s += params[i].second;
+  }
+  return s + ">";
+}
+
+}  // namespace kiln::jit

@@ -1,0 +1,25 @@
+// A kernel request: which embedded source, which __global__ template, and its specialization.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace kiln::jit {
+
+struct KernelSpec {
+  // Embedded source path relative to src/, e.g. "ops/rope_flux/kernels/rope_flux.cuh".
+  std::string source;
+  // The __global__ function template, e.g. "kiln::rope_flux_kernel".
+  std::string kernel;
+  // Template arguments in order: {name, C++ value}, e.g. {"D", "128"}, {"Tin", "kiln::bf16"}.
+  // An empty list names a plain (non-template) kernel.
+  std::vector<std::pair<std::string, std::string>> params;
+
+  // "kiln::rope_flux_kernel<kiln::bf16, 128>": what NVRTC instantiates.
+  std::string name_expression() const;
+  // "kiln::rope_flux_kernel<Tin=kiln::bf16, D=128>": the specialization, for keys and logs.
+  std::string key() const;
+};
+
+}  // namespace kiln::jit

@@ -1,0 +1,45 @@
+// The checked-in list of kernel variants, by workload: what `kiln cache warmup` precompiles and
+// what CI compiles for sm_80 and sm_90a. Each op family contributes its own list.
+#include <algorithm>
+#include <set>
+
+#include "core/check.hpp"
+#include "jit/kernel_cache.hpp"
+#include "ops/rope_flux/rope_flux.hpp"
+
+namespace kiln::jit {
+
+namespace {
+// "flux": Flux.1/Flux.2 inference; "flux-unfused": the A/B chains behind KILN_DISABLE.
+const std::vector<std::string> kWorkloads = {"flux", "flux-unfused"};
+}  // namespace
+
+std::vector<std::string> workloads() {
+  std::vector<std::string> names = kWorkloads;
+  names.push_back("all");
+  return names;
+}
+
+std::vector<KernelSpec> workload_variants(const std::string& workload) {
+  std::vector<std::string> selected;
+  if (workload == "all") {
+    selected = kWorkloads;
+  } else if (std::find(kWorkloads.begin(), kWorkloads.end(), workload) != kWorkloads.end()) {
+    selected = {workload};
+  } else {
+    std::string names;
+    for (const auto& w : workloads()) names += (names.empty() ? "" : ", ") + w;
+    check::fail("jit::warmup", ErrorCode::invalid_argument,
+                "workload '" + workload + "' is unknown, expected one of " + names);
+  }
+  std::vector<KernelSpec> specs;
+  std::set<std::string> seen;
+  for (const auto& name : selected) {
+    for (auto& spec : rope_flux_detail::variants(name)) {
+      if (seen.insert(spec.key()).second) specs.push_back(std::move(spec));
+    }
+  }
+  return specs;
+}
+
+}  // namespace kiln::jit

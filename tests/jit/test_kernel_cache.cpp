@@ -1,0 +1,489 @@
+// The JIT's caches without a GPU: NVRTC compiles, memory and disk hits, damaged entries,
+// unusable folders, concurrent processes and threads, list() and clear().
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <latch>
+#include <map>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <thread>
+
+#include "jit/kernel_cache.hpp"
+#include "kiln/error.hpp"
+
+namespace kiln::jit {
+namespace {
+
+namespace fs = std::filesystem;
+
+KernelSpec probe(const std::string& n) {
+  return {"jit/kernels/jit_probe.cuh", "kiln::jit_probe_kernel", {{"N", n}}};
+}
+KernelSpec probe(int n) { return probe(std::to_string(n)); }
+
+// A cubin is an ELF image; this keeps a test from passing on an empty or garbage buffer.
+bool is_elf(const Cubin& cubin) {
+  return cubin.image.size() > 4 && std::string_view(cubin.image.data(), 4) ==
+                                       "\x7f"
+                                       "ELF";
+}
+
+std::set<std::string> file_names(const fs::path& dir) {
+  std::set<std::string> names;
+  for (const auto& file : fs::directory_iterator(dir)) names.insert(file.path().filename());
+  return names;
+}
+
+std::string read_bytes(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+void write_bytes(const fs::path& file, const std::string& bytes) {
+  std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+std::size_t count(const std::string& text, const std::string& word) {
+  std::size_t n = 0;
+  for (auto at = text.find(word); at != std::string::npos; at = text.find(word, at + 1)) ++n;
+  return n;
+}
+
+class KernelCacheTest : public testing::Test {
+ protected:
+  KernelCacheTest() {
+    std::string pattern = testing::TempDir() + "kiln-jit-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    root_ = pattern;
+  }
+  ~KernelCacheTest() override {
+    fs::permissions(root_, fs::perms::owner_all, fs::perm_options::add);
+    std::error_code ignored;
+    fs::remove_all(root_, ignored);
+  }
+
+  // The cache folder (created by the first KernelCache).
+  fs::path dir() const { return root_ / "cache"; }
+  CacheConfig config() const { return {dir().string(), false}; }
+  // The one entry file in dir().
+  fs::path only_entry() const {
+    const auto names = file_names(dir());
+    if (names.size() != 1) throw std::runtime_error("expected one cache file");
+    return dir() / *names.begin();
+  }
+
+  fs::path root_;
+};
+
+TEST(KernelSpecTest, NameExpressionAndKey) {
+  const KernelSpec spec{"x.cuh", "kiln::k", {{"T", "kiln::bf16"}, {"D", "128"}}};
+  EXPECT_EQ(spec.name_expression(), "kiln::k<kiln::bf16, 128>");
+  EXPECT_EQ(spec.key(), "kiln::k<T=kiln::bf16, D=128>");
+  const KernelSpec plain{"x.cuh", "kiln::plain", {}};
+  EXPECT_EQ(plain.name_expression(), "kiln::plain");
+  EXPECT_EQ(plain.key(), "kiln::plain");
+}
+
+// Sets environment variables for one scope and restores them afterwards.
+class EnvGuard {
+ public:
+  void set(const char* name, const char* value) {
+    if (!saved_.contains(name)) {
+      const char* old = std::getenv(name);
+      saved_[name] = old ? std::optional<std::string>(old) : std::nullopt;
+    }
+    value ? ::setenv(name, value, 1) : ::unsetenv(name);
+  }
+  ~EnvGuard() {
+    for (const auto& [name, value] : saved_) {
+      value ? ::setenv(name.c_str(), value->c_str(), 1) : ::unsetenv(name.c_str());
+    }
+  }
+
+ private:
+  std::map<std::string, std::optional<std::string>> saved_;
+};
+
+TEST(CacheConfigTest, FolderAndLogFromEnvironment) {
+  EnvGuard env;
+  env.set("KILN_CACHE_DIR", "/x/kiln-dir");
+  env.set("XDG_CACHE_HOME", "/x/xdg");
+  env.set("HOME", "/x/home");
+  env.set("KILN_JIT_LOG", "1");
+  EXPECT_EQ(config_from_env().dir, "/x/kiln-dir");
+  EXPECT_TRUE(config_from_env().log);
+  env.set("KILN_CACHE_DIR", nullptr);
+  env.set("KILN_JIT_LOG", "0");
+  EXPECT_EQ(config_from_env().dir, "/x/xdg/kiln");
+  EXPECT_FALSE(config_from_env().log);
+  env.set("XDG_CACHE_HOME", "relative/xdg");  // ignored, as XDG asks
+  EXPECT_EQ(config_from_env().dir, "/x/home/.cache/kiln");
+  env.set("HOME", nullptr);
+  EXPECT_EQ(config_from_env().dir, "");
+}
+
+TEST_F(KernelCacheTest, CompilesOnceThenHitsMemoryThenDisk) {
+  std::shared_ptr<const Cubin> compiled;
+  {
+    KernelCache cache(config());
+    EXPECT_EQ(cache.dir(), dir().string());
+    const auto start = std::chrono::steady_clock::now();
+    compiled = cache.cubin(probe(1), "sm_80");
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_LT(ms, 1000.0) << "the probe kernel should compile well under a second";
+    ASSERT_TRUE(is_elf(*compiled));
+    EXPECT_EQ(compiled->arch, "sm_80");
+    EXPECT_EQ(compiled->key, "kiln::jit_probe_kernel<N=1>");
+    EXPECT_NE(compiled->lowered_name.find("jit_probe_kernel"), std::string::npos);
+    Stats s = cache.stats();
+    EXPECT_EQ(s.compiles, 1u);
+    EXPECT_EQ(s.disk_writes, 1u);
+    EXPECT_EQ(s.memory_hits, 0u);
+    EXPECT_GT(s.compile_ms, 0.0);
+
+    EXPECT_EQ(cache.cubin(probe(1), "sm_80"), compiled);
+    s = cache.stats();
+    EXPECT_EQ(s.compiles, 1u);
+    EXPECT_EQ(s.memory_hits, 1u);
+
+    cache.reset_stats();
+    EXPECT_EQ(cache.stats().memory_hits, 0u);
+  }
+  KernelCache fresh(config());
+  const auto loaded = fresh.cubin(probe(1), "sm_80");
+  const Stats s = fresh.stats();
+  EXPECT_EQ(s.disk_hits, 1u);
+  EXPECT_EQ(s.compiles, 0u);
+  EXPECT_EQ(s.disk_writes, 0u);
+  EXPECT_EQ(loaded->image, compiled->image);
+  EXPECT_EQ(loaded->lowered_name, compiled->lowered_name);
+  EXPECT_EQ(loaded->key, compiled->key);
+  EXPECT_EQ(file_names(dir()).size(), 1u);
+}
+
+TEST_F(KernelCacheTest, SpecializationsAndArchsAreSeparateEntries) {
+  KernelCache cache(config());
+  const auto one_80 = cache.cubin(probe(1), "sm_80");
+  const auto two_80 = cache.cubin(probe(2), "sm_80");
+  const auto one_90 = cache.cubin(probe(1), "sm_90a");
+  EXPECT_EQ(cache.stats().compiles, 3u);
+  EXPECT_EQ(cache.stats().memory_hits, 0u);
+  EXPECT_EQ(file_names(dir()).size(), 3u);
+  EXPECT_NE(one_80->image, two_80->image);
+  EXPECT_NE(one_80->image, one_90->image);
+  EXPECT_EQ(one_90->arch, "sm_90a");
+
+  KernelCache fresh(config());
+  EXPECT_EQ(fresh.cubin(probe(1), "sm_90a")->image, one_90->image);
+  EXPECT_EQ(fresh.cubin(probe(2), "sm_80")->image, two_80->image);
+  EXPECT_EQ(fresh.stats().disk_hits, 2u);
+  EXPECT_EQ(fresh.stats().compiles, 0u);
+}
+
+enum class Damage { truncate, flip_cubin_byte, overwrite_key, foreign_magic };
+
+class DamagedEntryTest : public KernelCacheTest, public testing::WithParamInterface<Damage> {};
+
+TEST_P(DamagedEntryTest, IsRejectedRecompiledAndReplaced) {
+  const std::string key = probe(1).key();
+  std::vector<char> original;
+  {
+    KernelCache cache(config());
+    original = cache.cubin(probe(1), "sm_80")->image;
+  }
+  const fs::path file = only_entry();
+  std::string bytes = read_bytes(file);
+  switch (GetParam()) {
+    case Damage::truncate:
+      bytes.resize(bytes.size() / 2);
+      break;
+    case Damage::flip_cubin_byte:
+      bytes[bytes.size() - original.size() / 2] ^= 0x01;
+      break;
+    case Damage::overwrite_key: {
+      // Same length, so only the key comparison can notice.
+      const auto at = bytes.find(key);
+      ASSERT_NE(at, std::string::npos);
+      bytes.replace(at, key.size(), probe(2).key());
+      break;
+    }
+    case Damage::foreign_magic:
+      bytes.replace(0, 8, "NOTKILN!");
+      break;
+  }
+  write_bytes(file, bytes);
+
+  KernelCache cache(config());
+  ASSERT_EQ(cache.list().size(), 1u);
+  EXPECT_FALSE(cache.list()[0].valid);
+
+  testing::internal::CaptureStderr();
+  const auto rebuilt = cache.cubin(probe(1), "sm_80");
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(count(err, "warning"), 1u) << err;
+  EXPECT_NE(err.find(key), std::string::npos) << err;
+  EXPECT_NE(err.find(file.string()), std::string::npos) << err;
+  const Stats s = cache.stats();
+  EXPECT_EQ(s.corrupt_entries, 1u);
+  EXPECT_EQ(s.compiles, 1u);
+  EXPECT_EQ(s.disk_hits, 0u);
+  EXPECT_EQ(s.disk_writes, 1u);
+  EXPECT_TRUE(is_elf(*rebuilt));
+
+  ASSERT_EQ(cache.list().size(), 1u);
+  EXPECT_TRUE(cache.list()[0].valid);
+  KernelCache fresh(config());
+  EXPECT_EQ(fresh.cubin(probe(1), "sm_80")->image, rebuilt->image);
+  EXPECT_EQ(fresh.stats().disk_hits, 1u);
+  EXPECT_EQ(fresh.stats().corrupt_entries, 0u);
+}
+
+std::string damage_name(const testing::TestParamInfo<Damage>& info) {
+  switch (info.param) {
+    case Damage::truncate:
+      return "truncate";
+    case Damage::flip_cubin_byte:
+      return "flip_cubin_byte";
+    case Damage::overwrite_key:
+      return "overwrite_key";
+    case Damage::foreign_magic:
+      return "foreign_magic";
+  }
+  return "unknown";
+}
+
+INSTANTIATE_TEST_SUITE_P(Damages, DamagedEntryTest,
+                         testing::Values(Damage::truncate, Damage::flip_cubin_byte,
+                                         Damage::overwrite_key, Damage::foreign_magic),
+                         damage_name);
+
+TEST_F(KernelCacheTest, UncreatableFolderMeansMemoryOnly) {
+  // A folder under a regular file cannot be created, even by root.
+  const fs::path file = root_ / "plain-file";
+  write_bytes(file, "not a folder");
+  const CacheConfig unusable{(file / "sub").string(), false};
+
+  testing::internal::CaptureStderr();
+  KernelCache cache(unusable);
+  KernelCache again(unusable);
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(count(err, "warning"), 1u) << err;
+  EXPECT_NE(err.find(unusable.dir), std::string::npos) << err;
+  EXPECT_EQ(cache.dir(), "");
+
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));
+  const Stats s = cache.stats();
+  EXPECT_EQ(s.compiles, 1u);
+  EXPECT_EQ(s.memory_hits, 1u);
+  EXPECT_EQ(s.disk_writes, 0u);
+  EXPECT_TRUE(cache.list().empty());
+  EXPECT_EQ(cache.clear(), 0u);
+  EXPECT_EQ(read_bytes(file), "not a folder");
+}
+
+TEST_F(KernelCacheTest, ReadOnlyFolderMeansMemoryOnly) {
+  if (::geteuid() == 0) GTEST_SKIP() << "root writes into read-only folders";
+  fs::create_directories(dir());
+  fs::permissions(dir(), fs::perms(0555));
+  testing::internal::CaptureStderr();
+  KernelCache cache(config());
+  const std::string err = testing::internal::GetCapturedStderr();
+  fs::permissions(dir(), fs::perms(0755));
+  EXPECT_EQ(count(err, "warning"), 1u) << err;
+  EXPECT_EQ(cache.dir(), "");
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));
+  EXPECT_EQ(cache.stats().disk_writes, 0u);
+  EXPECT_TRUE(file_names(dir()).empty());
+}
+
+TEST_F(KernelCacheTest, FolderRemovedAfterStartKeepsCompiling) {
+  KernelCache cache(config());
+  ASSERT_EQ(cache.dir(), dir().string());
+  fs::remove_all(dir());
+  testing::internal::CaptureStderr();
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(2), "sm_80")));
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(count(err, "warning"), 1u) << err;
+  EXPECT_EQ(cache.stats().compiles, 2u);
+  EXPECT_EQ(cache.stats().disk_writes, 0u);
+}
+
+TEST_F(KernelCacheTest, ConcurrentProcessesShareOneEntry) {
+  constexpr int kChildren = 4;
+  int barrier[2];
+  ASSERT_EQ(::pipe(barrier), 0);
+  std::vector<pid_t> children;
+  for (int i = 0; i < kChildren; ++i) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      ::close(barrier[1]);
+      char byte;
+      // Blocks until the parent closes its end: all children start compiling together.
+      if (::read(barrier[0], &byte, 1) != 0) ::_exit(2);
+      int code = 1;
+      try {
+        KernelCache cache(config());
+        if (!cache.dir().empty() && is_elf(*cache.cubin(probe(1), "sm_80"))) code = 0;
+      } catch (...) {
+      }
+      ::_exit(code);
+    }
+    children.push_back(pid);
+  }
+  ::close(barrier[0]);
+  ::close(barrier[1]);
+  for (const pid_t pid : children) {
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
+  }
+  // Exactly one entry and no temporary file left behind.
+  const auto names = file_names(dir());
+  ASSERT_EQ(names.size(), 1u) << testing::PrintToString(names);
+  EXPECT_TRUE(names.begin()->ends_with(".kiln")) << *names.begin();
+  KernelCache cache(config());
+  ASSERT_EQ(cache.list().size(), 1u);
+  EXPECT_TRUE(cache.list()[0].valid);
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));
+  EXPECT_EQ(cache.stats().disk_hits, 1u);
+}
+
+TEST_F(KernelCacheTest, CompileErrorCarriesLogKeyAndArch) {
+  KernelCache cache(config());
+  const KernelSpec bad = probe("kiln::no_such_type");
+  for (int attempt = 0; attempt < 2; ++attempt) {  // a failure is not cached
+    try {
+      cache.cubin(bad, "sm_80");
+      ADD_FAILURE() << "expected a compile error";
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      EXPECT_EQ(e.code(), ErrorCode::compile_error) << what;
+      EXPECT_TRUE(what.starts_with("kiln::jit: ")) << what;
+      EXPECT_NE(what.find(bad.key()), std::string::npos) << what;
+      EXPECT_NE(what.find("sm_80"), std::string::npos) << what;
+      EXPECT_NE(what.find("error: "), std::string::npos) << "no NVRTC log in: " << what;
+    }
+  }
+  EXPECT_EQ(cache.stats().compiles, 0u);
+  EXPECT_TRUE(file_names(dir()).empty());
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));  // the cache still works
+}
+
+TEST_F(KernelCacheTest, RejectsUnknownArchAndSource) {
+  KernelCache cache(config());
+  for (const char* arch : {"compute_90", "sm_9", "sm_90ab", "90a", ""}) {
+    try {
+      cache.cubin(probe(1), arch);
+      ADD_FAILURE() << "accepted arch '" << arch << "'";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+    }
+  }
+  KernelSpec missing = probe(1);
+  missing.source = "jit/kernels/no_such_file.cuh";
+  try {
+    cache.cubin(missing, "sm_80");
+    ADD_FAILURE() << "accepted a missing source";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::invalid_argument) << e.what();
+    EXPECT_NE(std::string(e.what()).find(missing.source), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(cache.stats().compiles, 0u);
+}
+
+TEST_F(KernelCacheTest, ThreadsShareOneCompilePerSpec) {
+  constexpr int kThreads = 8;
+  constexpr int kRounds = 5;
+  constexpr int kSpecs = 3;
+  KernelCache cache(config());
+  std::latch start(kThreads);
+  std::vector<std::vector<std::shared_ptr<const Cubin>>> seen(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      start.arrive_and_wait();
+      for (int r = 0; r < kRounds; ++r) {
+        for (int s = 0; s < kSpecs; ++s) seen[t].push_back(cache.cubin(probe(s), "sm_80"));
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+
+  const Stats s = cache.stats();
+  EXPECT_EQ(s.compiles, std::uint64_t(kSpecs));
+  EXPECT_EQ(s.disk_writes, std::uint64_t(kSpecs));
+  EXPECT_EQ(s.memory_hits, std::uint64_t(kThreads * kRounds * kSpecs - kSpecs));
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_EQ(seen[t].size(), std::size_t(kRounds * kSpecs));
+    for (std::size_t i = 0; i < seen[t].size(); ++i) {
+      EXPECT_EQ(seen[t][i], seen[0][i % kSpecs]) << "thread " << t << " request " << i;
+      EXPECT_EQ(seen[t][i]->key, probe(int(i % kSpecs)).key());
+    }
+  }
+}
+
+TEST_F(KernelCacheTest, ListAndClearTouchOnlyKilnFiles) {
+  KernelCache cache(config());
+  cache.cubin(probe(1), "sm_80");
+  cache.cubin(probe(2), "sm_90a");
+  write_bytes(dir() / "notes.txt", "mine");
+  write_bytes(dir() / "0123456789abcdef.kiln.bak", "mine too");
+  write_bytes(dir() / "0123456789abcdef.kiln.tmp.1.0", "a writer's leftover");
+
+  const std::vector<CacheEntry> entries = cache.list();
+  ASSERT_EQ(entries.size(), 2u);
+  std::set<std::pair<std::string, std::string>> kernels;
+  for (const CacheEntry& e : entries) {
+    EXPECT_TRUE(e.valid) << e.path;
+    EXPECT_EQ(fs::path(e.path).parent_path(), dir());
+    EXPECT_EQ(e.bytes, fs::file_size(e.path));
+    EXPECT_GT(e.bytes, 1000u);
+    kernels.emplace(e.kernel, e.arch);
+  }
+  const std::set<std::pair<std::string, std::string>> expected = {{probe(1).key(), "sm_80"},
+                                                                  {probe(2).key(), "sm_90a"}};
+  EXPECT_EQ(kernels, expected);
+
+  EXPECT_EQ(cache.clear(), 3u);  // two entries and the leftover temporary file
+  EXPECT_EQ(file_names(dir()), (std::set<std::string>{"notes.txt", "0123456789abcdef.kiln.bak"}));
+  EXPECT_TRUE(cache.list().empty());
+
+  // The memory cache was emptied too.
+  cache.reset_stats();
+  cache.cubin(probe(1), "sm_80");
+  EXPECT_EQ(cache.stats().compiles, 1u);
+  EXPECT_EQ(cache.stats().memory_hits, 0u);
+}
+
+TEST_F(KernelCacheTest, LogNamesEachCompileAndDiskLoad) {
+  CacheConfig logged = config();
+  logged.log = true;
+  testing::internal::CaptureStderr();
+  KernelCache(logged).cubin(probe(1), "sm_80");
+  KernelCache(logged).cubin(probe(1), "sm_80");
+  KernelCache(config()).cubin(probe(2), "sm_80");  // not logged
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("compiled kiln::jit_probe_kernel<N=1> for sm_80 in "), std::string::npos)
+      << err;
+  EXPECT_NE(err.find("loaded kiln::jit_probe_kernel<N=1> for sm_80 from disk in "),
+            std::string::npos)
+      << err;
+  EXPECT_EQ(err.find("N=2"), std::string::npos) << err;
+}
+
+}  // namespace
+}  // namespace kiln::jit
