@@ -8,8 +8,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <map>
-#include <tuple>
 
 #include "core/cuda.hpp"
 #include "core/log.hpp"
@@ -67,31 +65,7 @@ void allow_shared_memory(const char* op, const Kernel& kernel, std::size_t bytes
   allowed = bytes;
 }
 
-// Occupancy queries, per (kernel handle, threads, dynamic shared memory).
-struct Occupancies {
-  std::mutex mutex;
-  std::map<std::tuple<cudaKernel_t, int, std::size_t>, int> blocks;
-};
-
-Occupancies& occupancies() {
-  static Occupancies* const registry = new Occupancies;
-  return *registry;
-}
-
 }  // namespace
-
-int resident_blocks(const char* op, const Kernel& kernel, int threads, std::size_t smem_bytes) {
-  Occupancies& registry = occupancies();
-  const auto key = std::make_tuple(kernel.handle, threads, smem_bytes);
-  std::lock_guard<std::mutex> lock(registry.mutex);
-  if (const auto it = registry.blocks.find(key); it != registry.blocks.end()) return it->second;
-  int blocks = 0;
-  cuda::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                  &blocks, reinterpret_cast<const void*>(kernel.handle), threads, smem_bytes),
-              op, ("cudaOccupancyMaxActiveBlocksPerMultiprocessor for " + *kernel.key).c_str());
-  registry.blocks.emplace(key, blocks);
-  return blocks;
-}
 
 CacheConfig config_from_env() {
   CacheConfig config;
@@ -125,12 +99,6 @@ struct KernelCache::Loaded {
       SharedMemoryOptIns& registry = opt_ins();
       std::lock_guard<std::mutex> lock(registry.mutex);
       registry.bytes.erase(kernel.handle);
-    }
-    {
-      Occupancies& registry = occupancies();
-      std::lock_guard<std::mutex> lock(registry.mutex);
-      std::erase_if(registry.blocks,
-                    [&](const auto& entry) { return std::get<0>(entry.first) == kernel.handle; });
     }
     cudaLibraryUnload(library);
   }

@@ -96,10 +96,6 @@ KernelCache& process_cache();
 void launch(const char* op, const Kernel& kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
             Stream stream, void** args);
 
-// Blocks of `threads` threads (with `smem_bytes` of dynamic shared memory) that fit on one
-// multiprocessor at once, for sizing persistent grids; cached per (kernel, threads, smem).
-int resident_blocks(const char* op, const Kernel& kernel, int threads, std::size_t smem_bytes);
-
 // Every (spec) a workload needs; throws kiln::Error (invalid_argument) for an unknown workload.
 std::vector<KernelSpec> workload_variants(const std::string& workload);
 

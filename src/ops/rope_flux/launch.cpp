@@ -1,6 +1,7 @@
 // rope_flux: argument checks, dispatch by device, kernel plans and launches.
 #include <algorithm>
 #include <bit>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -19,9 +20,12 @@ namespace {
 constexpr const char* kOp = "rope_flux";
 constexpr const char* kFusedSource = "ops/rope_flux/kernels/rope_flux.cuh";
 constexpr const char* kUnfusedSource = "ops/rope_flux/kernels/rope_flux_unfused.cuh";
-// Threads per block of the fused kernel, about: measured on an H200 with one block per token,
-// 128 threads (3 heads of 128 bf16 a thread) beat 384 (one head) by 13% and 32 (12) by 28%.
-constexpr int kBlockThreads = 128;
+// Rows in flight per block of the fused kernel. Measured on an H200 (H = 24, D = 128, L = 13056,
+// one block per token, before the load and store fixes of NOTES.md's v5b/v6): 4 rows (6 heads a
+// thread) beat 8, 12 and 24 rows for bf16 rope (85% of copy bandwidth against 82, 76, 53%) and
+// rope + norm (77 against 70, 64, 47%) and tied for the V path; f32 input with the norm is the
+// exception, best at 8 rows (80% against 75% at 4).
+int rows_in_flight(DType x, bool has_norm) { return x == DType::f32 && has_norm ? 8 : 4; }
 
 const char* cpp_type(DType dtype) {
   switch (dtype) {
@@ -78,6 +82,11 @@ void validate(const TensorView& x, const std::optional<TensorView>& pe, const Te
   check::non_null(kOp, "out", out);
   check::no_overlap(kOp, "out", out, "x", x);
   if (pe) check::no_overlap(kOp, "out", out, "pe", *pe);
+  if (x.device().type == DeviceType::cuda && N * L > INT_MAX) {
+    check::fail(kOp, ErrorCode::unsupported,
+                "x has N * L = " + std::to_string(N * L) + " tokens, expected at most " +
+                    std::to_string(INT_MAX) + " on CUDA (one block per token)");
+  }
   if (options.norm_weight) {
     const TensorView& w = *options.norm_weight;
     check::dtype_in(kOp, "norm_weight", w, kFloat);
@@ -233,15 +242,10 @@ void run_fused(const TensorView& x, const std::optional<TensorView>& pe, const T
   }
   params.eps = options.eps;
 
-  const int device = x.device().index;
-  const auto kernel = jit::process_cache().kernel(fused_spec(plan), device);
-  // One wave of blocks that loop over the tokens.
-  const std::int64_t tokens = x.size(0) * x.size(1);
-  const std::int64_t wave = std::int64_t(cuda::sm_count(device)) *
-                            std::max(1, jit::resident_blocks(kOp, kernel, plan.threads(), 0));
+  const auto kernel = jit::process_cache().kernel(fused_spec(plan), x.device().index);
   void* args[] = {&params};
-  jit::launch(kOp, kernel, dim3(unsigned(std::min(tokens, wave))), dim3(unsigned(plan.threads())),
-              0, stream, args);
+  jit::launch(kOp, kernel, dim3(unsigned(x.size(0) * x.size(1))), dim3(unsigned(plan.threads())), 0,
+              stream, args);
 }
 
 }  // namespace
@@ -259,9 +263,8 @@ FusedPlan plan_fused(DType x, DType out, DType weight, int head_dim, long long h
   plan.ept = vector ? vector_ept(x, head_dim) : 2;
   const int chunks = head_dim / plan.ept;
   plan.lanes = std::min(32, int(std::bit_ceil(unsigned(chunks))));
-  // Heads per thread: enough that the block has about kBlockThreads threads.
   const long long h = std::max(1LL, heads);
-  plan.hpt = int((h * plan.lanes + kBlockThreads - 1) / kBlockThreads);
+  plan.hpt = int((h + rows_in_flight(x, has_norm) - 1) / rows_in_flight(x, has_norm));
   const int groups = int((h + plan.hpt - 1) / plan.hpt);
   // Whole warps, so that the row shuffles of the norm see full warps.
   plan.head_groups = (groups * plan.lanes + 31) / 32 * 32 / plan.lanes;

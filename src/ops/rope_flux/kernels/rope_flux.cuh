@@ -6,19 +6,19 @@
 //   out[n, h, l, 2p+1] = pe[l][p][1][0] * y[2p] + pe[l][p][1][1] * y[2p+1]
 // (without pe, out = y), one read of x and pe and one write of out.
 //
-// Layout: a block handles one token (n, l) at a time, every head of it, and loops over tokens
-// with a stride of gridDim.x (the launcher sizes the grid to fill the GPU once, so there is no
-// partial last wave). A row of D elements is handled by LANES consecutive lanes, each taking EPT
-// consecutive elements (16 bytes of x on the VECTOR path) in CPL chunks; HEAD_GROUPS rows are in
-// flight per block and each thread covers HPT heads. While a token is normalized, rotated and
-// stored, the loads of the block's next token are already in flight (register double buffer).
-// The RMSNorm sum of squares is a shuffle reduction over the row's LANES lanes.
+// Layout: one block per token (n, l) holds every head of that token. A row of D elements is
+// handled by LANES consecutive lanes, each taking EPT consecutive elements (16 bytes of x on the
+// VECTOR path) in CPL chunks; HEAD_GROUPS rows are in flight per block and each thread covers HPT
+// heads, so a lane loads its rotation matrices (pe) once for HPT heads, and issues all HPT loads
+// of x before the first use. The RMSNorm sum of squares is a shuffle reduction over the row's
+// LANES lanes.
 //
-// Measured on an H200, bf16 -> bf16, L = 4608, H = 24, D = 128 (NOTES.md has every version):
-// one block per token, 384 threads: 54% of copy bandwidth; 128 threads (3 heads a thread): 62%;
-// this loop over tokens with the next token's loads in flight: 72%, against 75% for a
-// cudaMemcpy of the same bytes. Tiles of 8 tokens walking the heads (contiguous output runs)
-// were slower: 61%.
+// Measured on an H200, bf16 -> bf16, H = 24, D = 128, L = 13056 (NOTES.md has every version):
+// 0.0463 ms, 88% of copy bandwidth and 94% of the speed of a cudaMemcpy moving the same bytes.
+// It takes all loads in flight at once (branch-free: rows past H load row 0 and are discarded)
+// and 16-byte stores (device/vec.cuh); with branches around the loads and split stores the same
+// layout ran 0.0608 ms. A loop over tokens with the next token's loads in flight, and tiles of
+// tokens walking the heads, were both slower.
 //
 // Limits: D even; VECTOR needs x contiguous in D with 16-byte-aligned rows, pe's [D/2, 2, 2]
 // block contiguous and 16-byte aligned, and out and norm_weight aligned for EPT-element accesses
@@ -32,64 +32,6 @@
 
 namespace kiln {
 
-// One token's inputs as a thread holds them: raw x of its (head, chunk) cells and the rotation
-// matrices of its pairs.
-template <typename Tin, int HPT, int CPL, int EPT, bool HAS_PE>
-struct RopeTokenLoad {
-  Tin x[HPT][CPL][EPT];                     // (HPT, CPL, EPT)
-  float rot[HAS_PE ? CPL : 1][EPT / 2][4];  // (CPL, pairs, [m00, m01, m10, m11])
-};
-
-template <typename Tin, int D, int EPT, int LANES, int HEAD_GROUPS, int HPT, bool VECTOR,
-          bool HAS_PE>
-__device__ __forceinline__ void rope_load_token(
-    const RopeFluxParams& p, i64 token, int lane, int group,
-    RopeTokenLoad<Tin, HPT, (D / EPT + LANES - 1) / LANES, EPT, HAS_PE>& in) {
-  constexpr int kChunks = D / EPT;
-  constexpr int kCpl = (kChunks + LANES - 1) / LANES;
-  constexpr int kPairs = EPT / 2;
-  const i64 n = token / p.L;
-  const i64 l = token - n * p.L;
-  if constexpr (HAS_PE) {
-    const float* pe_token = p.pe + n * p.pe_stride[0] + l * p.pe_stride[1];
-#pragma unroll
-    for (int c = 0; c < kCpl; ++c) {
-      const int chunk = lane + c * LANES;
-      if (chunk >= kChunks) continue;
-#pragma unroll
-      for (int q = 0; q < kPairs; ++q) {
-        const i64 pair = i64(chunk) * kPairs + q;
-        if constexpr (VECTOR) {
-          load_vec(in.rot[c][q], pe_token + pair * 4);
-        } else {
-          const float* m = pe_token + pair * p.pe_stride[2];
-          in.rot[c][q][0] = m[0];
-          in.rot[c][q][1] = m[p.pe_stride[4]];
-          in.rot[c][q][2] = m[p.pe_stride[3]];
-          in.rot[c][q][3] = m[p.pe_stride[3] + p.pe_stride[4]];
-        }
-      }
-    }
-  }
-  const Tin* x = static_cast<const Tin*>(p.x) + n * p.x_stride[0] + l * p.x_stride[1];
-#pragma unroll
-  for (int k = 0; k < HPT; ++k) {
-    const i64 h = group + i64(k) * HEAD_GROUPS;
-#pragma unroll
-    for (int c = 0; c < kCpl; ++c) {
-      const int chunk = lane + c * LANES;
-      if (h >= p.H || chunk >= kChunks) continue;
-      const Tin* src = x + h * p.x_stride[2];
-      if constexpr (VECTOR) {
-        load_vec(in.x[k][c], src + chunk * EPT);
-      } else {
-#pragma unroll
-        for (int e = 0; e < EPT; ++e) in.x[k][c][e] = src[(i64(chunk) * EPT + e) * p.x_stride[3]];
-      }
-    }
-  }
-}
-
 template <typename Tin, typename Tout, typename Tw, int D, int EPT, int LANES, int HEAD_GROUPS,
           int HPT, bool VECTOR, bool HAS_PE, bool HAS_NORM>
 __global__ void __launch_bounds__(LANES* HEAD_GROUPS)
@@ -98,13 +40,41 @@ __global__ void __launch_bounds__(LANES* HEAD_GROUPS)
   constexpr int kChunks = D / EPT;                     // chunks per row
   constexpr int kCpl = (kChunks + LANES - 1) / LANES;  // chunks per lane
   constexpr int kPairs = EPT / 2;                      // pairs per chunk
-  using Load = RopeTokenLoad<Tin, HPT, kCpl, EPT, HAS_PE>;
 
+  // Chunks past the row (when LANES does not divide kChunks) read chunk 0 and are discarded.
+  const auto safe_chunk = [](int chunk) {
+    return kChunks % LANES == 0 || chunk < kChunks ? chunk : 0;
+  };
   const int lane = threadIdx.x % LANES;   // lane within the row
   const int group = threadIdx.x / LANES;  // row slot within the block
-  const i64 tokens = p.N * p.L;
+  const i64 token = blockIdx.x;           // n * L + l
+  const i64 n = token / p.L;
+  const i64 l = token - n * p.L;
 
-  // RMSNorm weights of this lane's elements: (kCpl, EPT), loaded once.
+  // Rotation matrices of this lane's pairs: (kCpl, kPairs, [m00, m01, m10, m11]).
+  float rot[kCpl][kPairs][4];
+  if constexpr (HAS_PE) {
+    const float* pe_token = p.pe + n * p.pe_stride[0] + l * p.pe_stride[1];
+#pragma unroll
+    for (int c = 0; c < kCpl; ++c) {
+      const int chunk = safe_chunk(lane + c * LANES);
+#pragma unroll
+      for (int q = 0; q < kPairs; ++q) {
+        const i64 pair = i64(chunk) * kPairs + q;
+        if constexpr (VECTOR) {
+          load_vec(rot[c][q], pe_token + pair * 4);
+        } else {
+          const float* m = pe_token + pair * p.pe_stride[2];
+          rot[c][q][0] = m[0];
+          rot[c][q][1] = m[p.pe_stride[4]];
+          rot[c][q][2] = m[p.pe_stride[3]];
+          rot[c][q][3] = m[p.pe_stride[3] + p.pe_stride[4]];
+        }
+      }
+    }
+  }
+
+  // RMSNorm weights of this lane's elements: (kCpl, EPT).
   float w[kCpl][EPT];
   if constexpr (HAS_NORM) {
     const Tw* weight = static_cast<const Tw*>(p.norm_weight);
@@ -124,73 +94,79 @@ __global__ void __launch_bounds__(LANES* HEAD_GROUPS)
     }
   }
 
-  Load next;
-  i64 token = blockIdx.x;
-  if (token < tokens) {
-    rope_load_token<Tin, D, EPT, LANES, HEAD_GROUPS, HPT, VECTOR, HAS_PE>(p, token, lane, group,
-                                                                          next);
-  }
-  Tout* out = static_cast<Tout*>(p.out);
-  for (; token < tokens; token += gridDim.x) {
-    const Load cur = next;
-    if (token + gridDim.x < tokens) {
-      rope_load_token<Tin, D, EPT, LANES, HEAD_GROUPS, HPT, VECTOR, HAS_PE>(p, token + gridDim.x,
-                                                                            lane, group, next);
+  // Every load of x is issued before the first use: (HPT, kCpl, EPT) raw values per thread.
+  // Cells past H or D load row 0 / chunk 0 instead and are discarded, so the loads need no
+  // branches and all of them are in flight together.
+  const Tin* x = static_cast<const Tin*>(p.x) + n * p.x_stride[0] + l * p.x_stride[1];
+  Tin raw[HPT][kCpl][EPT];
+#pragma unroll
+  for (int k = 0; k < HPT; ++k) {
+    const i64 h = group + i64(k) * HEAD_GROUPS;
+#pragma unroll
+    for (int c = 0; c < kCpl; ++c) {
+      const int chunk = safe_chunk(lane + c * LANES);
+      const Tin* src = x + (h < p.H ? h : 0) * p.x_stride[2];
+      if constexpr (VECTOR) {
+        load_vec(raw[k][c], src + chunk * EPT);
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPT; ++e) raw[k][c][e] = src[(i64(chunk) * EPT + e) * p.x_stride[3]];
+      }
     }
-    const i64 n = token / p.L;
-    const i64 l = token - n * p.L;
+  }
+
+  Tout* out = static_cast<Tout*>(p.out);
 #pragma unroll
-    for (int k = 0; k < HPT; ++k) {
-      const i64 h = group + i64(k) * HEAD_GROUPS;
-      const bool row = h < p.H;
-      float v[kCpl][EPT];  // (kCpl, EPT): this row's elements in f32
+  for (int k = 0; k < HPT; ++k) {
+    const i64 h = group + i64(k) * HEAD_GROUPS;
+    const bool row = h < p.H;
+    float v[kCpl][EPT];  // (kCpl, EPT): this row's elements in f32
 #pragma unroll
-      for (int c = 0; c < kCpl; ++c) {
-        const bool cell = row && lane + c * LANES < kChunks;
+    for (int c = 0; c < kCpl; ++c) {
+      const bool cell = row && lane + c * LANES < kChunks;
 #pragma unroll
-        for (int e = 0; e < EPT; ++e) v[c][e] = cell ? to_float(cur.x[k][c][e]) : 0.f;
-      }
-      if constexpr (HAS_NORM) {
-        float sum_sq = 0.f;
-#pragma unroll
-        for (int c = 0; c < kCpl; ++c) {
-#pragma unroll
-          for (int e = 0; e < EPT; ++e) sum_sq += v[c][e] * v[c][e];
-        }
-        // Every lane takes part, rows past H included, so the shuffles see full warps.
-        sum_sq = group_sum<LANES>(sum_sq);
-        const float inv_rms = rsqrtf(sum_sq / float(D) + p.eps);
-#pragma unroll
-        for (int c = 0; c < kCpl; ++c) {
-#pragma unroll
-          for (int e = 0; e < EPT; ++e) v[c][e] *= inv_rms * w[c][e];
-        }
-      }
-      if (!row) continue;
-      Tout* dst = out + ((n * p.H + h) * p.L + l) * D;  // row (n, h, l) of [N, H, L, D]
+      for (int e = 0; e < EPT; ++e) v[c][e] = cell ? to_float(raw[k][c][e]) : 0.f;
+    }
+    if constexpr (HAS_NORM) {
+      float sum_sq = 0.f;
 #pragma unroll
       for (int c = 0; c < kCpl; ++c) {
-        const int chunk = lane + c * LANES;
-        if (chunk >= kChunks) continue;
-        Tout res[EPT];
 #pragma unroll
-        for (int q = 0; q < kPairs; ++q) {
-          const float x0 = v[c][2 * q];
-          const float x1 = v[c][2 * q + 1];
-          if constexpr (HAS_PE) {
-            res[2 * q] = from_float<Tout>(cur.rot[c][q][0] * x0 + cur.rot[c][q][1] * x1);
-            res[2 * q + 1] = from_float<Tout>(cur.rot[c][q][2] * x0 + cur.rot[c][q][3] * x1);
-          } else {
-            res[2 * q] = from_float<Tout>(x0);
-            res[2 * q + 1] = from_float<Tout>(x1);
-          }
-        }
-        if constexpr (VECTOR) {
-          store_vec(dst + chunk * EPT, res);
+        for (int e = 0; e < EPT; ++e) sum_sq += v[c][e] * v[c][e];
+      }
+      // Every lane takes part, rows past H included, so the shuffles see full warps.
+      sum_sq = group_sum<LANES>(sum_sq);
+      const float inv_rms = rsqrtf(sum_sq / float(D) + p.eps);
+#pragma unroll
+      for (int c = 0; c < kCpl; ++c) {
+#pragma unroll
+        for (int e = 0; e < EPT; ++e) v[c][e] *= inv_rms * w[c][e];
+      }
+    }
+    if (!row) continue;
+    Tout* dst = out + ((n * p.H + h) * p.L + l) * D;  // row (n, h, l) of [N, H, L, D]
+#pragma unroll
+    for (int c = 0; c < kCpl; ++c) {
+      const int chunk = lane + c * LANES;
+      if (chunk >= kChunks) continue;
+      Tout res[EPT];
+#pragma unroll
+      for (int q = 0; q < kPairs; ++q) {
+        const float x0 = v[c][2 * q];
+        const float x1 = v[c][2 * q + 1];
+        if constexpr (HAS_PE) {
+          res[2 * q] = from_float<Tout>(rot[c][q][0] * x0 + rot[c][q][1] * x1);
+          res[2 * q + 1] = from_float<Tout>(rot[c][q][2] * x0 + rot[c][q][3] * x1);
         } else {
-#pragma unroll
-          for (int e = 0; e < EPT; ++e) dst[chunk * EPT + e] = res[e];
+          res[2 * q] = from_float<Tout>(x0);
+          res[2 * q + 1] = from_float<Tout>(x1);
         }
+      }
+      if constexpr (VECTOR) {
+        store_vec(dst + chunk * EPT, res);
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPT; ++e) dst[chunk * EPT + e] = res[e];
       }
     }
   }
