@@ -7,7 +7,8 @@
 #   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python bench
 #
 # Uses the machine's python3 (with torch) and needs no network. GoogleTest comes from the system,
-# or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it).
+# or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it);
+# Python peers the machine lacks can be unpacked into .peers/ (both folders are git-ignored).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -16,6 +17,8 @@ mkdir -p "$out"
 log="$out/gpu_check.log"
 stages=${*:-build tests sanitize python bench}
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
+# Peers the machine lacks (comfy_kitchen, say) can come along as packages in .peers/.
+[ -d .peers ] && export PYTHONPATH="$root/.peers${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 build=build/gpu
 tests="$build/tests/kiln_tests"

@@ -12,12 +12,13 @@ Peers, timed in the same run on the same inputs after their output was checked a
   eager BFL      the chain in BFL's order, as ANCHORS.md times it: permute to [N, H, L, D]
                  first (a strided view), then norm and rotate, then make it contiguous
   torch.compile BFL  that function compiled
-  comfy_kitchen  comfy_kitchen.apply_rope1 when importable
+  comfy_kitchen  comfy_kitchen.apply_rope1, and rms_rope1 with the norm, when importable
   copy           a device-to-device copy moving the same bytes (half read, half written): what
                  any kernel of this size can reach, ramp-up and tail included
   bytes floor    bytes the op must move / this GPU's copy bandwidth on a 2 GiB copy
 """
 
+import importlib.metadata
 import math
 
 from ... import rope_flux
@@ -90,15 +91,19 @@ def relative_error(torch, got, want) -> float:
 BF16_BOUND = 2.0**-8
 
 
-def _comfy_kitchen_apply():
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown: no package metadata)"
+
+
+def _comfy_kitchen():
     try:
         import comfy_kitchen
     except ImportError:
         return None, "comfy_kitchen not installed: peer skipped"
-    apply = getattr(comfy_kitchen, "apply_rope1", None)
-    if apply is None:
-        return None, "comfy_kitchen has no apply_rope1: peer skipped"
-    return apply, None
+    return comfy_kitchen, None
 
 
 def run(bench) -> None:
@@ -111,15 +116,21 @@ def run(bench) -> None:
     device = bench.device
     bench.copy_gbps()
 
-    ck_apply, ck_why = _comfy_kitchen_apply() if bench.cuda else (None, None)
+    ck, ck_why = _comfy_kitchen() if bench.cuda else (None, None)
     if ck_why:
         bench.log(ck_why)
+    elif ck is not None:
+        bench.log(f"comfy_kitchen {_version('comfy-kitchen')}: apply_rope1, rms_rope1")
 
     def comfy_kitchen_chain(x, pe, norm_weight, eps):
+        """ComfyUI's Flux path through comfy_kitchen: q/k as [N, H, L, D] views, pe as
+        [N|1, 1, L, D/2, 2, 2]; rms_rope1 fuses the norm, apply_rope1 rotates alone."""
+        xh = x.permute(0, 2, 1, 3)
+        freqs = pe.unsqueeze(1) if pe.dim() == 5 else pe[None, None]
         if norm_weight is not None:
-            xf = x.float()
-            x = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
-        out = ck_apply(x.permute(0, 2, 1, 3), pe[None, None])
+            out = ck.rms_rope1(xh, freqs, norm_weight.to(x.dtype), eps)
+        else:
+            out = ck.apply_rope1(xh, freqs)
         return out.to(torch.bfloat16).contiguous()
 
     for label, length in shapes:
@@ -129,7 +140,7 @@ def run(bench) -> None:
                 case = f"{variant} {_short(x_dtype)}->bf16"
                 if not bench.wants(f"{case} {shape}"):
                     continue
-                ck_peer = comfy_kitchen_chain if ck_apply is not None and rotate else None
+                ck_peer = comfy_kitchen_chain if ck is not None and rotate else None
                 _run_case(bench, torch, device, case, shape, length, heads, head_dim, x_dtype,
                           rotate, norm, ck_peer)
 
@@ -173,7 +184,14 @@ def _run_case(bench, torch, device, case, shape, length, heads, head_dim, x_dtyp
 
     reference = kiln_op(*sets[0])
     for name, fn in list(contenders.items())[1:]:
-        out = fn(*sets[0])  # compiles torch.compile here
+        try:
+            out = fn(*sets[0])  # compiles torch.compile here
+        except Exception as error:  # a peer that cannot take this case is skipped, not fatal
+            if name != "comfy_kitchen":
+                raise
+            bench.log(f"comfy_kitchen failed on {case} {shape}: {error}: peer skipped")
+            del contenders[name]
+            continue
         if out.shape != reference.shape or not out.is_contiguous():
             raise AssertionError(
                 f"kiln bench rope: {name} gave shape {list(out.shape)} with strides "
