@@ -97,17 +97,5 @@ DeviceGuard::~DeviceGuard() {
   if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
 }
 
-int sm_count(int device) {
-  static std::mutex m;
-  static std::array<int, 64> counts{};
-  std::lock_guard<std::mutex> lock(m);
-  int& n = counts.at(std::size_t(device));
-  if (n == 0) {
-    check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "sm_count",
-          "cudaDeviceGetAttribute(multiProcessorCount)");
-  }
-  return n;
-}
-
 }  // namespace cuda
 }  // namespace kiln

@@ -1,4 +1,4 @@
-// CUDA runtime helpers used by op launchers: error checks, device guard, device attributes.
+// CUDA runtime helpers used by op launchers: error checks and a device guard.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,7 +26,5 @@ class DeviceGuard {
  private:
   int previous_ = -1;
 };
-
-int sm_count(int device);
 
 }  // namespace kiln::cuda
