@@ -1,0 +1,54 @@
+#include "common.hpp"
+
+namespace kiln_python {
+
+[[noreturn]] void invalid(const char* op, const char* arg, const std::string& what) {
+  throw kiln::Error(kiln::ErrorCode::invalid_argument,
+                    std::string("kiln::") + op + ": " + arg + " " + what);
+}
+
+kiln::DType to_dtype(const char* op, const char* arg, nb::dlpack::dtype dt) {
+  using Code = nb::dlpack::dtype_code;
+  const auto code = static_cast<Code>(dt.code);
+  if (dt.lanes == 1) {
+    switch (code) {
+      case Code::Float:
+        if (dt.bits == 32) return kiln::DType::f32;
+        if (dt.bits == 16) return kiln::DType::f16;
+        break;
+      case Code::Bfloat:
+        if (dt.bits == 16) return kiln::DType::bf16;
+        break;
+      case Code::Float8_E4M3FN:
+        if (dt.bits == 8) return kiln::DType::f8_e4m3fn;
+        break;
+      case Code::Float8_E5M2:
+        if (dt.bits == 8) return kiln::DType::f8_e5m2;
+        break;
+      case Code::Int:
+        if (dt.bits == 8) return kiln::DType::i8;
+        if (dt.bits == 32) return kiln::DType::i32;
+        if (dt.bits == 64) return kiln::DType::i64;
+        break;
+      case Code::UInt:
+        if (dt.bits == 8) return kiln::DType::u8;
+        break;
+      default:
+        break;
+    }
+  }
+  invalid(op, arg,
+          "has DLPack dtype (code " + std::to_string(dt.code) + ", " + std::to_string(dt.bits) +
+              " bits, " + std::to_string(dt.lanes) +
+              " lanes), expected one of f32, f16, bf16, f8_e4m3fn, f8_e5m2, i8, u8, i32, i64");
+}
+
+kiln::Device to_device(const char* op, const char* arg, int device_type, int device_id) {
+  if (device_type == nb::device::cpu::value) return kiln::Device::cpu();
+  if (device_type == nb::device::cuda::value) return kiln::Device::cuda(device_id);
+  invalid(op, arg,
+          "lives on DLPack device type " + std::to_string(device_type) +
+              ", expected cpu (1) or cuda (2)");
+}
+
+}  // namespace kiln_python

@@ -1,0 +1,55 @@
+// Shared pieces of kiln._C, the nanobind binding of kiln's C++ API: DLPack arrays to
+// kiln::TensorView, and the registration function of each part of the module. Each op family
+// binds itself in its own file (bindings/<family>.cpp) and is registered in module.cpp.
+//
+// Arrays arrive through DLPack (torch, numpy, CuPy) as nb::ndarray, whose strides are in elements
+// like kiln::TensorView's. Kernel launches, compiles and cache I/O run with the GIL released.
+#pragma once
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "kiln/error.hpp"
+#include "kiln/tensor.hpp"
+
+namespace kiln_python {
+
+namespace nb = nanobind;
+
+using InArray = nb::ndarray<nb::ro>;
+using OutArray = nb::ndarray<>;
+
+// Throws kiln::Error(invalid_argument) "kiln::<op>: <arg> <what>".
+[[noreturn]] void invalid(const char* op, const char* arg, const std::string& what);
+kiln::DType to_dtype(const char* op, const char* arg, nb::dlpack::dtype dt);
+kiln::Device to_device(const char* op, const char* arg, int device_type, int device_id);
+
+template <typename Array>
+kiln::TensorView to_view(const char* op, const char* arg, const Array& a) {
+  if (a.ndim() > static_cast<std::size_t>(kiln::kMaxDims)) {
+    invalid(op, arg,
+            "has " + std::to_string(a.ndim()) + " dims, expected at most " +
+                std::to_string(kiln::kMaxDims));
+  }
+  std::array<std::int64_t, kiln::kMaxDims> shape{};
+  std::array<std::int64_t, kiln::kMaxDims> strides{};
+  for (std::size_t d = 0; d < a.ndim(); ++d) {
+    shape[d] = static_cast<std::int64_t>(a.shape(d));
+    strides[d] = a.stride(d);
+  }
+  const std::size_t n = a.ndim();
+  return kiln::TensorView(const_cast<void*>(static_cast<const void*>(a.data())),
+                          to_dtype(op, arg, a.dtype()), {shape.data(), n}, {strides.data(), n},
+                          to_device(op, arg, a.device_type(), a.device_id()));
+}
+
+// The parts of the module, each defined in its own file.
+void bind_errors(nb::module_& m);
+void bind_jit(nb::module_& m);
+void bind_rope_flux(nb::module_& m);
+
+}  // namespace kiln_python

@@ -1,0 +1,10 @@
+// kiln._C: the Python binding of kiln's C++ API (nanobind). Each op family binds itself in
+// bindings/<family>.cpp; this file puts the parts together.
+#include "common.hpp"
+
+NB_MODULE(_C, m) {
+  m.doc() = "kiln's C++ API; use the kiln package rather than this module.";
+  kiln_python::bind_errors(m);
+  kiln_python::bind_jit(m);
+  kiln_python::bind_rope_flux(m);
+}
