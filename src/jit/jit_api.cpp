@@ -21,8 +21,15 @@ std::size_t clear_cache() { return process_cache().clear(); }
 
 WarmupResult warmup(const std::string& workload, const std::vector<std::string>& archs) {
   const std::vector<KernelSpec> specs = workload_variants(workload);
+  // The (spec, arch) pairs to build: an arch-specific kernel only for its archs.
+  std::vector<std::pair<const KernelSpec*, const std::string*>> jobs;
+  for (const KernelSpec& spec : specs) {
+    for (const std::string& arch : archs) {
+      if (spec.targets(arch)) jobs.emplace_back(&spec, &arch);
+    }
+  }
   WarmupResult result;
-  result.variants = specs.size() * archs.size();
+  result.variants = jobs.size();
   KernelCache& cache = process_cache();
   const std::uint64_t compiles_before = cache.stats().compiles;
 
@@ -33,7 +40,7 @@ WarmupResult warmup(const std::string& workload, const std::vector<std::string>&
   const auto work = [&] {
     for (std::size_t i = next++; i < result.variants; i = next++) {
       try {
-        cache.cubin(specs[i / archs.size()], archs[i % archs.size()]);
+        cache.cubin(*jobs[i].first, *jobs[i].second);
       } catch (...) {
         std::lock_guard<std::mutex> lock(failure_mutex);
         if (!failure) failure = std::current_exception();
@@ -41,7 +48,7 @@ WarmupResult warmup(const std::string& workload, const std::vector<std::string>&
     }
   };
   const std::size_t workers =
-      std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), result.variants);
+      std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), jobs.size());
   std::vector<std::thread> threads;
   for (std::size_t t = 1; t < workers; ++t) threads.emplace_back(work);
   work();

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "core/check.hpp"
 #include "core/cuda.hpp"
 #include "core/log.hpp"
 #include "jit/disk_cache.hpp"
@@ -147,6 +148,12 @@ std::shared_ptr<const Cubin> KernelCache::cubin(const KernelSpec& spec, const st
   std::shared_ptr<const Cubin> built;
   try {
     check_arch(arch);
+    if (!spec.targets(arch)) {
+      std::string written_for;
+      for (const std::string& a : spec.archs) written_for += (written_for.empty() ? "" : ", ") + a;
+      check::fail("jit", ErrorCode::unsupported,
+                  spec.key() + " is written for " + written_for + ", not " + arch);
+    }
     built = load_or_compile(spec, arch, key_material(spec, arch));
   } catch (...) {
     // Waiters retry and meet the same error themselves.

@@ -1,5 +1,7 @@
 #include "jit/kernel_spec.hpp"
 
+#include <algorithm>
+
 namespace kiln::jit {
 
 std::string KernelSpec::name_expression() const {
@@ -22,6 +24,10 @@ std::string KernelSpec::key() const {
     s += params[i].second;
   }
   return s + ">";
+}
+
+bool KernelSpec::targets(const std::string& arch) const {
+  return archs.empty() || std::find(archs.begin(), archs.end(), arch) != archs.end();
 }
 
 }  // namespace kiln::jit

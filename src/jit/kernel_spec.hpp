@@ -15,6 +15,12 @@ struct KernelSpec {
   // Template arguments in order: {name, C++ value}, e.g. {"D", "128"}, {"Tin", "kiln::bf16"}.
   // An empty list names a plain (non-template) kernel.
   std::vector<std::pair<std::string, std::string>> params;
+  // The only archs the kernel is written for (e.g. {"sm_90a"} for wgmma kernels); empty: every
+  // arch. Asking for another arch is an "unsupported" error; warm-up and CI skip those pairs.
+  std::vector<std::string> archs = {};
+
+  // Whether the kernel is written for `arch`.
+  bool targets(const std::string& arch) const;
 
   // "kiln::rope_flux_kernel<kiln::bf16, 128>": what NVRTC instantiates.
   std::string name_expression() const;

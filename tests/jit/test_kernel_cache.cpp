@@ -405,6 +405,24 @@ TEST_F(KernelCacheTest, RejectsUnknownArchAndSource) {
   EXPECT_EQ(cache.stats().compiles, 0u);
 }
 
+TEST_F(KernelCacheTest, ArchSpecificKernelRefusesOtherArchs) {
+  KernelCache cache(config());
+  KernelSpec hopper_only = probe(3);
+  hopper_only.archs = {"sm_90a"};
+  EXPECT_TRUE(hopper_only.targets("sm_90a"));
+  EXPECT_FALSE(hopper_only.targets("sm_80"));
+  EXPECT_TRUE(probe(3).targets("sm_80"));
+  try {
+    cache.cubin(hopper_only, "sm_80");
+    ADD_FAILURE() << "built an sm_90a-only kernel for sm_80";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::unsupported) << e.what();
+    EXPECT_NE(std::string(e.what()).find("sm_90a"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(cache.stats().compiles, 0u);
+  EXPECT_TRUE(is_elf(*cache.cubin(hopper_only, "sm_90a")));
+}
+
 TEST_F(KernelCacheTest, ThreadsShareOneCompilePerSpec) {
   constexpr int kThreads = 8;
   constexpr int kRounds = 5;

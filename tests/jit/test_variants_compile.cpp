@@ -27,15 +27,22 @@ TEST(VariantsCompileTest, EveryVariantCompilesForSm80AndSm90a) {
   const std::vector<std::string> archs = {"sm_80", "sm_90a"};
   KernelCache cache(CacheConfig{});  // memory-only: this test must not depend on the disk
 
-  // One NVRTC compile per thread at a time; the variants are independent.
-  const std::size_t jobs = specs.size() * archs.size();
+  // One NVRTC compile per thread at a time; the variants are independent. An arch-specific kernel
+  // (wgmma, TMA) is built for its own archs only.
+  std::vector<std::pair<const KernelSpec*, std::string>> pairs;
+  for (const KernelSpec& spec : specs) {
+    for (const std::string& arch : archs) {
+      if (spec.targets(arch)) pairs.emplace_back(&spec, arch);
+    }
+  }
+  const std::size_t jobs = pairs.size();
   std::atomic<std::size_t> next{0};
   std::mutex mutex;
   std::vector<std::string> failures;
   const auto work = [&] {
     for (std::size_t i = next++; i < jobs; i = next++) {
-      const KernelSpec& spec = specs[i / archs.size()];
-      const std::string& arch = archs[i % archs.size()];
+      const KernelSpec& spec = *pairs[i].first;
+      const std::string& arch = pairs[i].second;
       try {
         const auto cubin = cache.cubin(spec, arch);
         if (cubin->image.empty()) throw std::runtime_error("empty cubin");
