@@ -1,0 +1,74 @@
+// conv2d internals: the CPU reference, the kernel plan and the JIT variant list.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "jit/kernel_spec.hpp"
+#include "kiln/conv2d.hpp"
+
+namespace kiln::conv2d_detail {
+
+// The CPU backend and the oracle of every GPU test: plain loops over the output, products and
+// their sum in f64, rounded once to out's dtype. Arguments already validated.
+void reference(const TensorView& x, const TensorView& w, const std::optional<TensorView>& bias,
+               const TensorView& out, const Conv2dOptions& options);
+
+// One block tile of implicit_gemm_conv2d: (bm, bn, bk) over (m, oc, k), warps_m x warps_n warps,
+// `stages` shared-memory stages.
+struct TileConfig {
+  int bm = 128;
+  int bn = 128;
+  int bk = 32;
+  int warps_m = 2;
+  int warps_n = 2;
+  int stages = 4;
+};
+
+// The kernel's specialization for one call: what the JIT compiles.
+struct Plan {
+  DType x = DType::bf16;
+  DType w = DType::bf16;
+  DType bias = DType::f32;  // f32 when there is no bias
+  DType out = DType::bf16;
+  DType compute = DType::bf16;  // f16 or bf16: the mma operand type
+  int kh = 3;
+  int kw = 3;
+  TileConfig tile;
+  bool x_nhwc = true;       // k order (kh, kw, c) and channels-last A loads; else (c, kh, kw)
+  bool row_chunks = false;  // NCHW with OW % 8 == 0: 8-pixel chunks lie in one output row
+  bool x_async = true;      // A by cp.async (else strided register loads with conversion)
+  bool w_async = true;      // B by cp.async
+  bool im2col = true;       // false: 1x1, stride 1, no padding (a plain GEMM)
+  bool out_nhwc = true;     // out is channels-last
+  bool out_vec = true;      // 16-byte output stores
+  bool has_bias = false;
+
+  int threads() const { return tile.warps_m * tile.warps_n * 32; }
+  int smem_bytes() const;
+};
+
+// The problem as the launcher sees it, after validation.
+struct Problem {
+  std::int64_t N, C, H, W, OC, KH, KW, OH, OW;
+  Conv2dOptions options;
+};
+
+DType compute_type(DType x, DType w);
+Problem problem_of(const TensorView& x, const TensorView& w, const Conv2dOptions& options);
+// The plan for these (validated) CUDA tensors with the given tile.
+Plan make_plan(const Problem& problem, const TensorView& x, const TensorView& w,
+               const std::optional<TensorView>& bias, const TensorView& out,
+               const TileConfig& tile);
+// Enqueues the plan's kernel on `stream` (x's device current).
+void launch(const Plan& plan, const Problem& problem, const TensorView& x, const TensorView& w,
+            const std::optional<TensorView>& bias, const TensorView& out, Stream stream);
+// The tile for a problem on a device with `sm_count` SMs: the heuristic documented in README.md.
+TileConfig choose_tile(const Problem& problem, int sm_count);
+jit::KernelSpec kernel_spec(const Plan& plan);
+
+// Kernel variants a workload needs ("flux-vae": the Flux VAE decoder's convolutions, bf16).
+std::vector<jit::KernelSpec> variants(const std::string& workload);
+
+}  // namespace kiln::conv2d_detail
