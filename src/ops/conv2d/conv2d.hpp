@@ -68,6 +68,19 @@ void launch(const Plan& plan, const Problem& problem, const TensorView& x, const
 TileConfig choose_tile(const Problem& problem, int sm_count);
 jit::KernelSpec kernel_spec(const Plan& plan);
 
+// The sm_90a kernel (implicit_gemm_sm90.cuh, launch_sm90.cpp): TMA im2col loads and wgmma. It
+// takes a call on Hopper when x and w are both bf16 or both f16, x channels-last with 16-byte
+// strides and C % 8 == 0, w stored OHWI, out channels-last, OC % 128 == 0, and the window square
+// (equal strides, padding and dilation on both dims); the mma.sync kernel takes the rest.
+bool sm90_takes(const Problem& problem, const TensorView& x, const TensorView& w,
+                const TensorView& out);
+void launch_sm90(const Problem& problem, const TensorView& x, const TensorView& w,
+                 const std::optional<TensorView>& bias, const TensorView& out, int sm_count,
+                 Stream stream);
+jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int block_n, bool has_bias);
+// Output channels per tile of the sm_90a kernel for OC output channels (256 or 128).
+int sm90_block_n(std::int64_t oc);
+
 // Kernel variants a workload needs ("flux-vae": the Flux VAE decoder's convolutions, bf16).
 std::vector<jit::KernelSpec> variants(const std::string& workload);
 

@@ -367,6 +367,9 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
       plan.out_nhwc = nhwc;
       plan.out_vec = nhwc ? c.OC % 8 == 0 : true;
       specs.push_back(kernel_spec(plan));
+      if (nhwc && c.OC % 128 == 0 && c.C % 8 == 0) {
+        specs.push_back(sm90_spec(DType::bf16, DType::bf16, DType::bf16, sm90_block_n(c.OC), true));
+      }
     }
   }
   return specs;
@@ -396,6 +399,10 @@ void conv2d(const TensorView& x, const TensorView& w, const std::optional<Tensor
   const Problem problem = problem_of(x, w, options);
   validate_cuda(problem);
   cuda::DeviceGuard guard(kOp, device.index);
+  if (sm90_takes(problem, x, w, out)) {
+    launch_sm90(problem, x, w, bias, out, sm_count(device.index), stream);
+    return;
+  }
   const TileConfig tile = choose_tile(problem, sm_count(device.index));
   const Plan plan = make_plan(problem, x, w, bias, out, tile);
   log_strided_loads(plan, problem);

@@ -24,7 +24,9 @@
 
 #include "core/numeric.hpp"
 #include "kiln/conv2d.hpp"
+#include "kiln/device.hpp"
 #include "kiln/error.hpp"
+#include "ops/conv2d/conv2d.hpp"
 #include "support/buffers.hpp"
 
 namespace kiln::test {
@@ -622,6 +624,36 @@ TEST(Conv2dCudaErrors, KernelLargerThan7x7) {
     EXPECT_NE(std::string(e.what()).find("9x9 kernel, expected at most 7x7"), std::string::npos)
         << e.what();
   }
+}
+
+// Which calls the Hopper kernel takes (on sm_90a; the case table checks its results there).
+TEST(Conv2dSm90Cuda, TakesChannelsLastSquareWindowsWith128kChannels) {
+  KILN_REQUIRE_GPU();
+  if (cuda_arch(0) != "sm_90a") GTEST_SKIP() << "not an sm_90a device: " << cuda_arch(0);
+  DeviceBuffer x(2 * 64 * 20 * 20 * 4), w(256 * 64 * 9 * 4), out(2 * 256 * 20 * 20 * 4);
+  const auto view = [](const DeviceBuffer& b, DType t, std::vector<std::int64_t> shape, bool nhwc) {
+    const std::int64_t C = shape[1], H = shape[2], W = shape[3];
+    const std::array<std::int64_t, 4> strides = format_strides(nhwc, C, H, W);
+    return TensorView(b.data(), t, shape, {strides.begin(), strides.end()}, Device::cuda(0));
+  };
+  Conv2dOptions pad1;
+  pad1.padding = {1, 1};
+  const auto takes = [&](DType t, std::int64_t oc, bool x_nhwc, bool w_nhwc, Conv2dOptions o) {
+    const TensorView xv = view(x, t, {2, 64, 20, 20}, x_nhwc);
+    const TensorView wv = view(w, t, {oc, 64, 3, 3}, w_nhwc);
+    const conv2d_detail::Problem p = conv2d_detail::problem_of(xv, wv, o);
+    const TensorView ov = view(out, t, {2, oc, p.OH, p.OW}, x_nhwc);
+    return conv2d_detail::sm90_takes(p, xv, wv, ov);
+  };
+  EXPECT_TRUE(takes(DType::bf16, 256, true, true, pad1));
+  EXPECT_TRUE(takes(DType::f16, 128, true, true, pad1));
+  EXPECT_FALSE(takes(DType::bf16, 256, false, false, pad1));  // NCHW
+  EXPECT_FALSE(takes(DType::bf16, 256, true, false, pad1));   // OIHW weights
+  EXPECT_FALSE(takes(DType::bf16, 192, true, true, pad1));    // OC % 128 != 0
+  EXPECT_FALSE(takes(DType::f32, 256, true, true, pad1));     // f32 operands
+  Conv2dOptions uneven = pad1;
+  uneven.padding = {1, 0};
+  EXPECT_FALSE(takes(DType::bf16, 256, true, true, uneven));
 }
 
 }  // namespace

@@ -1,0 +1,150 @@
+// conv2d on Hopper (sm_90a): an implicit GEMM whose im2col tiles are loaded by TMA in im2col mode
+// and multiplied by wgmma.
+//
+// GEMM view: out[m, oc] = bias[oc] + sum_k A[m, k] B[oc, k], m = (n, oh, ow) over M = N OH OW
+// output pixels, k = (kh, kw, c) over K = KH KW C. A tile (128 pixels, 64 channels of one tap) is
+// one TMA im2col load of channels-last x: the copy engine walks the 128 output pixels' windows,
+// shifts them by the tap and zero-fills the padding; B tile (BN output channels, the same 64 k) is
+// one tiled TMA load of w viewed as [OC, K] (OHWI weights). Both land 128-byte swizzled in a ring
+// of STAGES slots.
+//   warpgroup 0 (the producer, 40 registers): one thread issues the loads, ahead by STAGES.
+//   warpgroups 1 and 2 (consumers): 64 pixels x BN channels each, wgmma m64nBNk16 from shared
+//   memory, one group of 4 in flight while the next slot is awaited.
+// The grid is persistent (one block per SM, tiles in steps of the grid, output channels fastest
+// so that neighbouring blocks share x in L2): the producer fetches the next tile while the
+// consumers run the epilogue (bias in f32, conversion to TO, direct stores).
+//
+// Layout: x channels-last [N, H, W, C] in memory with 16-byte-multiple strides, w [OC, KH, KW, C]
+// contiguous in K, out [N, OH, OW, OC] contiguous. Limits (the launcher checks them): square
+// window with equal strides, padding and dilation on both dims; C % 8 == 0 (channels past C read
+// as zeros, so any such C works); OC % BN == 0.
+//
+// Measured on an H200 (standalone harness, bf16, batch 1, 3x3 pad 1, TFLOP/s): 512 ch @ 128^2
+// 682, 512 @ 256^2 704, 256 @ 512^2 658, 128 @ 1024^2 538, 512 -> 256 @ 512^2 735; before the grid
+// was persistent 659 / 687 / 643 / 486 (NOTES.md).
+#pragma once
+
+#include "device/numeric.cuh"
+#include "device/sm90.cuh"
+#include "ops/conv2d/kernels/implicit_gemm_sm90_params.cuh"
+
+namespace kiln {
+
+namespace conv2d_sm90 {
+
+constexpr int kBlockM = 128;  // output pixels per tile (64 per consumer warpgroup)
+constexpr int kBlockK = 64;   // channels per k-step: one 128-byte row of 16-bit elements
+constexpr int kThreads = 384;
+
+}  // namespace conv2d_sm90
+
+// T: bf16 or f16 (x and w); TB: bias type; TO: out type; BN: 128 or 256 output channels per tile.
+template <typename T, typename TB, typename TO, int BN, int STAGES, bool HAS_BIAS>
+__global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
+    implicit_gemm_conv2d_sm90(const __grid_constant__ Conv2dSm90Params p) {
+  using namespace conv2d_sm90;
+  constexpr int kABytes = kBlockM * kBlockK * 2;  // (kBlockM, kBlockK) A slot
+  constexpr int kBBytes = BN * kBlockK * 2;       // (BN, kBlockK) B slot
+  extern __shared__ char smem_raw[];
+  // STAGES x A | STAGES x B | full and empty barriers; 1024-byte aligned for the swizzle.
+  char* smem = reinterpret_cast<char*>((reinterpret_cast<u64>(smem_raw) + 1023) & ~u64(1023));
+  char* s_a = smem;
+  char* s_b = s_a + STAGES * kABytes;
+  u64* full = reinterpret_cast<u64*>(s_b + STAGES * kBBytes);
+  u64* empty = full + STAGES;
+
+  const int c_steps = (p.C + kBlockK - 1) / kBlockK;
+  const int k_steps = p.KH * p.KW * c_steps;
+  const int n_tiles = p.OC / BN;
+  const int tiles = (p.M + kBlockM - 1) / kBlockM * n_tiles;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbarrier_init(full + s, 1);
+      mbarrier_init(empty + s, 2 * 128);  // every consumer thread releases the slot
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x / 128 == 0) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x == 0) {
+      int step = 0;  // k-steps issued, across tiles
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int m0 = tile / n_tiles * kBlockM, oc0 = tile % n_tiles * BN;
+        const int ow = m0 % p.OW, oh = m0 / p.OW % p.OH, n = m0 / (p.OW * p.OH);
+        const int w0 = ow * p.stride - p.pad, h0 = oh * p.stride - p.pad;  // window corner
+        for (int kt = 0; kt < k_steps; ++kt, ++step) {
+          const int s = step % STAGES;
+          mbarrier_wait(empty + s, ((step / STAGES) & 1) ^ 1);
+          mbarrier_arrive_expect_tx(full + s, kABytes + kBBytes);
+          const int tap = kt / c_steps, c0 = kt % c_steps * kBlockK;
+          const int kh = tap / p.KW, kw = tap % p.KW;
+          tma_load_im2col_4d(s_a + s * kABytes, &p.map_x, full + s, c0, w0, h0, n,
+                             static_cast<unsigned short>(kw * p.dilation),
+                             static_cast<unsigned short>(kh * p.dilation));
+          tma_load_2d(s_b + s * kBBytes, &p.map_w, full + s, tap * p.C + c0, oc0);
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  const int c = threadIdx.x / 128 - 1;  // consumer 0 or 1: pixels 64 c .. 64 c + 63 of a tile
+  const int lane = threadIdx.x % 32, warp = threadIdx.x % 128 / 32;
+  int step = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int m0 = tile / n_tiles * kBlockM, oc0 = tile % n_tiles * BN;
+    float acc[BN / 2];  // (64, BN) accumulator of this warpgroup
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+    for (int kt = 0; kt < k_steps; ++kt, ++step) {
+      const int s = step % STAGES;
+      mbarrier_wait(full + s, (step / STAGES) & 1);
+      register_fence(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockK / 16; ++kk) {
+        const u64 a =
+            swizzle128_desc(shared_addr(s_a + s * kABytes) + 64 * c * 128 + kk * 32, 16, 1024);
+        const u64 b = swizzle128_desc(shared_addr(s_b + s * kBBytes) + kk * 32, 16, 1024);
+        Wgmma<T, BN, 0>::ss(acc, a, b, 1);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous step's group is done: release its slot
+      register_fence(acc);
+      if (kt > 0) mbarrier_arrive(empty + (step - 1) % STAGES);
+    }
+    wgmma_wait<0>();
+    register_fence(acc);
+    mbarrier_arrive(empty + (step - 1) % STAGES);
+
+    // Epilogue: thread holds rows row0 and row0 + 8, columns 8 j + 2 (lane % 4) + {0, 1}.
+    const int row0 = m0 + 64 * c + 16 * warp + lane / 4;
+    TO* out = static_cast<TO*>(p.out);
+#pragma unroll
+    for (int i = 0; i < BN / 2; i += 2) {
+      const int row = row0 + 8 * ((i % 4) / 2);
+      const int col = oc0 + 8 * (i / 4) + 2 * (lane % 4);
+      float v0 = acc[i], v1 = acc[i + 1];
+      if constexpr (HAS_BIAS) {
+        const TB* bias = static_cast<const TB*>(p.bias);
+        v0 += to_float(bias[col * p.bias_stride]);
+        v1 += to_float(bias[(col + 1) * p.bias_stride]);
+      }
+      if (row < p.M) {
+        TO* dst = out + static_cast<i64>(row) * p.OC + col;
+        if constexpr (sizeof(TO) == 4) {
+          *reinterpret_cast<float2*>(dst) = float2{v0, v1};
+        } else {
+          TO pair[2] = {from_float<TO>(v0), from_float<TO>(v1)};
+          *reinterpret_cast<u32*>(dst) =
+              static_cast<u32>(pair[0].bits) | static_cast<u32>(pair[1].bits) << 16;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace kiln
