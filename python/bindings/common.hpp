@@ -51,5 +51,6 @@ kiln::TensorView to_view(const char* op, const char* arg, const Array& a) {
 void bind_errors(nb::module_& m);
 void bind_jit(nb::module_& m);
 void bind_rope_flux(nb::module_& m);
+void bind_attention(nb::module_& m);
 
 }  // namespace kiln_python

@@ -7,4 +7,5 @@ NB_MODULE(_C, m) {
   kiln_python::bind_errors(m);
   kiln_python::bind_jit(m);
   kiln_python::bind_rope_flux(m);
+  kiln_python::bind_attention(m);
 }

@@ -30,6 +30,7 @@ from ._C import (
     OutOfMemoryError,
     UnsupportedError,
 )
+from ._attention import attention
 from .device import cuda_arch, cuda_available, cuda_device_count, cuda_unavailable_reason
 from .ops import rope_flux
 
@@ -38,6 +39,7 @@ __version__ = jit.version()
 if sys.modules.get("torch") is not None:
     # Register torch.ops.kiln.* now, so a first call under torch.compile finds them.
     from . import _torch  # noqa: F401
+    from . import _torch_attention  # noqa: F401
 
 __all__ = [
     "CompileError",
@@ -46,6 +48,7 @@ __all__ = [
     "KilnError",
     "OutOfMemoryError",
     "UnsupportedError",
+    "attention",
     "cuda_arch",
     "cuda_available",
     "cuda_device_count",

@@ -5,13 +5,15 @@
 
 #include "core/check.hpp"
 #include "jit/kernel_cache.hpp"
+#include "ops/attention/attention.hpp"
 #include "ops/rope_flux/rope_flux.hpp"
 
 namespace kiln::jit {
 
 namespace {
-// "flux": Flux.1/Flux.2 inference; "flux-unfused": the A/B chains behind KILN_DISABLE.
-const std::vector<std::string> kWorkloads = {"flux", "flux-unfused"};
+// "flux": Flux.1/Flux.2 inference; "flux-unfused": the A/B chains behind KILN_DISABLE; "llm":
+// LLM prefill and decode attention; "attention-head-dims": attention at every head dim in use.
+const std::vector<std::string> kWorkloads = {"flux", "flux-unfused", "llm", "attention-head-dims"};
 }  // namespace
 
 std::vector<std::string> workloads() {
@@ -35,8 +37,10 @@ std::vector<KernelSpec> workload_variants(const std::string& workload) {
   std::vector<KernelSpec> specs;
   std::set<std::string> seen;
   for (const auto& name : selected) {
-    for (auto& spec : rope_flux_detail::variants(name)) {
-      if (seen.insert(spec.key()).second) specs.push_back(std::move(spec));
+    for (auto* family : {&rope_flux_detail::variants, &attention_detail::variants}) {
+      for (auto& spec : family(name)) {
+        if (seen.insert(spec.key()).second) specs.push_back(std::move(spec));
+      }
     }
   }
   return specs;
