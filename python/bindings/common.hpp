@@ -52,5 +52,6 @@ void bind_conv2d(nb::module_& m);
 void bind_errors(nb::module_& m);
 void bind_jit(nb::module_& m);
 void bind_rope_flux(nb::module_& m);
+void bind_attention(nb::module_& m);
 
 }  // namespace kiln_python

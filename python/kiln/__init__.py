@@ -30,6 +30,7 @@ from ._C import (
     OutOfMemoryError,
     UnsupportedError,
 )
+from ._attention import attention
 from ._conv2d import conv2d
 from .device import cuda_arch, cuda_available, cuda_device_count, cuda_unavailable_reason
 from .ops import rope_flux
@@ -39,6 +40,7 @@ __version__ = jit.version()
 if sys.modules.get("torch") is not None:
     # Register torch.ops.kiln.* now, so a first call under torch.compile finds them.
     from . import _torch  # noqa: F401
+    from . import _torch_attention  # noqa: F401
     from . import _torch_conv2d  # noqa: F401
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "KilnError",
     "OutOfMemoryError",
     "UnsupportedError",
+    "attention",
     "conv2d",
     "cuda_arch",
     "cuda_available",

@@ -1,0 +1,53 @@
+"""kiln.attention as a torch operator (torch.ops.kiln.attention), with a fake kernel for
+torch.compile. Defined on the "kiln" library as a fragment (the library itself is defined in
+_torch.py), with a CPU and a CUDA kernel, like rope_flux."""
+
+import torch
+
+from . import _C
+from . import _torch  # noqa: F401  (defines the "kiln" library first)
+from ._attention import out_shapes
+
+_lib = torch.library.Library("kiln", "FRAGMENT")
+_lib.define(
+    "attention(Tensor q, Tensor k, Tensor v, bool causal, float? scale, Tensor? mask,"
+    " Tensor? kv_len, float? softcap, bool return_lse) -> (Tensor, Tensor)"
+)
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+
+
+def _outputs(q, v, return_lse):
+    out_shape, lse_shape = out_shapes(q.shape, v.shape)
+    out = q.new_empty(out_shape)
+    lse = q.new_empty(lse_shape if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+def _attention_kernel(q, k, v, causal, scale, mask, kv_len, softcap, return_lse):
+    out, lse = _outputs(q, v, return_lse)
+    _C.attention(q, k, v, out, causal, scale, mask, kv_len, softcap, lse if return_lse else None,
+                 _stream(q))
+    return out, lse
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("attention", _attention_kernel, _key)
+
+
+@torch.library.register_fake("kiln::attention")
+def _attention_fake(q, k, v, causal, scale, mask, kv_len, softcap, return_lse):
+    return _outputs(q, v, return_lse)
+
+
+def attention(q, k, v, causal, scale, mask, kv_len, softcap, return_lse):
+    """kiln.attention for torch tensors: a bool mask becomes additive (0 / -inf) first."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, float("-inf"))
+    out, lse = torch.ops.kiln.attention(
+        q, k, v, bool(causal), None if scale is None else float(scale), mask, kv_len,
+        None if softcap is None else float(softcap), bool(return_lse))
+    return (out, lse) if return_lse else out

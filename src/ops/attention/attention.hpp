@@ -1,0 +1,65 @@
+// attention internals: the CPU reference, the kernel plans and the JIT variant list.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "jit/kernel_spec.hpp"
+#include "kiln/attention.hpp"
+
+namespace kiln::attention_detail {
+
+// The CPU backend and the oracle of every GPU test: plain loops, scores and sums in f64, one
+// rounding to out's dtype at the end. Arguments already validated; `scale` resolved.
+void reference(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+               const AttentionOptions& options, float scale);
+
+// One call's specialization of attention_kernel (and attention_combine when split).
+struct Plan {
+  DType kv = DType::bf16;   // k and v (T)
+  DType q = DType::bf16;    // q (TQ): kv's dtype or f32
+  DType out = DType::bf16;  // TO
+  int head_dim = 0;         // D
+  int head_dim_v = 0;       // DV
+  int group = 1;            // G = Hq / Hkv
+  bool causal = false;
+  int mask = 0;    // AttentionMask
+  int kv_len = 0;  // AttentionKvLen
+  bool softcap = false;
+  // Tile configuration.
+  int warps_m = 4;  // 16 query rows each
+  int warps_n = 1;  // warps splitting a KV tile
+  int block_n = 64;
+  int stages = 2;
+  int splits = 1;  // KV chunks per row tile (> 1: partials + combine)
+
+  int block_m() const { return 16 * warps_m; }
+  int threads() const { return 32 * warps_m * warps_n; }
+  int smem_bytes() const;
+};
+
+// The tile configuration for a problem: decode (rows of a KV head <= 16) splits every KV tile
+// between 4 warps and splits the keys across blocks until the GPU is full; prefill uses 16 rows
+// per warp and tiles sized by D. `sm_count` sizes the split.
+Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int group, bool causal,
+               int mask, int kv_len, bool softcap, long long batch_kv_heads, long long lq,
+               long long lk, int sm_count);
+jit::KernelSpec kernel_spec(const Plan& plan);
+jit::KernelSpec combine_spec(const Plan& plan);
+
+// The sm_90a prefill kernel (prefill_sm90.cuh, launch_sm90.cpp): TMA loads by a producer warp,
+// wgmma, two consumer warpgroups in ping-pong. It takes a call on Hopper when q, k and v share a
+// 16-bit dtype, D = Dv is 64 or 128, Lq > 16, there is no additive mask, and the views suit TMA
+// (16-byte aligned starts and strides); the mma.sync kernel takes the rest.
+bool prefill_sm90_takes(const TensorView& q, const TensorView& k, const TensorView& v,
+                        const AttentionOptions& options);
+void run_prefill_sm90(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView& out, const AttentionOptions& options, float scale,
+                      Stream stream);
+jit::KernelSpec prefill_sm90_spec(DType t, DType out, int head_dim, bool causal, int kv_len,
+                                  bool softcap);
+
+// Kernel variants a workload needs ("flux", "llm", "attention-head-dims").
+std::vector<jit::KernelSpec> variants(const std::string& workload);
+
+}  // namespace kiln::attention_detail

@@ -1,0 +1,416 @@
+// Attention forward, FlashAttention-2 style, on mma.sync m16n8k16 (sm_80 and later; sm_90 runs it
+// too until a wgmma kernel lands).
+//
+// Computes, for every query row (n, hq, i) and its visible keys j:
+//   s_j = scale * q_i . k_j  (then softcap * tanh(s_j / softcap), then + mask[n, hq, i, j])
+//   out[n, hq, i, :] = sum_j softmax(s)_j * v_j,   lse[n, hq, i] = log sum_j exp(s_j)
+// with an online softmax in registers (exp2, scale * log2(e) folded into one FMA).
+//
+// Layout. Rows are the G query heads of one KV head packed with the queries, row r = i * G + h:
+// a block owns BLOCK_M = 16 * WARPS_M rows of one (n, kv head), so GQA reads K/V once per group
+// (decode with 8 heads to a group fills 8 of a warp's 16 rows instead of 1). Each warp owns 16
+// rows; WARPS_N warps share those rows and split each KV tile of BLOCK_N keys between them
+// (decode: one row tile, 4 warps along the keys), combined through shared memory at the end.
+// K/V tiles stream through a STAGES-deep cp.async ring; Q stays in registers for D <= 128 and
+// is re-read from shared memory above that. Shared-memory rows are padded to an odd number of
+// 16-byte chunks (attention_pitch), which makes every ldmatrix conflict-free for any D.
+// gridDim = (row tiles, N * Hkv, splits); with SPLIT each z-slice covers one KV chunk and writes
+// an f32 partial output and its LSE for attention_combine (combine.cuh).
+//
+// Limits: D, DV multiples of 8 up to 256; q/k/v rows contiguous and 16-byte aligned (the
+// launcher checks); out contiguous. A row with no visible key writes zeros and LSE -inf.
+//
+// Measured on an H200 (v1, bf16; every version in ../NOTES.md): Flux B1 H24 L4608 D128 207 TFLOP/s
+// with 8 warps of rows (0.63x SDPA's FA2, 0.33x cuDNN: mma.sync with 16 rows a warp feeds each
+// ldmatrix'd K/V fragment to one MMA); decode B1 H32 KV32768 2620 GB/s of K+V with a 2-deep ring
+// (74 KB of shared memory a block, more blocks per SM) against 2199 GB/s with a 3-deep one.
+#pragma once
+
+#include "device/mma.cuh"
+#include "device/numeric.cuh"
+#include "device/vec.cuh"
+#include "ops/attention/kernels/params.cuh"
+
+namespace kiln {
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
+template <int MASK>
+__device__ __forceinline__ float load_mask(const void* mask, long long i) {
+  if constexpr (MASK == kMaskF32) {
+    return static_cast<const float*>(mask)[i];
+  } else if constexpr (MASK == kMaskF16) {
+    return to_float(static_cast<const f16*>(mask)[i]);
+  } else {
+    return to_float(static_cast<const bf16*>(mask)[i]);
+  }
+}
+
+template <typename T, typename TQ, typename TO, int D, int DV, int WARPS_M, int WARPS_N,
+          int BLOCK_N, int STAGES, int G, bool CAUSAL, int MASK, int KV_LEN, bool SOFTCAP,
+          bool SPLIT>
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
+    attention_kernel(const __grid_constant__ AttentionParams p) {
+  constexpr int kThreads = 32 * WARPS_M * WARPS_N;
+  constexpr int kBlockM = 16 * WARPS_M;
+  constexpr int kKeys = BLOCK_N / WARPS_N;  // keys of a tile one warp multiplies
+  constexpr int kDk = attention_k_dim(D);   // D padded to whole k-steps
+  constexpr int kQkPitch = attention_pitch(kDk);
+  constexpr int kVPitch = attention_pitch(DV);
+  constexpr int kDChunks = D / 8;    // 16-byte chunks of a q/k row in global memory
+  constexpr int kKChunks = kDk / 8;  // ... in shared memory, pad included
+  constexpr int kVChunks = DV / 8;
+  constexpr int kSTiles = kKeys / 8;  // n-tiles of S per warp
+  constexpr int kOTiles = DV / 8;     // n-tiles of O per warp
+  constexpr bool kQInRegisters = D <= 128;
+  // Without softcap or mask, logits stay raw and scale * log2(e) is folded into the exp2 FMA;
+  // otherwise they are moved to log2 units first.
+  constexpr bool kLog2Units = SOFTCAP || MASK != kMaskNone;
+  constexpr float kLog2e = 1.4426950408889634f;
+  static_assert(D % 8 == 0 && DV % 8 == 0 && D <= 256 && DV <= 256, "head dims: multiples of 8");
+  static_assert(kKeys % 16 == 0, "a warp multiplies whole 16-key steps");
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_q = reinterpret_cast<T*>(smem);         // (kBlockM, kQkPitch)
+  T* s_k = s_q + kBlockM * kQkPitch;           // (STAGES, BLOCK_N, kQkPitch)
+  T* s_v = s_k + STAGES * BLOCK_N * kQkPitch;  // (STAGES, BLOCK_N, kVPitch)
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int warp_m = warp % WARPS_M;
+  const int warp_n = warp / WARPS_M;
+  const int group = lane / 4;  // fragment row
+  const int quad = lane % 4;   // fragment column pair
+
+  // Heavy causal row tiles (the last ones) start first.
+  const int tile_m = CAUSAL ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const i64 n = blockIdx.y / p.Hkv;
+  const i64 kv_head = blockIdx.y % p.Hkv;
+  const i64 rows = p.Lq * G;  // packed (query, head-in-group) rows of this kv head
+  const i64 m0 = i64(tile_m) * kBlockM;
+
+  i64 keys = p.Lk;  // visible prefix of the keys
+  if constexpr (KV_LEN == kKvLenI32) {
+    keys = static_cast<const int*>(p.kv_len)[n];
+  } else if constexpr (KV_LEN == kKvLenI64) {
+    keys = static_cast<const long long*>(p.kv_len)[n];
+  }
+  keys = keys < 0 ? 0 : (keys > p.Lk ? p.Lk : keys);
+  const i64 diagonal = keys - p.Lq;  // causal: query i sees keys j <= i + diagonal
+
+  // KV tiles of this block: all tiles up to the causal limit of its last row, split in chunks.
+  i64 tiles = (keys + BLOCK_N - 1) / BLOCK_N;
+  if constexpr (CAUSAL) {
+    const i64 last_query = (m0 + kBlockM - 1) / G < p.Lq - 1 ? (m0 + kBlockM - 1) / G : p.Lq - 1;
+    const i64 last_key = last_query + diagonal;
+    const i64 causal_tiles = last_key < 0 ? 0 : last_key / BLOCK_N + 1;
+    tiles = tiles < causal_tiles ? tiles : causal_tiles;
+  }
+  const i64 per_split = (tiles + p.splits - 1) / p.splits;
+  const i64 t_begin = blockIdx.z * per_split;
+  const i64 t_end = t_begin + per_split < tiles ? t_begin + per_split : tiles;
+
+  // Global offset of packed row r (clamped into range: rows past the end load row 0's data).
+  const auto row_coords = [&](i64 r, i64& query, i64& head) {
+    const i64 rc = r < rows ? r : 0;
+    query = rc / G;
+    head = kv_head * G + rc % G;
+  };
+
+  // Q tile: (kBlockM, kDk) with zero pad columns and rows.
+  {
+    const TQ* q = static_cast<const TQ*>(p.q);
+    for (int i = tid; i < kBlockM * kKChunks; i += kThreads) {
+      const int r = i / kKChunks, c = i % kKChunks;
+      i64 query, head;
+      row_coords(m0 + r, query, head);
+      const bool valid = m0 + r < rows && c < kDChunks;
+      const TQ* src = q + n * p.q_stride[0] + head * p.q_stride[1] + query * p.q_stride[2] + c * 8;
+      T* dst = s_q + r * kQkPitch + c * 8;
+      if constexpr (sizeof(TQ) == sizeof(T)) {
+        cp_async_16(dst, valid ? src : q, valid);
+      } else {
+        float x[8];
+        T y[8];
+        if (valid) {
+          load_vec(x, src);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) x[e] = 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) y[e] = from_float<T>(x[e]);
+        u32 w[4];
+        to_words(y, w);
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
+  }
+
+  // One K/V tile into ring slot `slot`: rows past the visible keys are zero-filled (never read
+  // from global memory), so masked keys contribute exactly 0 * 0.
+  const T* k_head = static_cast<const T*>(p.k) + n * p.k_stride[0] + kv_head * p.k_stride[1];
+  const T* v_head = static_cast<const T*>(p.v) + n * p.v_stride[0] + kv_head * p.v_stride[1];
+  const auto load_kv = [&](i64 tile, int slot) {
+    const i64 key0 = tile * BLOCK_N;
+    T* k_dst = s_k + slot * BLOCK_N * kQkPitch;
+    T* v_dst = s_v + slot * BLOCK_N * kVPitch;
+    for (int i = tid; i < BLOCK_N * kKChunks; i += kThreads) {
+      const int r = i / kKChunks, c = i % kKChunks;
+      const bool valid = key0 + r < keys && c < kDChunks;
+      const T* src = k_head + (key0 + r) * p.k_stride[2] + c * 8;
+      cp_async_16(k_dst + r * kQkPitch + c * 8, valid ? src : k_head, valid);
+    }
+    for (int i = tid; i < BLOCK_N * kVChunks; i += kThreads) {
+      const int r = i / kVChunks, c = i % kVChunks;
+      const bool valid = key0 + r < keys;
+      const T* src = v_head + (key0 + r) * p.v_stride[2] + c * 8;
+      cp_async_16(v_dst + r * kVPitch + c * 8, valid ? src : v_head, valid);
+    }
+  };
+
+  // Prologue: Q and the first STAGES - 1 tiles, one commit group per tile (Q rides in the first).
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (t_begin + s < t_end) load_kv(t_begin + s, s);
+    cp_async_commit();
+  }
+
+  // This thread's two rows (fragment rows group and group + 8) of the warp's 16.
+  i64 row_query[2];
+  i64 row_mask[2];  // mask offset of the row, without the key term
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const i64 r = m0 + warp_m * 16 + group + 8 * h;
+    i64 head;
+    row_coords(r, row_query[h], head);
+    row_mask[h] = n * p.mask_stride[0] + head * p.mask_stride[1] + row_query[h] * p.mask_stride[2];
+  }
+  const i64 first_query = m0 / G;
+
+  float o[kOTiles][4];  // (16 rows, DV) accumulator of the warp, fragment layout
+#pragma unroll
+  for (int j = 0; j < kOTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float row_max[2] = {neg_inf(), neg_inf()};  // in logit units (raw, or log2 with kLog2Units)
+  float row_sum[2] = {0.f, 0.f};              // this thread's part of the row sums
+  const float unit = kLog2Units ? 1.f : p.scale_log2;
+
+  u32 q_frag[kQInRegisters ? kDk / 16 : 1][4];
+  const T* q_warp = s_q + (warp_m * 16 + lane % 16) * kQkPitch + (lane / 16) * 8;
+
+  for (i64 t = t_begin; t < t_end; ++t) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    {
+      const i64 next = t + STAGES - 1;
+      if (next < t_end) load_kv(next, int((next - t_begin) % STAGES));
+      cp_async_commit();
+    }
+    if constexpr (kQInRegisters) {
+      if (t == t_begin) {
+#pragma unroll
+        for (int ks = 0; ks < kDk / 16; ++ks) ldmatrix_x4(q_frag[ks], q_warp + ks * 16);
+      }
+    }
+    const int slot = int((t - t_begin) % STAGES);
+    const T* k_tile = s_k + slot * BLOCK_N * kQkPitch + warp_n * kKeys * kQkPitch;
+    const T* v_tile = s_v + slot * BLOCK_N * kVPitch + warp_n * kKeys * kVPitch;
+
+    // S = Q K^T: (16, kKeys) per warp.
+    float s[kSTiles][4];
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    // ldmatrix.x4 of K: matrices (keys 0-7 | 8-15) x (k 0-7 | 8-15) give two n-tiles' B.
+    const T* k_lane = k_tile + ((lane / 16) * 8 + lane % 8) * kQkPitch + ((lane / 8) % 2) * 8;
+#pragma unroll
+    for (int ks = 0; ks < kDk / 16; ++ks) {
+      u32 a[4];
+      if constexpr (kQInRegisters) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = q_frag[ks][e];
+      } else {
+        ldmatrix_x4(a, q_warp + ks * 16);
+      }
+#pragma unroll
+      for (int j = 0; j < kSTiles; j += 2) {
+        u32 b[4];
+        ldmatrix_x4(b, k_lane + j * 8 * kQkPitch + ks * 16);
+        const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_16x8x16<T>(s[j], a, b0);
+        mma_16x8x16<T>(s[j + 1], a, b1);
+      }
+    }
+
+    // Scores to softmax units; hide keys past the end and above the causal diagonal.
+    const i64 key0 = t * BLOCK_N + warp_n * kKeys;
+    const bool edge = t * BLOCK_N + BLOCK_N > keys ||
+                      (CAUSAL && t * BLOCK_N + BLOCK_N - 1 > first_query + diagonal);
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2;
+        const i64 key = key0 + j * 8 + 2 * quad + e % 2;
+        float x = s[j][e];
+        if constexpr (SOFTCAP) {
+          x = tanhf(x * p.scale_over_softcap) * p.softcap_log2;
+        } else if constexpr (kLog2Units) {
+          x *= p.scale_log2;
+        }
+        if constexpr (MASK != kMaskNone) {
+          if (key < keys)
+            x += kLog2e * load_mask<MASK>(p.mask, row_mask[h] + key * p.mask_stride[3]);
+        }
+        if (edge && (key >= keys || (CAUSAL && key > row_query[h] + diagonal))) x = neg_inf();
+        s[j][e] = x;
+      }
+    }
+
+    // Online softmax: new row maxima over the quad, rescale, exponentiate.
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = row_max[h];
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row with no visible key yet keeps max -inf; subtracting 0 keeps every exp2 at 0.
+      const float shift = mx == neg_inf() ? 0.f : mx * unit;
+      alpha[h] = exp2_approx(row_max[h] * unit - shift);
+      row_max[h] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kSTiles; ++j) {
+        s[j][2 * h] = exp2_approx(fmaf(s[j][2 * h], unit, -shift));
+        s[j][2 * h + 1] = exp2_approx(fmaf(s[j][2 * h + 1], unit, -shift));
+        sum += s[j][2 * h] + s[j][2 * h + 1];
+      }
+      row_sum[h] = row_sum[h] * alpha[h] + sum;
+    }
+#pragma unroll
+    for (int j = 0; j < kOTiles; ++j) {
+      o[j][0] *= alpha[0], o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1], o[j][3] *= alpha[1];
+    }
+
+    // O += P V: P's accumulator fragments of keys 16kk..16kk+15 are the A fragment of step kk.
+    // ldmatrix.x4.trans of V: matrices (keys 0-7 | 8-15) x (dv 0-7 | 8-15) give two n-tiles' B.
+    const T* v_lane = v_tile + (((lane / 8) % 2) * 8 + lane % 8) * kVPitch + (lane / 16) * 8;
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const u32 a[4] = {pack_float2<T>(s[2 * kk][0], s[2 * kk][1]),
+                        pack_float2<T>(s[2 * kk][2], s[2 * kk][3]),
+                        pack_float2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                        pack_float2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int j = 0; j + 1 < kOTiles; j += 2) {
+        u32 b[4];
+        ldmatrix_x4_trans(b, v_lane + kk * 16 * kVPitch + j * 8);
+        const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        mma_16x8x16<T>(o[j], a, b0);
+        mma_16x8x16<T>(o[j + 1], a, b1);
+      }
+      if constexpr (kOTiles % 2 == 1) {
+        u32 b[2];
+        ldmatrix_x2_trans(b, v_tile + (kk * 16 + lane % 16) * kVPitch + (kOTiles - 1) * 8);
+        mma_16x8x16<T>(o[kOTiles - 1], a, b);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue through shared memory (the pipeline's space): each warp's O, scaled to the block's
+  // common max and divided by the row sum, then summed over WARPS_N and stored in 16 bytes.
+  constexpr int kOPitch = DV + 8;
+  float* s_o = reinterpret_cast<float*>(smem);        // (WARPS_N, kBlockM, kOPitch)
+  float* s_stat = s_o + WARPS_N * kBlockM * kOPitch;  // (WARPS_N, kBlockM, [max, sum])
+  float* s_lse = s_stat + WARPS_N * kBlockM * 2;      // (kBlockM) log2 units
+  // Row statistics in log2 units: this warp's max, then the block's max and sum over WARPS_N.
+  float factor[2];  // multiplies this warp's O: exp2(own max - block max) / block sum
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+    row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+    row_max[h] = row_max[h] == neg_inf() ? neg_inf() : row_max[h] * unit;
+    if (WARPS_N > 1 && quad == 0) {
+      const int r = warp_m * 16 + group + 8 * h;
+      s_stat[(warp_n * kBlockM + r) * 2] = row_max[h];
+      s_stat[(warp_n * kBlockM + r) * 2 + 1] = row_sum[h];
+    }
+  }
+  if constexpr (WARPS_N > 1) __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = warp_m * 16 + group + 8 * h;
+    float total_max = row_max[h], total_sum = row_sum[h];
+    if constexpr (WARPS_N > 1) {
+      total_max = neg_inf();
+#pragma unroll
+      for (int w = 0; w < WARPS_N; ++w) total_max = fmaxf(total_max, s_stat[(w * kBlockM + r) * 2]);
+      total_sum = 0.f;
+      if (total_max != neg_inf()) {
+#pragma unroll
+        for (int w = 0; w < WARPS_N; ++w) {
+          total_sum += s_stat[(w * kBlockM + r) * 2 + 1] *
+                       exp2_approx(s_stat[(w * kBlockM + r) * 2] - total_max);
+        }
+      }
+    }
+    factor[h] = total_sum > 0.f ? exp2_approx(row_max[h] - total_max) / total_sum : 0.f;
+    if (warp_n == 0 && quad == 0) {
+      s_lse[r] = total_sum > 0.f ? total_max + __log2f(total_sum) : neg_inf();
+    }
+  }
+  float* s_o_warp = s_o + (warp_n * kBlockM + warp_m * 16) * kOPitch;
+#pragma unroll
+  for (int j = 0; j < kOTiles; ++j) {
+    const int col = j * 8 + 2 * quad;
+    *reinterpret_cast<float2*>(s_o_warp + group * kOPitch + col) =
+        make_float2(o[j][0] * factor[0], o[j][1] * factor[0]);
+    *reinterpret_cast<float2*>(s_o_warp + (group + 8) * kOPitch + col) =
+        make_float2(o[j][2] * factor[1], o[j][3] * factor[1]);
+  }
+  __syncthreads();
+
+  const i64 out_rows = p.N * p.Hq * p.Lq;
+  for (int i = tid; i < kBlockM * kVChunks; i += kThreads) {
+    const int r = i / kVChunks, c = i % kVChunks;
+    if (m0 + r >= rows) continue;
+    i64 query, head;
+    row_coords(m0 + r, query, head);
+    const i64 row = (n * p.Hq + head) * p.Lq + query;  // row of out [N, Hq, Lq, DV]
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS_N; ++w) {
+      float part[8];
+      const float* src = s_o + (w * kBlockM + r) * kOPitch + c * 8;
+      *reinterpret_cast<float4*>(part) = *reinterpret_cast<const float4*>(src);
+      *reinterpret_cast<float4*>(part + 4) = *reinterpret_cast<const float4*>(src + 4);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += part[e];
+    }
+    if constexpr (SPLIT) {
+      store_vec(p.o_part + (blockIdx.z * out_rows + row) * DV + c * 8, acc);
+      if (c == 0) p.lse_part[blockIdx.z * out_rows + row] = s_lse[r];
+    } else {
+      TO y[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) y[e] = from_float<TO>(acc[e]);
+      store_vec(static_cast<TO*>(p.out) + row * DV + c * 8, y);
+      if (c == 0 && p.lse != nullptr) p.lse[row] = s_lse[r] / kLog2e;
+    }
+  }
+}
+
+}  // namespace kiln

@@ -1,0 +1,66 @@
+// Split-KV combine: merges the per-chunk partial outputs of attention_kernel<..., SPLIT = true>.
+//
+// For each output row (n, hq, i), with chunk s holding O_s (normalized by its own sum) and its
+// log2-sum-exp L_s:  out = sum_s 2^(L_s - L) O_s,  L = log2 sum_s 2^L_s  (lse = L * ln 2).
+// A row whose every chunk saw no key (all L_s = -inf) gets zeros and lse -inf.
+//
+// Layout: one warp per row, 4 rows per block; lane l owns columns [8c, 8c + 8) for chunks
+// c = l, l + 32, ... of DV / 8. The workspace is [splits, rows, DV] f32 plus [splits, rows]
+// (params.cuh); it is small next to K/V (B1 H32 D128 with 9 splits: 149 KB against 16 MB of
+// K/V at 4096 keys), so this kernel costs a few microseconds.
+#pragma once
+
+#include "device/numeric.cuh"
+#include "device/vec.cuh"
+#include "ops/attention/kernels/params.cuh"
+
+namespace kiln {
+
+template <typename TO, int DV>
+__global__ void __launch_bounds__(128)
+    attention_combine(const __grid_constant__ AttentionParams p) {
+  constexpr int kChunks = DV / 8;
+  constexpr float kLn2 = 0.6931471805599453f;
+  const i64 rows = p.N * p.Hq * p.Lq;
+  const i64 row = i64(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const float inf = __int_as_float(0x7f800000);
+
+  float max_lse = -inf;
+  for (int s = lane; s < p.splits; s += 32) max_lse = fmaxf(max_lse, p.lse_part[s * rows + row]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, off));
+  }
+  float total = 0.f;
+  if (max_lse != -inf) {
+    for (int s = 0; s < p.splits; ++s) total += exp2f(p.lse_part[s * rows + row] - max_lse);
+  }
+  const float inv_total = total > 0.f ? 1.f / total : 0.f;
+
+  for (int c = lane; c < kChunks; c += 32) {
+    float acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    if (total > 0.f) {
+      for (int s = 0; s < p.splits; ++s) {
+        const float w = exp2f(p.lse_part[s * rows + row] - max_lse) * inv_total;
+        if (w == 0.f) continue;
+        float part[8];
+        load_vec(part, p.o_part + (s * rows + row) * DV + c * 8);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, part[e], acc[e]);
+      }
+    }
+    TO y[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) y[e] = from_float<TO>(acc[e]);
+    store_vec(static_cast<TO*>(p.out) + row * DV + c * 8, y);
+  }
+  if (lane == 0 && p.lse != nullptr) {
+    p.lse[row] = total > 0.f ? (max_lse + __log2f(total)) * kLn2 : -inf;
+  }
+}
+
+}  // namespace kiln

@@ -1,0 +1,465 @@
+// attention: argument checks, dispatch by device, tile plans and launches.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <numbers>
+#include <string>
+
+#include "core/check.hpp"
+#include "core/cuda.hpp"
+#include "core/log.hpp"
+#include "jit/kernel_cache.hpp"
+#include "ops/attention/attention.hpp"
+#include "ops/attention/kernels/params.cuh"
+
+namespace kiln {
+namespace attention_detail {
+namespace {
+
+constexpr const char* kOp = "attention";
+constexpr const char* kKernelSource = "ops/attention/kernels/attention.cuh";
+constexpr const char* kCombineSource = "ops/attention/kernels/combine.cuh";
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxSplits = 128;
+
+const char* cpp_type(DType dtype) {
+  switch (dtype) {
+    case DType::f32:
+      return "float";
+    case DType::f16:
+      return "kiln::f16";
+    case DType::bf16:
+      return "kiln::bf16";
+    default:
+      check::fail(kOp, ErrorCode::unsupported,
+                  std::string("no kernel type for ") + dtype_name(dtype));
+  }
+}
+
+const char* mask_name(int mask) {
+  static const char* names[] = {"kiln::kMaskNone", "kiln::kMaskF32", "kiln::kMaskF16",
+                                "kiln::kMaskBF16"};
+  return names[mask];
+}
+
+const char* kv_len_name(int kv_len) {
+  static const char* names[] = {"kiln::kKvLenNone", "kiln::kKvLenI32", "kiln::kKvLenI64"};
+  return names[kv_len];
+}
+
+const char* bool_str(bool b) { return b ? "true" : "false"; }
+
+std::string dims_str(const char* names, std::int64_t a, std::int64_t b, std::int64_t c,
+                     std::int64_t d) {
+  return std::string(names) + " = " + std::to_string(a) + ", " + std::to_string(b) + ", " +
+         std::to_string(c) + ", " + std::to_string(d);
+}
+
+void check_head_dim(const char* arg, const TensorView& t, std::int64_t dim) {
+  if (dim <= 0 || dim % 8 != 0 || dim > kMaxHeadDim) {
+    check::fail(kOp, ErrorCode::invalid_argument,
+                std::string(arg) + " has head dim " + std::to_string(dim) + " (shape " +
+                    t.shape_str() + "), expected a multiple of 8 in [8, 256]");
+  }
+}
+
+void check_positive(const char* name, float value) {
+  if (!(value > 0.f) || !std::isfinite(value)) {
+    check::fail(
+        kOp, ErrorCode::invalid_argument,
+        std::string(name) + " = " + std::to_string(value) + ", expected a finite value > 0");
+  }
+}
+
+void validate(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+              const AttentionOptions& options) {
+  check::dims(kOp, "q", q, 4);
+  check::dims(kOp, "k", k, 4);
+  check::dims(kOp, "v", v, 4);
+  check::dtype_in(kOp, "q", q, {DType::f32, DType::f16, DType::bf16});
+  check::dtype_in(kOp, "k", k, {DType::f16, DType::bf16});
+  check::dtype_in(kOp, "v", v, {k.dtype()});
+  if (q.dtype() != DType::f32 && q.dtype() != k.dtype()) {
+    check::fail(kOp, ErrorCode::invalid_argument,
+                std::string("q has dtype ") + dtype_name(q.dtype()) + ", expected k's dtype (" +
+                    dtype_name(k.dtype()) + ") or f32");
+  }
+  const std::int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const std::int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3);
+  const std::string q_dims = dims_str("N, Hq, Lq, D", N, Hq, Lq, D);
+  const std::int64_t k_shape[] = {N, Hkv, Lk, D};
+  check::shape(kOp, "k", k, k_shape, "[N, Hkv, Lk, D] with N and D from q (" + q_dims + ")");
+  const std::int64_t v_shape[] = {N, Hkv, Lk, Dv};
+  check::shape(kOp, "v", v, v_shape, "[N, Hkv, Lk, Dv] with N, Hkv, Lk from k");
+  if (Hkv <= 0 || Hq % Hkv != 0) {
+    check::fail(kOp, ErrorCode::invalid_argument,
+                "k has " + std::to_string(Hkv) + " heads (shape " + k.shape_str() +
+                    "), expected a divisor of q's " + std::to_string(Hq) + " heads (GQA/MQA)");
+  }
+  check_head_dim("q", q, D);
+  check_head_dim("v", v, Dv);
+  check::dtype_in(kOp, "out", out, {DType::f32, DType::f16, DType::bf16});
+  const std::int64_t out_shape[] = {N, Hq, Lq, Dv};
+  check::shape(kOp, "out", out, out_shape, "[N, Hq, Lq, Dv] with " + q_dims + ", Dv from v");
+  check::contiguous(kOp, "out", out);
+  check::non_null(kOp, "q", q);
+  check::non_null(kOp, "k", k);
+  check::non_null(kOp, "v", v);
+  check::non_null(kOp, "out", out);
+  check::no_overlap(kOp, "out", out, "q", q);
+  check::no_overlap(kOp, "out", out, "k", k);
+  check::no_overlap(kOp, "out", out, "v", v);
+  if (options.scale) check_positive("scale", *options.scale);
+  if (options.softcap) check_positive("softcap", *options.softcap);
+  if (options.mask) {
+    const TensorView& m = *options.mask;
+    check::dtype_in(kOp, "mask", m, {DType::f32, DType::f16, DType::bf16});
+    const std::int64_t full[] = {N, Hq, Lq, Lk};
+    bool ok = m.dim() >= 2 && m.dim() <= 4;
+    for (int d = 0; ok && d < m.dim(); ++d) {
+      const std::int64_t want = full[4 - m.dim() + d];
+      ok = m.size(d) == want || m.size(d) == 1;
+    }
+    if (!ok) {
+      check::fail(kOp, ErrorCode::invalid_argument,
+                  "mask has shape " + m.shape_str() + ", expected 2 to 4 dims broadcastable to " +
+                      check::shape_str(full) + " [N, Hq, Lq, Lk]");
+    }
+    check::non_null(kOp, "mask", m);
+    check::no_overlap(kOp, "out", out, "mask", m);
+  }
+  if (options.kv_len) {
+    const TensorView& l = *options.kv_len;
+    check::dtype_in(kOp, "kv_len", l, {DType::i32, DType::i64});
+    const std::int64_t l_shape[] = {N};
+    check::shape(kOp, "kv_len", l, l_shape, "[N], N = " + std::to_string(N));
+    check::contiguous(kOp, "kv_len", l);
+    check::non_null(kOp, "kv_len", l);
+  }
+  if (options.lse) {
+    const TensorView& l = *options.lse;
+    check::dtype_in(kOp, "lse", l, {DType::f32});
+    const std::int64_t l_shape[] = {N, Hq, Lq};
+    check::shape(kOp, "lse", l, l_shape, "[N, Hq, Lq] with " + q_dims);
+    check::contiguous(kOp, "lse", l);
+    check::non_null(kOp, "lse", l);
+    check::no_overlap(kOp, "lse", l, "out", out);
+    check::no_overlap(kOp, "lse", l, "q", q);
+    check::no_overlap(kOp, "lse", l, "k", k);
+    check::no_overlap(kOp, "lse", l, "v", v);
+  }
+}
+
+// The CUDA kernels move 16-byte chunks of rows: the last dim contiguous, every other stride a
+// whole number of chunks, the start 16-byte aligned.
+void check_rows_16b(const char* arg, const TensorView& t) {
+  const std::int64_t per_chunk = 16 / std::int64_t(dtype_size(t.dtype()));
+  bool ok = t.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(t.data()) % 16 == 0;
+  for (int d = 0; ok && d < 3; ++d) ok = t.size(d) == 1 || t.stride(d) % per_chunk == 0;
+  if (!ok) {
+    std::string strides;
+    for (std::int64_t s : t.strides()) strides += (strides.empty() ? "" : ", ") + std::to_string(s);
+    check::fail(kOp, ErrorCode::unsupported,
+                std::string(arg) + " has strides [" + strides + "] and a start 16-byte aligned: " +
+                    (reinterpret_cast<std::uintptr_t>(t.data()) % 16 == 0 ? "yes" : "no") +
+                    "; the CUDA kernel expects the last dim contiguous, the other strides "
+                    "multiples of " +
+                    std::to_string(per_chunk) + " elements and a 16-byte-aligned start");
+  }
+}
+
+int mask_kind(const AttentionOptions& options) {
+  if (!options.mask) return kMaskNone;
+  switch (options.mask->dtype()) {
+    case DType::f32:
+      return kMaskF32;
+    case DType::f16:
+      return kMaskF16;
+    default:
+      return kMaskBF16;
+  }
+}
+
+int kv_len_kind(const AttentionOptions& options) {
+  if (!options.kv_len) return kKvLenNone;
+  return options.kv_len->dtype() == DType::i32 ? kKvLenI32 : kKvLenI64;
+}
+
+int sm_count(int device) {
+  int count = 0;
+  cuda::check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), kOp,
+              "cudaDeviceGetAttribute(MultiProcessorCount)");
+  return count;
+}
+
+// KILN_ATTENTION_TILE="warps_m,warps_n,block_n,stages" replaces the launcher's tile choice (for
+// tuning sweeps; see NOTES.md); a malformed value is an error, not ignored.
+void apply_tile_override(Plan& plan) {
+  const char* text = std::getenv("KILN_ATTENTION_TILE");
+  if (text == nullptr || *text == '\0') return;
+  int wm = 0, wn = 0, bn = 0, st = 0;
+  char tail = 0;
+  const int got = std::sscanf(text, "%d,%d,%d,%d%c", &wm, &wn, &bn, &st, &tail);
+  const bool ok = got == 4 && (wm == 1 || wm == 2 || wm == 4 || wm == 8) &&
+                  (wn == 1 || wn == 2 || wn == 4 || wn == 8) && bn % (16 * wn) == 0 && bn > 0 &&
+                  bn <= 256 && st >= 2 && st <= 6;
+  if (!ok) {
+    check::fail(kOp, ErrorCode::invalid_argument,
+                std::string("KILN_ATTENTION_TILE is '") + text +
+                    "', expected 'warps_m,warps_n,block_n,stages' with warps in {1, 2, 4, 8}, "
+                    "block_n a multiple of 16 * warps_n up to 256 and 2 to 6 stages");
+  }
+  log::warning_once(std::string("attention_tile_") + text,
+                    std::string("attention: tile from KILN_ATTENTION_TILE=") + text);
+  plan.warps_m = wm, plan.warps_n = wn, plan.block_n = bn, plan.stages = st;
+}
+
+// Stream-ordered scratch for the split-KV partials.
+class Workspace {
+ public:
+  Workspace(std::size_t bytes, Stream stream) : stream_(stream) {
+    cuda::check(cudaMallocAsync(&ptr_, bytes, static_cast<cudaStream_t>(stream)), kOp,
+                "cudaMallocAsync (split-KV workspace)");
+  }
+  ~Workspace() { cudaFreeAsync(ptr_, static_cast<cudaStream_t>(stream_)); }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  float* get() const { return static_cast<float*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  Stream stream_;
+};
+
+void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+              const AttentionOptions& options, float scale, Stream stream) {
+  check_rows_16b("q", q);
+  check_rows_16b("k", k);
+  check_rows_16b("v", v);
+  if (reinterpret_cast<std::uintptr_t>(out.data()) % 16 != 0) {
+    check::fail(kOp, ErrorCode::unsupported, "out does not start 16-byte aligned");
+  }
+  if (prefill_sm90_takes(q, k, v, options)) {
+    run_prefill_sm90(q, k, v, out, options, scale, stream);
+    return;
+  }
+  const std::int64_t N = q.size(0), Hq = q.size(1), Lq = q.size(2);
+  const std::int64_t Hkv = k.size(1), Lk = k.size(2);
+  const int group = int(Hq / Hkv);
+  if (N * Hkv > 65535 || Lq * group > std::int64_t(INT_MAX) * 16) {
+    check::fail(kOp, ErrorCode::unsupported,
+                "N * Hkv = " + std::to_string(N * Hkv) +
+                    " and Lq * Hq / Hkv = " + std::to_string(Lq * group) +
+                    ", expected at most 65535 and 2^31 * 16 (the grid's y and x)");
+  }
+  const int device = q.device().index;
+  Plan plan = make_plan(q.dtype(), k.dtype(), out.dtype(), int(q.size(3)), int(v.size(3)), group,
+                        options.causal, mask_kind(options), kv_len_kind(options),
+                        bool(options.softcap), N * Hkv, Lq, Lk, sm_count(device));
+  apply_tile_override(plan);
+
+  AttentionParams params{};
+  params.q = q.data();
+  params.k = k.data();
+  params.v = v.data();
+  params.out = out.data();
+  params.lse = options.lse ? static_cast<float*>(options.lse->data()) : nullptr;
+  params.mask = options.mask ? options.mask->data() : nullptr;
+  params.kv_len = options.kv_len ? options.kv_len->data() : nullptr;
+  for (int d = 0; d < 4; ++d) {
+    params.q_stride[d] = q.stride(d);
+    params.k_stride[d] = k.stride(d);
+    params.v_stride[d] = v.stride(d);
+  }
+  if (options.mask) {
+    const TensorView& m = *options.mask;
+    for (int d = 0; d < m.dim(); ++d) {
+      params.mask_stride[4 - m.dim() + d] = m.size(d) == 1 ? 0 : m.stride(d);
+    }
+  }
+  params.N = N;
+  params.Hq = Hq;
+  params.Hkv = Hkv;
+  params.Lq = Lq;
+  params.Lk = Lk;
+  constexpr float kLog2e = std::numbers::log2e_v<float>;
+  params.scale_log2 = scale * kLog2e;
+  if (options.softcap) {
+    params.softcap_log2 = *options.softcap * kLog2e;
+    params.scale_over_softcap = scale / *options.softcap;
+  }
+  params.splits = plan.splits;
+
+  const std::int64_t rows = N * Hq * Lq;
+  std::optional<Workspace> workspace;
+  if (plan.splits > 1) {
+    // [splits, rows, Dv] partial outputs, then [splits, rows] LSEs.
+    const std::size_t floats = std::size_t(plan.splits) * std::size_t(rows) * (v.size(3) + 1);
+    workspace.emplace(floats * sizeof(float), stream);
+    params.o_part = workspace->get();
+    params.lse_part = params.o_part + std::size_t(plan.splits) * std::size_t(rows) * v.size(3);
+  }
+  const auto kernel = jit::process_cache().kernel(kernel_spec(plan), device);
+  void* args[] = {&params};
+  const dim3 grid(unsigned((Lq * group + plan.block_m() - 1) / plan.block_m()), unsigned(N * Hkv),
+                  unsigned(plan.splits));
+  jit::launch(kOp, kernel, grid, dim3(unsigned(plan.threads())), std::size_t(plan.smem_bytes()),
+              stream, args);
+  if (plan.splits > 1) {
+    const auto combine = jit::process_cache().kernel(combine_spec(plan), device);
+    jit::launch(kOp, combine, dim3(unsigned((rows + 3) / 4)), dim3(128), 0, stream, args);
+  }
+}
+
+}  // namespace
+
+int Plan::smem_bytes() const {
+  return attention_smem_bytes(head_dim, head_dim_v, warps_m, warps_n, block_n, stages);
+}
+
+Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int group, bool causal,
+               int mask, int kv_len, bool softcap, long long batch_kv_heads, long long lq,
+               long long lk, int sm_count) {
+  Plan plan;
+  plan.kv = kv;
+  plan.q = q;
+  plan.out = out;
+  plan.head_dim = head_dim;
+  plan.head_dim_v = head_dim_v;
+  plan.group = group;
+  plan.causal = causal;
+  plan.mask = mask;
+  plan.kv_len = kv_len;
+  plan.softcap = softcap;
+  // Measured on an H200 (NOTES.md, v1 sweep), bf16: decode B1 H32 D128 KV 32768 2620 GB/s with
+  // a 2-deep ring against 2199 with 3 (smaller blocks, more per SM); prefill D128 L4608 207 TFLOP/s
+  // with 8 warps of rows against 182 with 4 (K/V tiles shared by 128 rows); D64 162 against 158
+  // with 2 stages instead of 3. Head dims above 128 keep 32-key tiles (registers).
+  const int widest = std::max(head_dim, head_dim_v);
+  const bool decode = lq * group <= 16;
+  if (decode) {
+    // One row tile; 4 warps split each 64-key tile (16 keys each).
+    plan.warps_m = 1, plan.warps_n = 4, plan.block_n = 64, plan.stages = 2;
+  } else if (widest <= 64) {
+    plan.warps_m = 4, plan.warps_n = 1, plan.block_n = 64, plan.stages = 2;
+  } else if (widest <= 128) {
+    plan.warps_m = 8, plan.warps_n = 1, plan.block_n = 64, plan.stages = 2;
+  } else {
+    plan.warps_m = 4, plan.warps_n = 1, plan.block_n = 32, plan.stages = 2;
+  }
+  // Split the keys across blocks when the row tiles alone leave the GPU under-filled: aim at two
+  // blocks per SM, at least two KV tiles per split.
+  const long long blocks = (lq * group + plan.block_m() - 1) / plan.block_m() * batch_kv_heads;
+  const long long tiles = (lk + plan.block_n - 1) / plan.block_n;
+  const long long target = 2LL * sm_count;
+  if (blocks < (decode ? target : sm_count)) {
+    const long long want = (target + blocks - 1) / blocks;
+    plan.splits = int(std::clamp<long long>(std::min(want, tiles / 2), 1, kMaxSplits));
+  }
+  return plan;
+}
+
+jit::KernelSpec kernel_spec(const Plan& plan) {
+  return {kKernelSource,
+          "kiln::attention_kernel",
+          {{"T", cpp_type(plan.kv)},
+           {"TQ", cpp_type(plan.q)},
+           {"TO", cpp_type(plan.out)},
+           {"D", std::to_string(plan.head_dim)},
+           {"DV", std::to_string(plan.head_dim_v)},
+           {"WARPS_M", std::to_string(plan.warps_m)},
+           {"WARPS_N", std::to_string(plan.warps_n)},
+           {"BLOCK_N", std::to_string(plan.block_n)},
+           {"STAGES", std::to_string(plan.stages)},
+           {"G", std::to_string(plan.group)},
+           {"CAUSAL", bool_str(plan.causal)},
+           {"MASK", mask_name(plan.mask)},
+           {"KV_LEN", kv_len_name(plan.kv_len)},
+           {"SOFTCAP", bool_str(plan.softcap)},
+           {"SPLIT", bool_str(plan.splits > 1)}}};
+}
+
+jit::KernelSpec combine_spec(const Plan& plan) {
+  return {kCombineSource,
+          "kiln::attention_combine",
+          {{"TO", cpp_type(plan.out)}, {"DV", std::to_string(plan.head_dim_v)}}};
+}
+
+std::vector<jit::KernelSpec> variants(const std::string& workload) {
+  std::vector<jit::KernelSpec> specs;
+  constexpr int kSms = 132;  // H100 / H200; the split decision is taken again on each device
+  const auto add = [&](Plan plan) {
+    specs.push_back(kernel_spec(plan));
+    if (plan.splits > 1) specs.push_back(combine_spec(plan));
+  };
+  const DType bf = DType::bf16;
+  if (workload == "flux") {
+    // Flux.1/Flux.2: 24 heads of 128, non-causal, bf16 (and f32 q, as stable-diffusion.cpp
+    // passes it); 1536 to 13056 tokens.
+    for (long long length : {1536LL, 4608LL, 13056LL}) {
+      add(make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24, length,
+                    length, kSms));
+    }
+    add(make_plan(DType::f32, bf, DType::f32, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24,
+                  4608, 4608, kSms));
+    specs.push_back(prefill_sm90_spec(bf, bf, 128, false, kKvLenNone, false));
+  } else if (workload == "llm") {
+    // Llama-style prefill (causal, D 64 and 128, GQA 1, 4 and 8) and decode with a KV cache
+    // (kv_len i32, one new token, GQA 1, 4 and 8).
+    for (int d : {64, 128}) {
+      for (int group : {1, 4, 8}) {
+        add(make_plan(bf, bf, bf, d, d, group, true, kMaskNone, kKvLenNone, false, 32 / group, 8192,
+                      8192, kSms));
+        if (group == 1) specs.push_back(prefill_sm90_spec(bf, bf, d, true, kKvLenNone, false));
+        add(make_plan(bf, bf, bf, d, d, group, false, kMaskNone, kKvLenI32, false, 32 / group, 1,
+                      32768, kSms));
+      }
+    }
+    add(make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1, 4096, kSms));
+    add(make_plan(bf, bf, bf, 128, 128, 4, false, kMaskNone, kKvLenNone, false, 8, 1, 4096, kSms));
+    add(make_plan(bf, bf, bf, 64, 64, 1, false, kMaskNone, kKvLenNone, false, 64, 4096, 4096,
+                  kSms));
+    // Gemma 2: softcap 50, head dim 256, GQA 2.
+    add(make_plan(bf, bf, bf, 256, 256, 2, true, kMaskNone, kKvLenNone, true, 8, 4096, 4096, kSms));
+  } else if (workload == "attention-head-dims") {
+    // The head dims in use (SD/SDXL 64 and 40 in fp16, 80, 96, 128, 192, 256) with an additive
+    // f16 mask on the fp16 ones.
+    for (int d : {40, 64, 80, 96, 128, 192, 256}) {
+      add(make_plan(bf, bf, bf, d, d, 1, false, kMaskNone, kKvLenNone, false, 16, 4096, 4096,
+                    kSms));
+      add(make_plan(DType::f16, DType::f16, DType::f16, d, d, 1, false, kMaskF16, kKvLenNone, false,
+                    16, 4096, 77, kSms));
+    }
+  }
+  return specs;
+}
+
+}  // namespace attention_detail
+
+void attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+               const AttentionOptions& options, Stream stream) {
+  using namespace attention_detail;
+  validate(q, k, v, out, options);
+  const Device device =
+      check::common_device(kOp, {{"q", &q},
+                                 {"k", &k},
+                                 {"v", &v},
+                                 {"out", &out},
+                                 {"mask", options.mask ? &*options.mask : nullptr},
+                                 {"kv_len", options.kv_len ? &*options.kv_len : nullptr},
+                                 {"lse", options.lse ? &*options.lse : nullptr}});
+  if (out.numel() == 0) return;
+  const float scale = options.scale ? *options.scale : float(1.0 / std::sqrt(double(q.size(3))));
+  if (device.type == DeviceType::cpu) {
+    reference(q, k, v, out, options, scale);
+    return;
+  }
+  cuda::require_device(kOp, device);
+  cuda::DeviceGuard guard(kOp, device.index);
+  run_cuda(q, k, v, out, options, scale, stream);
+}
+
+}  // namespace kiln
