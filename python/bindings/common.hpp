@@ -50,6 +50,7 @@ kiln::TensorView to_view(const char* op, const char* arg, const Array& a) {
 // The parts of the module, each defined in its own file.
 void bind_errors(nb::module_& m);
 void bind_jit(nb::module_& m);
+void bind_matmul(nb::module_& m);
 void bind_rope_flux(nb::module_& m);
 
 }  // namespace kiln_python

@@ -5,13 +5,15 @@
 
 #include "core/check.hpp"
 #include "jit/kernel_cache.hpp"
+#include "ops/matmul/matmul.hpp"
 #include "ops/rope_flux/rope_flux.hpp"
 
 namespace kiln::jit {
 
 namespace {
-// "flux": Flux.1/Flux.2 inference; "flux-unfused": the A/B chains behind KILN_DISABLE.
-const std::vector<std::string> kWorkloads = {"flux", "flux-unfused"};
+// "flux": Flux.1/Flux.2 inference; "flux-unfused": the A/B chains behind KILN_DISABLE;
+// "llm": decode and prefill matmuls of ANCHORS' LLM shapes.
+const std::vector<std::string> kWorkloads = {"flux", "flux-unfused", "llm"};
 }  // namespace
 
 std::vector<std::string> workloads() {
@@ -36,6 +38,9 @@ std::vector<KernelSpec> workload_variants(const std::string& workload) {
   std::set<std::string> seen;
   for (const auto& name : selected) {
     for (auto& spec : rope_flux_detail::variants(name)) {
+      if (seen.insert(spec.key()).second) specs.push_back(std::move(spec));
+    }
+    for (auto& spec : matmul_detail::variants(name)) {
       if (seen.insert(spec.key()).second) specs.push_back(std::move(spec));
     }
   }
