@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what kiln's build and tests need on a fresh Debian machine: build tools and
 # GoogleTest from Debian's packages, and a Python venv (.venv) with numpy, torch, pytest,
-# nanobind, scikit-build-core and matplotlib from PyPI. The CUDA toolkit (headers, cudart,
-# NVRTC; no GPU needed) must already be installed: set CUDAToolkit_ROOT if it is not found.
+# nanobind, scikit-build-core, matplotlib and comfy-kitchen (a test peer) from PyPI. The CUDA
+# toolkit (headers, cudart, NVRTC; no GPU needed) must already be installed: set
+# CUDAToolkit_ROOT if it is not found.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 

@@ -6,5 +6,6 @@
 #include "kiln/device.hpp"
 #include "kiln/error.hpp"
 #include "kiln/jit.hpp"
+#include "kiln/matmul.hpp"
 #include "kiln/rope_flux.hpp"
 #include "kiln/tensor.hpp"

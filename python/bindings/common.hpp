@@ -51,6 +51,7 @@ kiln::TensorView to_view(const char* op, const char* arg, const Array& a) {
 void bind_conv2d(nb::module_& m);
 void bind_errors(nb::module_& m);
 void bind_jit(nb::module_& m);
+void bind_matmul(nb::module_& m);
 void bind_rope_flux(nb::module_& m);
 void bind_attention(nb::module_& m);
 

@@ -6,6 +6,7 @@ NB_MODULE(_C, m) {
   m.doc() = "kiln's C++ API; use the kiln package rather than this module.";
   kiln_python::bind_errors(m);
   kiln_python::bind_jit(m);
+  kiln_python::bind_matmul(m);
   kiln_python::bind_rope_flux(m);
   kiln_python::bind_attention(m);
   kiln_python::bind_conv2d(m);

@@ -10,6 +10,10 @@ hold them), numpy arrays (CPU) and CuPy arrays (CUDA), and return an array of th
     q = kiln.rope_flux(qkv[:, :, 0], pe, norm_weight=q_norm_scale)  # [N, H, L, D], contiguous
     v = kiln.rope_flux(qkv[:, :, 2])                                 # permute only
 
+Quantized matmul: kiln.quantize_fp8, kiln.dequantize, kiln.quantize_q8_0, kiln.matmul (fp8,
+Q8_0, f16 or bf16 weights) and kiln.prepare_weight; kiln.torch.patch() routes torch._scaled_mm
+and torch.nn.functional.scaled_mm to kiln where that pays (see kiln.torch).
+
 CUDA work goes on the current stream of the input's framework. Kernels are compiled on first
 use and cached on disk (see kiln.jit and the `kiln cache` command); `kiln bench` measures them
 against PyTorch.
@@ -32,6 +36,15 @@ from ._C import (
 )
 from ._attention import attention
 from ._conv2d import conv2d
+from ._matmul import (
+    PreparedWeight,
+    dequantize,
+    matmul,
+    prepare_weight,
+    quantize_fp8,
+    quantize_q8_0,
+    select_path,
+)
 from .device import cuda_arch, cuda_available, cuda_device_count, cuda_unavailable_reason
 from .ops import rope_flux
 
@@ -42,6 +55,18 @@ if sys.modules.get("torch") is not None:
     from . import _torch  # noqa: F401
     from . import _torch_attention  # noqa: F401
     from . import _torch_conv2d  # noqa: F401
+    from . import _torch_matmul  # noqa: F401
+
+
+def __getattr__(name: str):
+    # kiln.torch (patch() / unpatch() for torch._scaled_mm) loads on first use, so that
+    # `import kiln` does not import torch.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")
+
 
 __all__ = [
     "CompileError",
@@ -49,6 +74,7 @@ __all__ = [
     "InvalidArgumentError",
     "KilnError",
     "OutOfMemoryError",
+    "PreparedWeight",
     "UnsupportedError",
     "attention",
     "conv2d",
@@ -56,6 +82,12 @@ __all__ = [
     "cuda_available",
     "cuda_device_count",
     "cuda_unavailable_reason",
+    "dequantize",
     "jit",
+    "matmul",
+    "prepare_weight",
+    "quantize_fp8",
+    "quantize_q8_0",
     "rope_flux",
+    "select_path",
 ]

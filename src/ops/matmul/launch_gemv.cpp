@@ -1,0 +1,246 @@
+// The small-M path: plan (rows per warp, split-K, vector loads), JIT spec and launch of
+// kernels/gemv.cuh.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "core/check.hpp"
+#include "core/cuda.hpp"
+#include "core/log.hpp"
+#include "jit/kernel_cache.hpp"
+#include "ops/matmul/kernels/params.cuh"
+#include "ops/matmul/matmul.hpp"
+
+namespace kiln::matmul_detail {
+namespace {
+
+constexpr const char* kOp = "matmul";
+constexpr const char* kSource = "ops/matmul/kernels/gemv.cuh";
+constexpr int kWarps = 4;      // warps per block
+constexpr int kUnroll = 2;     // chunks of each row in flight (gemv.cuh's U)
+constexpr int kQ8Step = 1024;  // K covered by one q8_0 stage of 32 blocks
+
+std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+bool aligned(const void* p, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
+const char* type_name(DType dtype) {
+  switch (dtype) {
+    case DType::f32:
+      return "float";
+    case DType::f16:
+      return "kiln::f16";
+    case DType::bf16:
+      return "kiln::bf16";
+    case DType::f8_e4m3fn:
+      return "kiln::e4m3";
+    case DType::f8_e5m2:
+      return "kiln::e5m2";
+    default:
+      check::fail(kOp, ErrorCode::unsupported,
+                  std::string("no GEMV kernel type for ") + dtype_name(dtype));
+  }
+}
+
+int format_value(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::f16:
+      return 0;
+    case WeightFormat::bf16:
+      return 1;
+    case WeightFormat::f8_e4m3fn:
+      return 2;
+    case WeightFormat::f8_e5m2:
+      return 3;
+    case WeightFormat::q8_0:
+      return 4;
+  }
+  return -1;
+}
+
+// K values of one 16-byte weight chunk.
+int chunk_values(WeightFormat format) { return is_fp8(format) ? 16 : 8; }
+
+struct GemvPlan {
+  int rows_per_warp = 4;  // R
+  bool vec = false;       // 16-byte weight loads
+  bool a_vec = false;     // 16-byte loads of a
+  bool split = false;
+  std::int64_t k_per_split = 0;
+  std::int64_t splits = 1;
+  std::int64_t row_blocks = 0;  // grid x
+};
+
+GemvPlan plan_gemv(const MatmulProblem& p) {
+  GemvPlan plan;
+  // R = 4 keeps four 16-byte loads of a lane in flight at small M; at M > 4 the R x M f32
+  // accumulators (and decoded chunks) would spill, R = 2 keeps M = 16 at 226 registers.
+  plan.rows_per_warp = p.m <= 4 ? 4 : 2;
+  // q8_0 rows are K / 32 * 34 bytes: 16-byte multiples when K % 256 == 0.
+  const bool w_rows_aligned = p.w_row_bytes % 16 == 0;
+  plan.vec = aligned(p.w, 16) && w_rows_aligned;
+  const std::size_t a_elem = dtype_size(p.a_dtype);
+  plan.a_vec = plan.vec && aligned(p.a, 16) &&
+               (p.m == 1 || (p.a_row_stride * std::int64_t(a_elem)) % 16 == 0);
+  plan.row_blocks = ceil_div(p.n, std::int64_t(kWarps) * plan.rows_per_warp);
+
+  // Split K when the rows alone give fewer blocks than SMs (small N, long K): each split's partial
+  // sums in its slice of an f32 buffer, then an epilogue kernel adds them in order.
+  const std::int64_t unit =
+      p.w_format == WeightFormat::q8_0
+          ? kQ8Step
+          : std::int64_t(32) * (plan.vec ? chunk_values(p.w_format) : 1) * kUnroll;
+  int sms = 0;
+  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), kOp,
+              "cudaDeviceGetAttribute (SM count)");
+  const std::int64_t units = ceil_div(p.k, unit);
+  std::int64_t splits = 1;
+  if (plan.row_blocks < sms) splits = std::min(units, ceil_div(4LL * sms, plan.row_blocks));
+  plan.k_per_split = ceil_div(units, splits) * unit;
+  plan.splits = ceil_div(p.k, plan.k_per_split);
+  plan.split = plan.splits > 1;
+  return plan;
+}
+
+jit::KernelSpec gemv_spec(const MatmulProblem& p, const GemvPlan& plan) {
+  const bool bias = p.bias != nullptr;
+  return {kSource,
+          "kiln::gemv_kernel",
+          {{"Ta", type_name(p.a_dtype)},
+           {"WFMT", std::to_string(format_value(p.w_format))},
+           {"Tout", type_name(p.out_dtype)},
+           {"Tbias", bias ? type_name(p.bias_dtype) : "float"},
+           {"M", std::to_string(p.m)},
+           {"R", std::to_string(plan.rows_per_warp)},
+           {"WARPS", std::to_string(kWarps)},
+           {"WKIND", std::to_string(int(p.w_scale_kind))},
+           {"AKIND", std::to_string(int(p.a_scale_kind))},
+           {"BIAS", bias ? "true" : "false"},
+           {"SPLIT", plan.split ? "true" : "false"},
+           {"VEC", plan.vec ? "true" : "false"},
+           {"A_VEC", plan.a_vec ? "true" : "false"}}};
+}
+
+jit::KernelSpec epilogue_spec(const MatmulProblem& p) {
+  const bool bias = p.bias != nullptr;
+  return {kSource,
+          "kiln::gemv_epilogue_kernel",
+          {{"Tout", type_name(p.out_dtype)},
+           {"Tbias", bias ? type_name(p.bias_dtype) : "float"},
+           {"WKIND", std::to_string(int(p.w_scale_kind))},
+           {"AKIND", std::to_string(int(p.a_scale_kind))},
+           {"BIAS", bias ? "true" : "false"}}};
+}
+
+// Split-K partial sums, f32 [splits, M, N], in stream-ordered memory freed (stream-ordered) when
+// it goes. Every element is written by the GEMV before the epilogue reads it: no clearing.
+class Partial {
+ public:
+  Partial(std::size_t bytes, Stream stream) : stream_(stream) {
+    cuda::check(cudaMallocAsync(&ptr_, bytes, static_cast<cudaStream_t>(stream)), kOp,
+                "cudaMallocAsync (split-K partial sums)");
+  }
+  ~Partial() { cudaFreeAsync(ptr_, static_cast<cudaStream_t>(stream_)); }
+  Partial(const Partial&) = delete;
+  Partial& operator=(const Partial&) = delete;
+  float* get() const { return static_cast<float*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  Stream stream_;
+};
+
+void launch_epilogue(const MatmulProblem& p, const float* partial, std::int64_t splits) {
+  GemvEpilogueParams e{};
+  e.partial = partial;
+  e.splits = splits;
+  e.w_scale = p.w_scale;
+  e.a_scale = p.a_scale;
+  e.bias = p.bias;
+  e.out = p.out;
+  e.m = p.m;
+  e.n = p.n;
+  const auto kernel = jit::process_cache().kernel(epilogue_spec(p), p.device);
+  void* args[] = {&e};
+  constexpr int kThreads = 256;
+  jit::launch(kOp, kernel, dim3(unsigned(ceil_div(p.m * p.n, kThreads))), dim3(kThreads), 0,
+              p.stream, args);
+}
+
+}  // namespace
+
+std::string gemv_unsupported(const MatmulProblem& p) {
+  if (p.m > kGemvMaxM) {
+    return "M = " + std::to_string(p.m) + " exceeds the GEMV's " + std::to_string(kGemvMaxM);
+  }
+  if (p.w_layout != WeightLayout::row_major) {
+    return std::string("the GEMV reads row_major weights, got layout ") +
+           weight_layout_name(p.w_layout);
+  }
+  if (is_fp8(p.a_dtype) && !is_fp8(p.w_format)) {
+    return std::string("fp8 a needs an fp8 weight, got ") + weight_format_name(p.w_format);
+  }
+  return "";
+}
+
+jit::KernelSpec gemv_spec_for(const MatmulProblem& problem) {
+  GemvPlan plan;
+  plan.rows_per_warp = problem.m <= 4 ? 4 : 2;
+  plan.vec = true;
+  plan.a_vec = true;
+  return gemv_spec(problem, plan);
+}
+
+void launch_gemv(const MatmulProblem& p) {
+  if (p.k == 0) {
+    // out = bias (or 0), any M and layout: the split-K epilogue over no splits.
+    launch_epilogue(p, nullptr, 0);
+    return;
+  }
+  const std::string why = gemv_unsupported(p);
+  if (!why.empty()) check::fail(kOp, ErrorCode::unsupported, "path gemv: " + why);
+  const GemvPlan plan = plan_gemv(p);
+  if (!plan.vec) {
+    log::warning_once("gemv_scalar_" + std::string(weight_format_name(p.w_format)),
+                      "matmul: GEMV weight rows are not 16-byte aligned (format " +
+                          std::string(weight_format_name(p.w_format)) +
+                          ", K = " + std::to_string(p.k) +
+                          "): element-wise loads, several times slower than 16-byte loads");
+  }
+  if (plan.splits > 65535 || plan.row_blocks > INT_MAX) {
+    check::fail(
+        kOp, ErrorCode::unsupported,
+        "N = " + std::to_string(p.n) + ", K = " + std::to_string(p.k) + " exceed the GEMV grid");
+  }
+  GemvParams g{};
+  g.a = p.a;
+  g.w = p.w;
+  g.w_scale = p.w_scale;
+  g.a_scale = p.a_scale;
+  g.bias = p.bias;
+  g.out = p.out;
+  g.n = p.n;
+  g.k = p.k;
+  g.a_stride = p.a_row_stride;
+  g.w_row_bytes = p.w_row_bytes;
+  g.k_per_split = plan.k_per_split;
+  g.scale_cols = ceil_div(p.k, kScaleBlock);
+  const auto kernel = jit::process_cache().kernel(gemv_spec(p, plan), p.device);
+  void* args[] = {&g};
+  const dim3 grid(unsigned(plan.row_blocks), unsigned(plan.splits));
+  if (!plan.split) {
+    jit::launch(kOp, kernel, grid, dim3(kWarps * 32), 0, p.stream, args);
+    return;
+  }
+  Partial partial(std::size_t(plan.splits * p.m * p.n) * sizeof(float), p.stream);
+  g.partial = partial.get();
+  jit::launch(kOp, kernel, grid, dim3(kWarps * 32), 0, p.stream, args);
+  launch_epilogue(p, partial.get(), plan.splits);
+}
+
+}  // namespace kiln::matmul_detail
