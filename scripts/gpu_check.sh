@@ -20,6 +20,7 @@ export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
 # Peers the machine lacks (comfy_kitchen, say) can come along as packages in .peers/.
 [ -d .peers ] && export PYTHONPATH="$root/.peers${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+export PYTHONFAULTHANDLER=1  # a crash in an extension prints the Python stack
 build=build/gpu
 tests="$build/tests/kiln_tests"
 gpu_filter='*Cuda*:*Large*:RopeFluxJit*:JitKernel*'
@@ -46,6 +47,37 @@ run() {  # run NAME COMMAND...: logs the command's output, records pass or fail
 
 want() { [[ " $stages " == *" $1 "* ]]; }
 
+shards=${KILN_TEST_SHARDS:-8}
+scratch=$(mktemp -d)
+
+# The C++ suite in $shards processes at once (gtest sharding); they share the JIT disk cache.
+sharded_tests() {
+  local pids=() status=0
+  for ((i = 0; i < shards; i++)); do
+    GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$i "$tests" --gtest_brief=1 \
+      >"$scratch/shard_$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  cat "$scratch"/shard_*.log
+  return $status
+}
+
+# memcheck and racecheck on the GPU subset, at once.
+sanitizers() {
+  compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
+    "$tests" --gtest_brief=1 --gtest_filter="$gpu_filter" >"$scratch/memcheck.log" 2>&1 &
+  local memcheck=$!
+  compute-sanitizer --tool racecheck --error-exitcode 1 \
+    "$tests" --gtest_brief=1 --gtest_filter="$gpu_filter" >"$scratch/racecheck.log" 2>&1 &
+  local racecheck=$! status=0
+  wait $memcheck || { echo "memcheck FAILED"; status=1; }
+  wait $racecheck || { echo "racecheck FAILED"; status=1; }
+  echo "== memcheck"; cat "$scratch/memcheck.log"
+  echo "== racecheck"; cat "$scratch/racecheck.log"
+  return $status
+}
+
 {
   date
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -60,13 +92,10 @@ if want build; then
   run build cmake --build "$build" -j "$(nproc)"
 fi
 if want tests; then
-  run cpp_tests "$tests" --gtest_brief=1
+  run cpp_tests sharded_tests
 fi
 if want sanitize; then
-  run memcheck compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
-    "$tests" --gtest_brief=1 --gtest_filter="$gpu_filter"
-  run racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
-    "$tests" --gtest_brief=1 --gtest_filter="$gpu_filter"
+  run sanitizers sanitizers
 fi
 if want python; then
   run py_install python3 -m pip install -q --no-build-isolation --no-deps --no-index \
