@@ -8,8 +8,10 @@
 // so fp8 / f16 / bf16 weights take the GEMV up to M = kGemvUpToM (6, between the measured 4 and
 // 8) and the GEMM above. Q8_0 row-major weights take the GEMV up to its limit (16): the GEMM
 // gathers ggml's 2-byte-aligned blocks element by element (prepare_weight repacks them).
-// fp8 a on sm_89+: fp8_native (cuBLASLt) above the GEMV's range wherever K, N % 16 == 0
-// (M 128, K 4096, N 4096: 0.054 ms against 0.074 for the GEMM; at M = 4608 0.24 ms against 1.56).
+// fp8 a on sm_89+: fp8_native (cuBLASLt) at every M wherever K, N % 16 == 0 (M 128, K 4096,
+// N 4096: 0.054 ms against 0.074 for the GEMM; at M = 4608 0.24 ms against 1.56; at M = 1 to 4
+// the GEMV, which decodes fp8 a on the CUDA cores, took 0.018-0.118 ms where torch._scaled_mm's
+// cuBLASLt call took 0.009-0.021 (kiln bench matmul, H200)).
 // Prepared layouts: the GEMM (which hands a dequantized copy to cuBLASLt, see launch_gemm.cpp).
 #include <cstdint>
 #include <string>
@@ -33,14 +35,14 @@ int arch_number(const std::string& arch) {
 MatmulPath select_path_cuda(std::int64_t m, std::int64_t n, std::int64_t k, WeightFormat format,
                             WeightLayout layout, DType a_dtype, const std::string& arch) {
   if (layout != WeightLayout::row_major) return MatmulPath::gemm;
-  constexpr std::int64_t kGemvUpToM = 6;
-  if (m <= (format == WeightFormat::q8_0 || is_fp8(a_dtype) ? kGemvMaxM : kGemvUpToM)) {
-    return MatmulPath::gemv;
-  }
   const bool fp8_pair = is_fp8(a_dtype) && is_fp8(format) &&
                         !(a_dtype == DType::f8_e5m2 && format == WeightFormat::f8_e5m2);
   if (fp8_pair && arch_number(arch) >= 89 && n % 16 == 0 && k % 16 == 0) {
     return MatmulPath::fp8_native;
+  }
+  constexpr std::int64_t kGemvUpToM = 6;
+  if (m <= (format == WeightFormat::q8_0 || is_fp8(a_dtype) ? kGemvMaxM : kGemvUpToM)) {
+    return MatmulPath::gemv;
   }
   return MatmulPath::gemm;
 }
