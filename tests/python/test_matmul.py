@@ -399,7 +399,12 @@ def test_matmul_fp8_activations(a_fmt, a_scale_kind, device):
         w, w_scale, w64 = make_weight("e4m3fn", "row", n, k, device)
         a_q, a_scale = kiln.quantize_fp8(torch.randn(m, k, device=device), a_fmt, a_scale_kind)
         out = kiln.matmul(a_q, w, w_scale=w_scale, a_scale=a_scale, out_dtype=torch.bfloat16)
-        check_matmul(out, a_q, w64, a_scale, None, torch.bfloat16, device)
+        # On sm_89+ auto runs fp8 x fp8 on the fp8 tensor cores (cuBLASLt, as torch._scaled_mm),
+        # which accumulate in reduced precision between promotions to f32: up to 1.4e-3 at 16-bit
+        # out (tests/ops/matmul/test_gemm.cpp, tolerance()).
+        fp8_cores = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+        check_matmul(out, a_q, w64, a_scale, None, torch.bfloat16, device,
+                     tol=3e-3 if fp8_cores else None)
 
 
 @pytest.mark.parametrize("device", DEVICES)
