@@ -1,6 +1,8 @@
 #include "core/cuda.hpp"
 
 #include <array>
+#include <cstdint>
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -97,5 +99,50 @@ DeviceGuard::~DeviceGuard() {
   if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
 }
 
+int sm_count(const char* op, int device) {
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = counts.find(device); it != counts.end()) return it->second;
+  int count = 0;
+  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), op,
+        "cudaDeviceGetAttribute(MultiProcessorCount)");
+  counts.emplace(device, count);
+  return count;
+}
+
+namespace {
+
+cudaMemPool_t scratch_pool(const char* op, int device) {
+  constexpr std::uint64_t kPoolKeepBytes = std::uint64_t(64) << 20;
+  static std::mutex mutex;
+  static std::map<int, cudaMemPool_t> pools;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = pools.find(device); it != pools.end()) return it->second;
+  cudaMemPoolProps props{};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = device;
+  cudaMemPool_t pool = nullptr;
+  check(cudaMemPoolCreate(&pool, &props), op, "cudaMemPoolCreate");
+  std::uint64_t keep = kPoolKeepBytes;
+  check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), op,
+        "cudaMemPoolSetAttribute");
+  pools.emplace(device, pool);
+  return pool;
+}
+
+}  // namespace
+
+StreamScratch::StreamScratch(const char* op, int device, std::size_t bytes, Stream stream)
+    : stream_(stream) {
+  check(cudaMallocFromPoolAsync(&ptr_, bytes, scratch_pool(op, device),
+                                static_cast<cudaStream_t>(stream)),
+        op, "cudaMallocFromPoolAsync");
+}
+
+StreamScratch::~StreamScratch() { cudaFreeAsync(ptr_, static_cast<cudaStream_t>(stream_)); }
+
 }  // namespace cuda
+
 }  // namespace kiln

@@ -12,6 +12,9 @@ using u32 = unsigned int;
 using i64 = long long;
 using u64 = unsigned long long;
 
+// -infinity (no toolkit header provides INFINITY to NVRTC).
+__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
+
 struct f16 {
   unsigned short bits;
 };

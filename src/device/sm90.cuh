@@ -13,19 +13,13 @@
 // same columns of the second. A from registers has mma.sync's m16n8k16 A layout per warp.
 #pragma once
 
+#include "device/mma.cuh"
 #include "device/numeric.cuh"
 
 namespace kiln {
 
-__device__ __forceinline__ u32 shared_addr(const void* p) {
-  u64 generic = reinterpret_cast<u64>(p);
-  u64 shared;
-  asm("cvta.to.shared.u64 %0, %1;" : "=l"(shared) : "l"(generic));
-  return static_cast<u32>(shared);
-}
-
 __device__ __forceinline__ void mbarrier_init(u64* bar, u32 arrivals) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_addr(bar)), "r"(arrivals));
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(arrivals));
 }
 
 // Makes the initialized barriers visible to the async proxy (TMA) and the other threads.
@@ -34,12 +28,12 @@ __device__ __forceinline__ void mbarrier_init_fence() {
 }
 
 __device__ __forceinline__ void mbarrier_arrive(u64* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_addr(bar)) : "memory");
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
 // Arrives and adds `bytes` to the transaction count the current phase waits for.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(u64* bar, u32 bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_addr(bar)),
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
                "r"(bytes)
                : "memory");
 }
@@ -49,7 +43,7 @@ __device__ __forceinline__ void mbarrier_wait(u64* bar, u32 parity) {
   asm volatile(
       "{\n.reg .pred done;\nWAIT:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(shared_addr(bar)),
+      "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
 }
@@ -61,8 +55,8 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const void* map, u64* bar
                                             int c2, int c3) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
-      "%4, %5, %6}], [%2];" ::"r"(shared_addr(dst)),
-      "l"(map), "r"(shared_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      "%4, %5, %6}], [%2];" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
 
@@ -70,8 +64,8 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const void* map, u64* bar
 __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, u64* bar, int c0, int c1) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
-      "%4}], [%2];" ::"r"(shared_addr(dst)),
-      "l"(map), "r"(shared_addr(bar)), "r"(c0), "r"(c1)
+      "%4}], [%2];" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1)
       : "memory");
 }
 
@@ -84,8 +78,8 @@ __device__ __forceinline__ void tma_load_im2col_4d(void* dst, const void* map, u
                                                    unsigned short h_offset) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.im2col.mbarrier::complete_tx::bytes [%0], "
-      "[%1, {%3, %4, %5, %6}], [%2], {%7, %8};" ::"r"(shared_addr(dst)),
-      "l"(map), "r"(shared_addr(bar)), "r"(c), "r"(w), "r"(h), "r"(n), "h"(w_offset), "h"(h_offset)
+      "[%1, {%3, %4, %5, %6}], [%2], {%7, %8};" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c), "r"(w), "r"(h), "r"(n), "h"(w_offset), "h"(h_offset)
       : "memory");
 }
 

@@ -5,6 +5,8 @@
 #include <utility>
 #include <vector>
 
+#include "kiln/tensor.hpp"
+
 namespace kiln::jit {
 
 struct KernelSpec {
@@ -27,5 +29,12 @@ struct KernelSpec {
   // "kiln::rope_flux_kernel<Tin=kiln::bf16, D=128>": the specialization, for keys and logs.
   std::string key() const;
 };
+
+// The kernel-source type of a dtype: "float", "kiln::f16", "kiln::bf16", "kiln::e4m3" or
+// "kiln::e5m2"; others throw kiln::Error (unsupported) naming `op`.
+const char* cpp_type(const char* op, DType dtype);
+
+// "true" or "false", for a bool template argument.
+const char* cpp_bool(bool value);
 
 }  // namespace kiln::jit

@@ -124,4 +124,17 @@ void expect_close(const std::vector<float>& actual, const std::vector<double>& e
   EXPECT_LE(nmse(actual, expected), bound_nmse) << what;
 }
 
+void expect_error(const std::string& op, const std::function<void()>& call, ErrorCode code,
+                  const std::vector<std::string>& fragments) {
+  try {
+    call();
+    ADD_FAILURE() << "no kiln::Error thrown";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    const std::string what = e.what();
+    EXPECT_NE(what.find(op), std::string::npos) << what;
+    for (const auto& f : fragments) EXPECT_NE(what.find(f), std::string::npos) << what;
+  }
+}
+
 }  // namespace kiln::test

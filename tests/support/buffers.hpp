@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -10,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "kiln/device.hpp"
+#include "kiln/error.hpp"
 #include "kiln/tensor.hpp"
 
 namespace kiln::test {
@@ -90,5 +92,10 @@ double unit_roundoff(DType dtype);
 // (1 + slack) * 2 * u * |e| + floor, and NMSE within the bound of uniform rounding.
 void expect_close(const std::vector<float>& actual, const std::vector<double>& expected,
                   DType dtype, const std::string& what, double slack = 1.0);
+
+// Expects `call` to throw kiln::Error with `code` and a message naming `op` ("kiln::conv2d")
+// and containing every fragment.
+void expect_error(const std::string& op, const std::function<void()>& call, ErrorCode code,
+                  const std::vector<std::string>& fragments);
 
 }  // namespace kiln::test

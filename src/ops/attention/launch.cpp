@@ -25,20 +25,6 @@ constexpr const char* kCombineSource = "ops/attention/kernels/combine.cuh";
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxSplits = 128;
 
-const char* cpp_type(DType dtype) {
-  switch (dtype) {
-    case DType::f32:
-      return "float";
-    case DType::f16:
-      return "kiln::f16";
-    case DType::bf16:
-      return "kiln::bf16";
-    default:
-      check::fail(kOp, ErrorCode::unsupported,
-                  std::string("no kernel type for ") + dtype_name(dtype));
-  }
-}
-
 const char* mask_name(int mask) {
   static const char* names[] = {"kiln::kMaskNone", "kiln::kMaskF32", "kiln::kMaskF16",
                                 "kiln::kMaskBF16"};
@@ -49,8 +35,6 @@ const char* kv_len_name(int kv_len) {
   static const char* names[] = {"kiln::kKvLenNone", "kiln::kKvLenI32", "kiln::kKvLenI64"};
   return names[kv_len];
 }
-
-const char* bool_str(bool b) { return b ? "true" : "false"; }
 
 std::string dims_str(const char* names, std::int64_t a, std::int64_t b, std::int64_t c,
                      std::int64_t d) {
@@ -188,13 +172,6 @@ int kv_len_kind(const AttentionOptions& options) {
   return options.kv_len->dtype() == DType::i32 ? kKvLenI32 : kKvLenI64;
 }
 
-int sm_count(int device) {
-  int count = 0;
-  cuda::check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), kOp,
-              "cudaDeviceGetAttribute(MultiProcessorCount)");
-  return count;
-}
-
 // KILN_ATTENTION_TILE="warps_m,warps_n,block_n,stages" replaces the launcher's tile choice (for
 // tuning sweeps; see NOTES.md); a malformed value is an error, not ignored.
 void apply_tile_override(Plan& plan) {
@@ -216,23 +193,6 @@ void apply_tile_override(Plan& plan) {
                     std::string("attention: tile from KILN_ATTENTION_TILE=") + text);
   plan.warps_m = wm, plan.warps_n = wn, plan.block_n = bn, plan.stages = st;
 }
-
-// Stream-ordered scratch for the split-KV partials.
-class Workspace {
- public:
-  Workspace(std::size_t bytes, Stream stream) : stream_(stream) {
-    cuda::check(cudaMallocAsync(&ptr_, bytes, static_cast<cudaStream_t>(stream)), kOp,
-                "cudaMallocAsync (split-KV workspace)");
-  }
-  ~Workspace() { cudaFreeAsync(ptr_, static_cast<cudaStream_t>(stream_)); }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  float* get() const { return static_cast<float*>(ptr_); }
-
- private:
-  void* ptr_ = nullptr;
-  Stream stream_;
-};
 
 void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
               const AttentionOptions& options, float scale, Stream stream) {
@@ -258,7 +218,7 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
   const int device = q.device().index;
   Plan plan = make_plan(q.dtype(), k.dtype(), out.dtype(), int(q.size(3)), int(v.size(3)), group,
                         options.causal, mask_kind(options), kv_len_kind(options),
-                        bool(options.softcap), N * Hkv, Lq, Lk, sm_count(device));
+                        bool(options.softcap), N * Hkv, Lq, Lk, cuda::sm_count(kOp, device));
   apply_tile_override(plan);
 
   AttentionParams params{};
@@ -294,12 +254,12 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
   params.splits = plan.splits;
 
   const std::int64_t rows = N * Hq * Lq;
-  std::optional<Workspace> workspace;
+  std::optional<cuda::StreamScratch> workspace;  // the split-KV partials
   if (plan.splits > 1) {
     // [splits, rows, Dv] partial outputs, then [splits, rows] LSEs.
     const std::size_t floats = std::size_t(plan.splits) * std::size_t(rows) * (v.size(3) + 1);
-    workspace.emplace(floats * sizeof(float), stream);
-    params.o_part = workspace->get();
+    workspace.emplace(kOp, device, floats * sizeof(float), stream);
+    params.o_part = static_cast<float*>(workspace->get());
     params.lse_part = params.o_part + std::size_t(plan.splits) * std::size_t(rows) * v.size(3);
   }
   const auto kernel = jit::process_cache().kernel(kernel_spec(plan), device);
@@ -365,9 +325,9 @@ Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int g
 jit::KernelSpec kernel_spec(const Plan& plan) {
   return {kKernelSource,
           "kiln::attention_kernel",
-          {{"T", cpp_type(plan.kv)},
-           {"TQ", cpp_type(plan.q)},
-           {"TO", cpp_type(plan.out)},
+          {{"T", jit::cpp_type(kOp, plan.kv)},
+           {"TQ", jit::cpp_type(kOp, plan.q)},
+           {"TO", jit::cpp_type(kOp, plan.out)},
            {"D", std::to_string(plan.head_dim)},
            {"DV", std::to_string(plan.head_dim_v)},
            {"WARPS_M", std::to_string(plan.warps_m)},
@@ -375,17 +335,17 @@ jit::KernelSpec kernel_spec(const Plan& plan) {
            {"BLOCK_N", std::to_string(plan.block_n)},
            {"STAGES", std::to_string(plan.stages)},
            {"G", std::to_string(plan.group)},
-           {"CAUSAL", bool_str(plan.causal)},
+           {"CAUSAL", jit::cpp_bool(plan.causal)},
            {"MASK", mask_name(plan.mask)},
            {"KV_LEN", kv_len_name(plan.kv_len)},
-           {"SOFTCAP", bool_str(plan.softcap)},
-           {"SPLIT", bool_str(plan.splits > 1)}}};
+           {"SOFTCAP", jit::cpp_bool(plan.softcap)},
+           {"SPLIT", jit::cpp_bool(plan.splits > 1)}}};
 }
 
 jit::KernelSpec combine_spec(const Plan& plan) {
   return {kCombineSource,
           "kiln::attention_combine",
-          {{"TO", cpp_type(plan.out)}, {"DV", std::to_string(plan.head_dim_v)}}};
+          {{"TO", jit::cpp_type(kOp, plan.out)}, {"DV", std::to_string(plan.head_dim_v)}}};
 }
 
 std::vector<jit::KernelSpec> variants(const std::string& workload) {

@@ -32,20 +32,6 @@ int smem_bytes(int d) {
   return kBlockM * tile + 2 * kStages * kBlockN * tile + 1024 + 8 * (1 + 3 * kStages);
 }
 
-const char* cpp_type(DType dtype) {
-  switch (dtype) {
-    case DType::f32:
-      return "float";
-    case DType::f16:
-      return "kiln::f16";
-    case DType::bf16:
-      return "kiln::bf16";
-    default:
-      check::fail(kOp, ErrorCode::unsupported,
-                  std::string("no kernel type for ") + dtype_name(dtype));
-  }
-}
-
 // A 4-D map of a [N, H, L, D] view with boxes of 64 (D) x 128 rows (L): dims (D, L, H, N), or
 // (D, H, L, N) when the H stride is the smaller (the slices of a packed QKV), so that the map's
 // strides grow outwards. Returns whether L is the second dim (the kernel's coordinate order).
@@ -78,8 +64,8 @@ jit::KernelSpec prefill_sm90_spec(DType t, DType out, int head_dim, bool causal,
                                   bool softcap) {
   jit::KernelSpec spec{kSource,
                        "kiln::attention_prefill_sm90",
-                       {{"T", cpp_type(t)},
-                        {"TO", cpp_type(out)},
+                       {{"T", jit::cpp_type(kOp, t)},
+                        {"TO", jit::cpp_type(kOp, out)},
                         {"D", std::to_string(head_dim)},
                         {"STAGES", std::to_string(kStages)},
                         {"CAUSAL", causal ? "true" : "false"},

@@ -21,22 +21,6 @@ constexpr const char* kSource = "ops/conv2d/kernels/implicit_gemm.cuh";
 // The largest kernel the CUDA path is instantiated for (KH and KW are template parameters).
 constexpr std::int64_t kMaxKernel = 7;
 
-const char* cpp_type(DType dtype) {
-  switch (dtype) {
-    case DType::f32:
-      return "float";
-    case DType::f16:
-      return "kiln::f16";
-    case DType::bf16:
-      return "kiln::bf16";
-    default:
-      check::fail(kOp, ErrorCode::unsupported,
-                  std::string("no kernel type for ") + dtype_name(dtype));
-  }
-}
-
-const char* bool_str(bool b) { return b ? "true" : "false"; }
-
 bool aligned(const void* p, std::size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
@@ -173,13 +157,6 @@ bool w_is_k_contiguous(const TensorView& w, bool x_nhwc) {
   return true;
 }
 
-int sm_count(int device) {
-  int count = 0;
-  cuda::check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), kOp,
-              "cudaDeviceGetAttribute(MultiProcessorCount)");
-  return count;
-}
-
 // Blocks of the grid: one per (BM, BN) tile of the [M, OC] output.
 std::int64_t blocks_of(const Problem& p, const TileConfig& t) {
   const std::int64_t M = p.N * p.OH * p.OW;
@@ -280,11 +257,11 @@ jit::KernelSpec kernel_spec(const Plan& plan) {
   const TileConfig& t = plan.tile;
   return {kSource,
           "kiln::implicit_gemm_conv2d",
-          {{"Tx", cpp_type(plan.x)},
-           {"Tw", cpp_type(plan.w)},
-           {"Tb", cpp_type(plan.bias)},
-           {"Tout", cpp_type(plan.out)},
-           {"T", cpp_type(plan.compute)},
+          {{"Tx", jit::cpp_type(kOp, plan.x)},
+           {"Tw", jit::cpp_type(kOp, plan.w)},
+           {"Tb", jit::cpp_type(kOp, plan.bias)},
+           {"Tout", jit::cpp_type(kOp, plan.out)},
+           {"T", jit::cpp_type(kOp, plan.compute)},
            {"KH", std::to_string(plan.kh)},
            {"KW", std::to_string(plan.kw)},
            {"BM", std::to_string(t.bm)},
@@ -293,14 +270,14 @@ jit::KernelSpec kernel_spec(const Plan& plan) {
            {"WARPS_M", std::to_string(t.warps_m)},
            {"WARPS_N", std::to_string(t.warps_n)},
            {"STAGES", std::to_string(t.stages)},
-           {"X_NHWC", bool_str(plan.x_nhwc)},
-           {"ROW_CHUNKS", bool_str(plan.row_chunks)},
-           {"X_ASYNC", bool_str(plan.x_async)},
-           {"W_ASYNC", bool_str(plan.w_async)},
-           {"IM2COL", bool_str(plan.im2col)},
-           {"OUT_NHWC", bool_str(plan.out_nhwc)},
-           {"OUT_VEC", bool_str(plan.out_vec)},
-           {"HAS_BIAS", bool_str(plan.has_bias)}}};
+           {"X_NHWC", jit::cpp_bool(plan.x_nhwc)},
+           {"ROW_CHUNKS", jit::cpp_bool(plan.row_chunks)},
+           {"X_ASYNC", jit::cpp_bool(plan.x_async)},
+           {"W_ASYNC", jit::cpp_bool(plan.w_async)},
+           {"IM2COL", jit::cpp_bool(plan.im2col)},
+           {"OUT_NHWC", jit::cpp_bool(plan.out_nhwc)},
+           {"OUT_VEC", jit::cpp_bool(plan.out_vec)},
+           {"HAS_BIAS", jit::cpp_bool(plan.has_bias)}}};
 }
 
 void launch(const Plan& plan, const Problem& p, const TensorView& x, const TensorView& w,
@@ -400,10 +377,10 @@ void conv2d(const TensorView& x, const TensorView& w, const std::optional<Tensor
   validate_cuda(problem);
   cuda::DeviceGuard guard(kOp, device.index);
   if (sm90_takes(problem, x, w, out)) {
-    launch_sm90(problem, x, w, bias, out, sm_count(device.index), stream);
+    launch_sm90(problem, x, w, bias, out, cuda::sm_count(kOp, device.index), stream);
     return;
   }
-  const TileConfig tile = choose_tile(problem, sm_count(device.index));
+  const TileConfig tile = choose_tile(problem, cuda::sm_count(kOp, device.index));
   const Plan plan = make_plan(problem, x, w, bias, out, tile);
   log_strided_loads(plan, problem);
   launch(plan, problem, x, w, bias, out, stream);

@@ -29,20 +29,6 @@ int smem_bytes(int bn) {
   return stages(bn) * (kBlockM + bn) * kBlockK * 2 + 1024 + 16 * stages(bn);
 }
 
-const char* cpp_type(DType dtype) {
-  switch (dtype) {
-    case DType::f32:
-      return "float";
-    case DType::f16:
-      return "kiln::f16";
-    case DType::bf16:
-      return "kiln::bf16";
-    default:
-      check::fail(kOp, ErrorCode::unsupported,
-                  std::string("no kernel type for ") + dtype_name(dtype));
-  }
-}
-
 }  // namespace
 
 int sm90_block_n(std::int64_t oc) { return oc % 256 == 0 ? 256 : 128; }
@@ -50,9 +36,9 @@ int sm90_block_n(std::int64_t oc) { return oc % 256 == 0 ? 256 : 128; }
 jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int bn, bool has_bias) {
   jit::KernelSpec spec{kSource,
                        "kiln::implicit_gemm_conv2d_sm90",
-                       {{"T", cpp_type(t)},
-                        {"TB", cpp_type(bias)},
-                        {"TO", cpp_type(out)},
+                       {{"T", jit::cpp_type(kOp, t)},
+                        {"TB", jit::cpp_type(kOp, bias)},
+                        {"TO", jit::cpp_type(kOp, out)},
                         {"BN", std::to_string(bn)},
                         {"STAGES", std::to_string(stages(bn))},
                         {"HAS_BIAS", has_bias ? "true" : "false"}}};

@@ -143,39 +143,6 @@ void build_plan(const char* op, const LtMatmul& p, bool fp8, Plan& plan) {
 
 }  // namespace
 
-// kiln's stream-ordered pool on `device`: it keeps up to kPoolKeepBytes mapped between calls. The
-// device's default pool hands memory back at every synchronization, so each cuBLASLt call mapped
-// its 32 MiB workspace again: ~40 us of host time a call on the H200 (a 0.2 ms fp8 GEMM ran
-// 0.235 ms a call against 0.198 ms back to back; 0.054 against 0.011 at 128 x 4096 x 4096).
-cudaMemPool_t stream_pool(const char* op, int device) {
-  constexpr std::uint64_t kPoolKeepBytes = std::uint64_t(64) << 20;
-  static std::mutex mutex;
-  static std::map<int, cudaMemPool_t> pools;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = pools.find(device);
-  if (it != pools.end()) return it->second;
-  cudaMemPoolProps props{};
-  props.allocType = cudaMemAllocationTypePinned;
-  props.location.type = cudaMemLocationTypeDevice;
-  props.location.id = device;
-  cudaMemPool_t pool = nullptr;
-  cuda::check(cudaMemPoolCreate(&pool, &props), op, "cudaMemPoolCreate");
-  std::uint64_t keep = kPoolKeepBytes;
-  cuda::check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), op,
-              "cudaMemPoolSetAttribute");
-  pools.emplace(device, pool);
-  return pool;
-}
-
-StreamScratch::StreamScratch(const char* op, int device, std::size_t bytes, Stream stream)
-    : stream_(stream) {
-  cuda::check(cudaMallocFromPoolAsync(&ptr_, bytes, stream_pool(op, device),
-                                      static_cast<cudaStream_t>(stream)),
-              op, "cudaMallocFromPoolAsync");
-}
-
-StreamScratch::~StreamScratch() { cudaFreeAsync(ptr_, static_cast<cudaStream_t>(stream_)); }
-
 void lt_matmul(const char* op, const LtMatmul& p) {
   const bool fp8 = p.a_dtype == DType::f8_e4m3fn || p.a_dtype == DType::f8_e5m2;
   const auto address_bits = [](const void* ptr) {
@@ -210,7 +177,7 @@ void lt_matmul(const char* op, const LtMatmul& p) {
   }
 
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-  const StreamScratch space(op, p.device, kWorkspaceBytes, p.stream);
+  const cuda::StreamScratch space(op, p.device, kWorkspaceBytes, p.stream);
   const float alpha = 1.f, beta = 0.f;
   cublasStatus_t status;
   {

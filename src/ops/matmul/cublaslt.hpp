@@ -31,25 +31,9 @@ struct LtMatmul {
   Stream stream = nullptr;
 };
 
-// Device memory for the length of the work queued on `stream` before its destruction
-// (cudaMallocFromPoolAsync / cudaFreeAsync from kiln's pool on the device, which keeps 64 MiB
-// mapped between calls).
-class StreamScratch {
- public:
-  StreamScratch(const char* op, int device, std::size_t bytes, Stream stream);
-  ~StreamScratch();
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-  Stream stream_;
-};
-
 // Runs one matmul; throws kiln::Error naming `op` when cuBLASLt has no algorithm for it or
 // fails. Descriptors and algorithms are cached per (device, problem); the 32 MiB workspace is a
-// StreamScratch.
+// cuda::StreamScratch.
 void lt_matmul(const char* op, const LtMatmul& problem);
 
 }  // namespace kiln::matmul_detail

@@ -34,15 +34,6 @@ constexpr const char* kOp = "matmul";
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-// "sm_90a" -> 90.
-int arch_number(const std::string& arch) {
-  int value = 0;
-  for (char c : arch) {
-    if (c >= '0' && c <= '9') value = value * 10 + (c - '0');
-  }
-  return value;
-}
-
 }  // namespace
 
 std::string fp8_native_unsupported(const MatmulProblem& p) {
@@ -76,17 +67,6 @@ std::string fp8_native_unsupported(const MatmulProblem& p) {
 }
 
 namespace {
-
-const char* cpp_type(DType dtype) {
-  switch (dtype) {
-    case DType::f16:
-      return "kiln::f16";
-    case DType::bf16:
-      return "kiln::bf16";
-    default:
-      return "float";
-  }
-}
 
 // Whether cuBLASLt's epilogue takes this bias (with tensor scales): its fp8 bias type.
 bool fused_bias(const MatmulProblem& p) {
@@ -137,7 +117,7 @@ void launch_fp8_native(const MatmulProblem& p) {
   const bool fused = outer ? p.out_dtype == DType::bf16 && p.bias == nullptr && p.m >= kOuterMinM
                            : p.bias == nullptr || fused_bias(p);
   if (fused) {
-    std::optional<StreamScratch> vectors;
+    std::optional<cuda::StreamScratch> vectors;
     if (outer) {
       const std::int64_t w_offset = (p.m + 63) / 64 * 64;  // both vectors 256-byte aligned
       vectors.emplace(kOp, p.device, std::size_t(w_offset + p.n) * sizeof(float), p.stream);
@@ -166,7 +146,7 @@ void launch_fp8_native(const MatmulProblem& p) {
   }
   // Otherwise the f32 product (in out itself when out is f32; tensor scales still applied by
   // cuBLASLt), then per-row scales and the bias in one pass, rounded once.
-  std::optional<StreamScratch> product;
+  std::optional<cuda::StreamScratch> product;
   if (p.out_dtype != DType::f32) {
     product.emplace(kOp, p.device, std::size_t(p.m * p.n) * sizeof(float), p.stream);
     lt.out = product->get();
@@ -187,11 +167,11 @@ void launch_fp8_native(const MatmulProblem& p) {
   pe.out = p.out;
   pe.m = p.m;
   pe.n = p.n;
-  launch_simple(
-      {kSource,
-       "kiln::product_epilogue",
-       {{"TOut", cpp_type(p.out_dtype)}, {"TBias", p.bias ? cpp_type(p.bias_dtype) : "float"}}},
-      p.device, p.m * p.n, &pe, p.stream);
+  launch_simple({kSource,
+                 "kiln::product_epilogue",
+                 {{"TOut", jit::cpp_type(kOp, p.out_dtype)},
+                  {"TBias", p.bias ? jit::cpp_type(kOp, p.bias_dtype) : "float"}}},
+                p.device, p.m * p.n, &pe, p.stream);
 }
 
 }  // namespace kiln::matmul_detail

@@ -21,22 +21,6 @@ constexpr std::initializer_list<DType> kFloat = {DType::f32, DType::f16, DType::
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
-DType storage_dtype(WeightFormat format) {
-  switch (format) {
-    case WeightFormat::f16:
-      return DType::f16;
-    case WeightFormat::bf16:
-      return DType::bf16;
-    case WeightFormat::f8_e4m3fn:
-      return DType::f8_e4m3fn;
-    case WeightFormat::f8_e5m2:
-      return DType::f8_e5m2;
-    case WeightFormat::q8_0:
-      return DType::u8;
-  }
-  return DType::u8;
-}
-
 // Why `path` cannot run `p` ("" when it can).
 std::string unsupported(MatmulPath path, const MatmulProblem& p) {
   switch (path) {
@@ -215,6 +199,22 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
   }
   for (auto& spec : gemm_variants(workload)) specs.push_back(std::move(spec));
   return specs;
+}
+
+DType storage_dtype(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::f16:
+      return DType::f16;
+    case WeightFormat::bf16:
+      return DType::bf16;
+    case WeightFormat::f8_e4m3fn:
+      return DType::f8_e4m3fn;
+    case WeightFormat::f8_e5m2:
+      return DType::f8_e5m2;
+    case WeightFormat::q8_0:
+      return DType::u8;
+  }
+  return DType::u8;
 }
 
 }  // namespace matmul_detail

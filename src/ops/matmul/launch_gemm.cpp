@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/check.hpp"
+#include "core/cuda.hpp"
 #include "core/log.hpp"
 #include "jit/kernel_cache.hpp"
 #include "ops/matmul/cublaslt.hpp"
@@ -18,22 +19,6 @@ namespace {
 
 constexpr const char* kOp = "matmul";
 constexpr const char* kSource = "ops/matmul/kernels/gemm.cuh";
-
-const char* cpp_type(DType dtype) {
-  switch (dtype) {
-    case DType::f32:
-      return "float";
-    case DType::f16:
-      return "kiln::f16";
-    case DType::bf16:
-      return "kiln::bf16";
-    default:
-      check::fail(kOp, ErrorCode::unsupported,
-                  std::string("no GEMM kernel type for ") + dtype_name(dtype));
-  }
-}
-
-const char* bool_str(bool b) { return b ? "true" : "false"; }
 
 bool aligned(const void* p, std::size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
@@ -109,15 +94,6 @@ std::int64_t w_stride(const MatmulProblem& p) {
   if (p.w_layout == WeightLayout::gemm_packed) return packed_row_bytes(p.w_format, p.k);
   if (p.w_layout == WeightLayout::dequantized) return p.k * 2;
   return p.w_row_bytes;
-}
-
-int sm_count(int device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 132;
-  }
-  return sms;
 }
 
 // Tile table, measured on an H200 (NOTES.md "GEMM tiles", e4m3fn weight, bf16 a and out):
@@ -202,7 +178,8 @@ GemmPlan plan_gemm(const MatmulProblem& p, const GemmTile& tile) {
 }
 
 GemmPlan plan_gemm(const MatmulProblem& p) {
-  GemmPlan plan = plan_gemm(p, default_tile(p.m, p.n, sm_count(p.device), p.a_dtype == DType::f32));
+  GemmPlan plan =
+      plan_gemm(p, default_tile(p.m, p.n, cuda::sm_count(kOp, p.device), p.a_dtype == DType::f32));
   if (!plan.w_async) {
     log::warning_once(
         std::string("gemm_gather_") + weight_format_name(p.w_format),
@@ -221,17 +198,17 @@ jit::KernelSpec gemm_spec(const GemmPlan& plan) {
           "kiln::gemm_kernel",
           {{"AK", std::to_string(plan.a_kind)},
            {"WK", std::to_string(plan.w_kind)},
-           {"T", cpp_type(plan.mma)},
-           {"TOut", cpp_type(plan.out)},
+           {"T", jit::cpp_type(kOp, plan.mma)},
+           {"TOut", jit::cpp_type(kOp, plan.out)},
            {"BM", std::to_string(plan.tile.bm)},
            {"BN", std::to_string(plan.tile.bn)},
            {"WARPS_M", std::to_string(plan.tile.warps_m)},
            {"WARPS_N", std::to_string(plan.tile.warps_n)},
            {"STAGES", std::to_string(plan.tile.stages)},
-           {"A_ASYNC", bool_str(plan.a_async)},
-           {"W_ASYNC", bool_str(plan.w_async)},
+           {"A_ASYNC", jit::cpp_bool(plan.a_async)},
+           {"W_ASYNC", jit::cpp_bool(plan.w_async)},
            {"WSCALE", std::to_string(plan.w_scale)},
-           {"A_ROW_SCALE", bool_str(plan.a_row_scale)},
+           {"A_ROW_SCALE", jit::cpp_bool(plan.a_row_scale)},
            {"BIAS", std::to_string(plan.bias)}}};
 }
 

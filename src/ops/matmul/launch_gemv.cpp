@@ -29,24 +29,6 @@ bool aligned(const void* p, std::size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
 
-const char* type_name(DType dtype) {
-  switch (dtype) {
-    case DType::f32:
-      return "float";
-    case DType::f16:
-      return "kiln::f16";
-    case DType::bf16:
-      return "kiln::bf16";
-    case DType::f8_e4m3fn:
-      return "kiln::e4m3";
-    case DType::f8_e5m2:
-      return "kiln::e5m2";
-    default:
-      check::fail(kOp, ErrorCode::unsupported,
-                  std::string("no GEMV kernel type for ") + dtype_name(dtype));
-  }
-}
-
 int format_value(WeightFormat format) {
   switch (format) {
     case WeightFormat::f16:
@@ -111,10 +93,10 @@ jit::KernelSpec gemv_spec(const MatmulProblem& p, const GemvPlan& plan) {
   const bool bias = p.bias != nullptr;
   return {kSource,
           "kiln::gemv_kernel",
-          {{"Ta", type_name(p.a_dtype)},
+          {{"Ta", jit::cpp_type(kOp, p.a_dtype)},
            {"WFMT", std::to_string(format_value(p.w_format))},
-           {"Tout", type_name(p.out_dtype)},
-           {"Tbias", bias ? type_name(p.bias_dtype) : "float"},
+           {"Tout", jit::cpp_type(kOp, p.out_dtype)},
+           {"Tbias", bias ? jit::cpp_type(kOp, p.bias_dtype) : "float"},
            {"M", std::to_string(p.m)},
            {"R", std::to_string(plan.rows_per_warp)},
            {"WARPS", std::to_string(kWarps)},
@@ -130,8 +112,8 @@ jit::KernelSpec epilogue_spec(const MatmulProblem& p) {
   const bool bias = p.bias != nullptr;
   return {kSource,
           "kiln::gemv_epilogue_kernel",
-          {{"Tout", type_name(p.out_dtype)},
-           {"Tbias", bias ? type_name(p.bias_dtype) : "float"},
+          {{"Tout", jit::cpp_type(kOp, p.out_dtype)},
+           {"Tbias", bias ? jit::cpp_type(kOp, p.bias_dtype) : "float"},
            {"WKIND", std::to_string(int(p.w_scale_kind))},
            {"AKIND", std::to_string(int(p.a_scale_kind))},
            {"BIAS", bias ? "true" : "false"}}};

@@ -26,24 +26,6 @@ bool aligned(const void* p, std::size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
 
-const char* float_type(DType dtype) {
-  switch (dtype) {
-    case DType::f32:
-      return "float";
-    case DType::f16:
-      return "kiln::f16";
-    case DType::bf16:
-      return "kiln::bf16";
-    case DType::f8_e4m3fn:
-      return "kiln::e4m3";
-    case DType::f8_e5m2:
-      return "kiln::e5m2";
-    default:
-      check::fail("matmul", ErrorCode::unsupported,
-                  std::string("no kernel type for ") + dtype_name(dtype));
-  }
-}
-
 int kind_value(ScaleGranularity granularity) {
   switch (granularity) {
     case ScaleGranularity::tensor:
@@ -98,8 +80,8 @@ void check_2d_float(const char* op, const char* arg, const TensorView& t) {
 jit::KernelSpec quantize_fp8_spec(DType x, DType q, int kind, int vec, bool from_amax) {
   return {kQuantizeSource,
           "kiln::quantize_fp8_kernel",
-          {{"Tin", float_type(x)},
-           {"Tq", float_type(q)},
+          {{"Tin", jit::cpp_type("matmul", x)},
+           {"Tq", jit::cpp_type("matmul", q)},
            {"KIND", std::to_string(kind)},
            {"VEC", std::to_string(vec)},
            {"FROM_AMAX", from_amax ? "true" : "false"}}};
@@ -108,32 +90,33 @@ jit::KernelSpec quantize_fp8_spec(DType x, DType q, int kind, int vec, bool from
 jit::KernelSpec quantize_fp8_group_spec(DType x, DType q, int kind, int vec) {
   return {kQuantizeSource,
           "kiln::quantize_fp8_group_kernel",
-          {{"Tin", float_type(x)},
-           {"Tq", float_type(q)},
+          {{"Tin", jit::cpp_type("matmul", x)},
+           {"Tq", jit::cpp_type("matmul", q)},
            {"KIND", std::to_string(kind)},
            {"VEC", std::to_string(vec)}}};
 }
 
 jit::KernelSpec amax_spec(DType x, int vec) {
-  return {
-      kQuantizeSource, "kiln::amax_kernel", {{"Tin", float_type(x)}, {"VEC", std::to_string(vec)}}};
+  return {kQuantizeSource,
+          "kiln::amax_kernel",
+          {{"Tin", jit::cpp_type("matmul", x)}, {"VEC", std::to_string(vec)}}};
 }
 
 jit::KernelSpec finalize_scale_spec(DType q) {
-  return {kQuantizeSource, "kiln::finalize_tensor_scale", {{"Tq", float_type(q)}}};
+  return {kQuantizeSource, "kiln::finalize_tensor_scale", {{"Tq", jit::cpp_type("matmul", q)}}};
 }
 
 jit::KernelSpec quantize_q8_0_spec(DType x, int vec) {
   return {kQuantizeSource,
           "kiln::quantize_q8_0_kernel",
-          {{"Tin", float_type(x)}, {"VEC", std::to_string(vec)}}};
+          {{"Tin", jit::cpp_type("matmul", x)}, {"VEC", std::to_string(vec)}}};
 }
 
 jit::KernelSpec dequantize_fp8_spec(DType q, DType out, int kind, int vec) {
   return {kDequantizeSource,
           "kiln::dequantize_fp8_kernel",
-          {{"Tq", float_type(q)},
-           {"Tout", float_type(out)},
+          {{"Tq", jit::cpp_type("matmul", q)},
+           {"Tout", jit::cpp_type("matmul", out)},
            {"KIND", std::to_string(kind)},
            {"VEC", std::to_string(vec)}}};
 }
@@ -141,7 +124,7 @@ jit::KernelSpec dequantize_fp8_spec(DType q, DType out, int kind, int vec) {
 jit::KernelSpec dequantize_q8_0_spec(DType out, int vec) {
   return {kDequantizeSource,
           "kiln::dequantize_q8_0_kernel",
-          {{"Tout", float_type(out)}, {"VEC", std::to_string(vec)}}};
+          {{"Tout", jit::cpp_type("matmul", out)}, {"VEC", std::to_string(vec)}}};
 }
 
 }  // namespace

@@ -36,6 +36,10 @@ float fp8_max(DType format);
 bool is_fp8(DType dtype);
 DType fp8_dtype(WeightFormat format);  // f8_e4m3fn or f8_e5m2 (fp8 formats only)
 bool is_fp8(WeightFormat format);
+// The dtype a row-major weight's data has: the format's, or u8 for Q8_0 blocks.
+DType storage_dtype(WeightFormat format);
+// "sm_90a" -> 90.
+int arch_number(const std::string& arch);
 // Bytes of one row of a row-major weight: K * element size, or K / 32 * 34 for q8_0.
 std::int64_t weight_row_bytes(WeightFormat format, std::int64_t k);
 // One Q8_0 block: `x` 32 values -> 34 bytes, exactly as ggml's quantize_row_q8_0_ref.

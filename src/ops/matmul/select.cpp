@@ -20,8 +20,6 @@
 #include "ops/matmul/select.hpp"
 
 namespace kiln::matmul_detail {
-namespace {
-
 int arch_number(const std::string& arch) {
   int value = 0;
   for (char c : arch) {
@@ -29,8 +27,6 @@ int arch_number(const std::string& arch) {
   }
   return value;
 }
-
-}  // namespace
 
 MatmulPath select_path_cuda(std::int64_t m, std::int64_t n, std::int64_t k, WeightFormat format,
                             WeightLayout layout, DType a_dtype, const std::string& arch) {

@@ -26,22 +26,6 @@ constexpr const char* kUnfusedSource = "ops/rope_flux/kernels/rope_flux_unfused.
 // (0.0197 at 8 rows, 0.0262 at 24), f32 rope + norm 0.0258 (0.0273 at 8, 0.0388 at 24).
 constexpr int kRowsInFlight = 4;
 
-const char* cpp_type(DType dtype) {
-  switch (dtype) {
-    case DType::f32:
-      return "float";
-    case DType::f16:
-      return "kiln::f16";
-    case DType::bf16:
-      return "kiln::bf16";
-    default:
-      check::fail(kOp, ErrorCode::unsupported,
-                  std::string("no kernel type for ") + dtype_name(dtype));
-  }
-}
-
-const char* bool_str(bool b) { return b ? "true" : "false"; }
-
 bool aligned(const void* p, std::size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
@@ -131,33 +115,20 @@ int vector_ept(DType x, int head_dim) {
   return ept;
 }
 
-// Unfused chain: one kernel per stage with f32 intermediates in stream-ordered scratch memory.
-class Scratch {
- public:
-  Scratch(std::size_t bytes, Stream stream) : stream_(stream) {
-    cuda::check(cudaMallocAsync(&ptr_, bytes, static_cast<cudaStream_t>(stream)), kOp,
-                "cudaMallocAsync (unfused chain scratch)");
-  }
-  ~Scratch() { cudaFreeAsync(ptr_, static_cast<cudaStream_t>(stream_)); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-  Stream stream_;
-};
-
 jit::KernelSpec norm_stage_spec(DType x, DType weight) {
-  return {kUnfusedSource, "kiln::rms_norm_rows", {{"Tin", cpp_type(x)}, {"Tw", cpp_type(weight)}}};
+  return {kUnfusedSource,
+          "kiln::rms_norm_rows",
+          {{"Tin", jit::cpp_type(kOp, x)}, {"Tw", jit::cpp_type(kOp, weight)}}};
 }
 
 jit::KernelSpec rotate_stage_spec(DType src) {
-  return {kUnfusedSource, "kiln::rotate_pairs", {{"Tin", cpp_type(src)}}};
+  return {kUnfusedSource, "kiln::rotate_pairs", {{"Tin", jit::cpp_type(kOp, src)}}};
 }
 
 jit::KernelSpec permute_stage_spec(DType src, DType out) {
-  return {kUnfusedSource, "kiln::permute_cast", {{"Tin", cpp_type(src)}, {"Tout", cpp_type(out)}}};
+  return {kUnfusedSource,
+          "kiln::permute_cast",
+          {{"Tin", jit::cpp_type(kOp, src)}, {"Tout", jit::cpp_type(kOp, out)}}};
 }
 
 void launch_stage(const jit::KernelSpec& spec, int device, std::int64_t threads, RopeStage& stage,
@@ -190,9 +161,10 @@ void run_unfused(const TensorView& x, const std::optional<TensorView>& pe, const
   std::copy_n(x.strides().begin(), 4, stage.src_stride);
   DType src_dtype = x.dtype();
 
-  std::optional<Scratch> normed, rotated;
+  // f32 intermediates in stream-ordered scratch memory.
+  std::optional<cuda::StreamScratch> normed, rotated;
   if (options.norm_weight) {
-    normed.emplace(f32_bytes, stream);
+    normed.emplace(kOp, device, f32_bytes, stream);
     stage.dst = normed->get();
     stage.norm_weight = options.norm_weight->data();
     launch_stage(norm_stage_spec(src_dtype, options.norm_weight->dtype()), device, rows * 32, stage,
@@ -202,7 +174,7 @@ void run_unfused(const TensorView& x, const std::optional<TensorView>& pe, const
     src_dtype = DType::f32;
   }
   if (pe) {
-    rotated.emplace(f32_bytes, stream);
+    rotated.emplace(kOp, device, f32_bytes, stream);
     stage.dst = rotated->get();
     stage.pe = static_cast<const float*>(pe->data());
     const int o = pe->dim() - 4;
@@ -273,17 +245,17 @@ FusedPlan plan_fused(DType x, DType out, DType weight, int head_dim, long long h
 jit::KernelSpec fused_spec(const FusedPlan& plan) {
   return {kFusedSource,
           "kiln::rope_flux_kernel",
-          {{"Tin", cpp_type(plan.x)},
-           {"Tout", cpp_type(plan.out)},
-           {"Tw", cpp_type(plan.weight)},
+          {{"Tin", jit::cpp_type(kOp, plan.x)},
+           {"Tout", jit::cpp_type(kOp, plan.out)},
+           {"Tw", jit::cpp_type(kOp, plan.weight)},
            {"D", std::to_string(plan.head_dim)},
            {"EPT", std::to_string(plan.ept)},
            {"LANES", std::to_string(plan.lanes)},
            {"HEAD_GROUPS", std::to_string(plan.head_groups)},
            {"HPT", std::to_string(plan.hpt)},
-           {"VECTOR", bool_str(plan.vector)},
-           {"HAS_PE", bool_str(plan.has_pe)},
-           {"HAS_NORM", bool_str(plan.has_norm)}}};
+           {"VECTOR", jit::cpp_bool(plan.vector)},
+           {"HAS_PE", jit::cpp_bool(plan.has_pe)},
+           {"HAS_NORM", jit::cpp_bool(plan.has_norm)}}};
 }
 
 std::vector<jit::KernelSpec> variants(const std::string& workload) {

@@ -107,22 +107,6 @@ void PrintTo(const GemmCase& c, std::ostream* os) { *os << c.name(); }
 
 constexpr std::int64_t kMs[] = {1, 2, 3, 5, 8, 16, 17, 33, 100, 257};
 
-DType weight_dtype(WeightFormat f) {
-  switch (f) {
-    case WeightFormat::f16:
-      return DType::f16;
-    case WeightFormat::bf16:
-      return DType::bf16;
-    case WeightFormat::f8_e4m3fn:
-      return DType::f8_e4m3fn;
-    case WeightFormat::f8_e5m2:
-      return DType::f8_e5m2;
-    case WeightFormat::q8_0:
-      return DType::u8;
-  }
-  return DType::u8;
-}
-
 std::vector<std::int64_t> scale_shape(Scale s, std::int64_t rows, std::int64_t cols) {
   switch (s) {
     case Scale::tensor:
@@ -210,9 +194,11 @@ class Problem {
         quantize_q8_0_block(block.data(), bytes + b * 34);
       }
     } else if (c.format == WeightFormat::f16 || c.format == WeightFormat::bf16) {
-      fill_uniform(w_.host.data(), weight_dtype(c.format), std::size_t(c.n * c.k), rng);
+      fill_uniform(w_.host.data(), matmul_detail::storage_dtype(c.format), std::size_t(c.n * c.k),
+                   rng);
     } else {
-      fill_fp8(w_.host.data(), weight_dtype(c.format), std::size_t(c.n * c.k), rng, c.w_range);
+      fill_fp8(w_.host.data(), matmul_detail::storage_dtype(c.format), std::size_t(c.n * c.k), rng,
+               c.w_range);
     }
     w_.upload();
     fill_scales(w_scale_.host.data(), count(scale_shape(c.w_scale, c.n, c.k)), rng);
@@ -242,7 +228,7 @@ class Problem {
     if (c_.format == WeightFormat::q8_0) {
       w.data = TensorView(data, DType::u8, {c_.n, c_.k / 32 * 34}, dev);
     } else {
-      w.data = TensorView(data, weight_dtype(c_.format), {c_.n, c_.k}, dev);
+      w.data = TensorView(data, matmul_detail::storage_dtype(c_.format), {c_.n, c_.k}, dev);
     }
     if (c_.w_scale != Scale::none) {
       const auto shape = scale_shape(c_.w_scale, c_.n, c_.k);

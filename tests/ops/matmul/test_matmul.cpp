@@ -51,22 +51,6 @@ std::int64_t numel(const std::vector<std::int64_t>& shape) {
   return n;
 }
 
-DType storage_dtype(WeightFormat f) {
-  switch (f) {
-    case WeightFormat::f16:
-      return DType::f16;
-    case WeightFormat::bf16:
-      return DType::bf16;
-    case WeightFormat::f8_e4m3fn:
-      return DType::f8_e4m3fn;
-    case WeightFormat::f8_e5m2:
-      return DType::f8_e5m2;
-    case WeightFormat::q8_0:
-      return DType::u8;
-  }
-  return DType::u8;
-}
-
 bool fp8(DType d) { return d == DType::f8_e4m3fn || d == DType::f8_e5m2; }
 
 struct GemvCase {
@@ -169,10 +153,10 @@ class Problem {
         quantize_q8_0_block(block.data(), w + b * 34);
       }
     } else if (c.format == WeightFormat::f16 || c.format == WeightFormat::bf16) {
-      fill_uniform(w, storage_dtype(c.format), std::size_t(c.n * c.k), rng);
+      fill_uniform(w, matmul_detail::storage_dtype(c.format), std::size_t(c.n * c.k), rng);
     } else {
       // Normals and subnormals of the format (e5m2's range reaches 2^-16).
-      fill_fp8(w, storage_dtype(c.format), std::size_t(c.n * c.k), rng, 240.f);
+      fill_fp8(w, matmul_detail::storage_dtype(c.format), std::size_t(c.n * c.k), rng, 240.f);
     }
     w_.upload();
     fill_uniform(w_scale_.host.data(), DType::f32, w_scale_.host.bytes() / 4, rng, 0.25f, 2.f);
@@ -204,7 +188,7 @@ class Problem {
                                                    : const_cast<void*>(w_.host.data())) +
                  c_.w_offset;
     const std::int64_t cols = c_.format == WeightFormat::q8_0 ? c_.k / 32 * 34 : c_.k;
-    w.data = TensorView(data, storage_dtype(c_.format), {c_.n, cols}, dev);
+    w.data = TensorView(data, matmul_detail::storage_dtype(c_.format), {c_.n, cols}, dev);
     if (c_.w_scale != Scale::none) {
       w.scale = TensorView::contiguous(
           device ? w_scale_.device().data() : const_cast<void*>(w_scale_.host.data()), DType::f32,
@@ -303,7 +287,7 @@ double weight_value(const GemvCase& c, const Weight& w, std::int64_t n, std::int
       return numeric::load_float(w.data.data(), w.data.dtype(), n * c.k + k);
     case WeightFormat::f8_e4m3fn:
     case WeightFormat::f8_e5m2:
-      return double(fp8_to_float(bytes[n * c.k + k], storage_dtype(c.format))) * s;
+      return double(fp8_to_float(bytes[n * c.k + k], matmul_detail::storage_dtype(c.format))) * s;
     case WeightFormat::q8_0: {
       const std::uint8_t* block = bytes + n * (c.k / 32 * 34) + (k / 32) * 34;
       const std::uint16_t d = std::uint16_t(block[0] | block[1] << 8);
@@ -599,7 +583,7 @@ TEST(MatmulGemvCudaEdges, EveryFp8CodeDecodesExactly) {
   // Row n of a [256, 16] weight holds code n then zeros; a = [1, 0, ..., 0]: out[n] is the decoded
   // code, exactly, through the bit-trick decoder (and the exact one for the NaN / inf rows).
   for (WeightFormat f : {WeightFormat::f8_e4m3fn, WeightFormat::f8_e5m2}) {
-    const DType dt = storage_dtype(f);
+    const DType dt = matmul_detail::storage_dtype(f);
     std::vector<std::uint8_t> w(256 * 16, 0);
     for (int n = 0; n < 256; ++n) w[std::size_t(n * 16)] = std::uint8_t(n);
     std::vector<std::uint16_t> a(16, 0);

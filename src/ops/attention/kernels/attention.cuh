@@ -39,8 +39,6 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
-__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
-
 template <int MASK>
 __device__ __forceinline__ float load_mask(const void* mask, long long i) {
   if constexpr (MASK == kMaskF32) {

@@ -26,6 +26,7 @@
 //   causal B1 H32 L = 8192: 609; B4 H16 D64 L = 4096: 436.
 #pragma once
 
+#include "device/mma.cuh"
 #include "device/numeric.cuh"
 #include "device/sm90.cuh"
 #include "ops/attention/kernels/prefill_sm90_params.cuh"
@@ -38,29 +39,10 @@ constexpr int kBlockM = 128;  // query rows per block (64 per consumer warpgroup
 constexpr int kBlockN = 128;  // keys per tile
 constexpr int kThreads = 384;
 
-__device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
-
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-template <typename T>
-__device__ __forceinline__ u32 pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ u32 pack2<bf16>(float lo, float hi) {
-  u32 word;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(word) : "f"(hi), "f"(lo));
-  return word;
-}
-
-template <>
-__device__ __forceinline__ u32 pack2<f16>(float lo, float hi) {
-  u32 word;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(word) : "f"(hi), "f"(lo));
-  return word;
 }
 
 // The visible-key rule of one consumer thread's two rows.
@@ -122,7 +104,8 @@ template <typename T>
 __device__ __forceinline__ void to_fragments(const float (&sc)[kBlockN / 2],
                                              u32 (&pa)[kBlockN / 16][4]) {
 #pragma unroll
-  for (int i = 0; i < kBlockN / 2; i += 2) pa[i / 8][(i % 8) / 2] = pack2<T>(sc[i], sc[i + 1]);
+  for (int i = 0; i < kBlockN / 2; i += 2)
+    pa[i / 8][(i % 8) / 2] = pack_float2<T>(sc[i], sc[i + 1]);
 }
 
 }  // namespace prefill_sm90
@@ -235,7 +218,7 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f}, alpha[2];
   mbarrier_wait(bar_q, 0);
-  const u32 q_base = shared_addr(s_q) + 64 * c * 128;
+  const u32 q_base = smem_addr(s_q) + 64 * c * 128;
   const int first_row_last_key = m_block * kBlockM + vis.diagonal;
   const auto need_mask = [&](int j) {
     return (j + 1) * kBlockN > vis.lk || (CAUSAL && (j + 1) * kBlockN - 1 > first_row_last_key);
@@ -247,8 +230,8 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
     for (int kk = 0; kk < D / 16; ++kk) {
       const int panel = kk / 4, offset = (kk % 4) * 32;
       const u64 a = swizzle128_desc(q_base + panel * kBlockM * 128 + offset, 16, 1024);
-      const u64 b = swizzle128_desc(
-          shared_addr(s_k + s * kKVBytes) + panel * kBlockN * 128 + offset, 16, 1024);
+      const u64 b =
+          swizzle128_desc(smem_addr(s_k + s * kKVBytes) + panel * kBlockN * 128 + offset, 16, 1024);
       Wgmma<T, kBlockN, 0>::ss(sc, a, b, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
@@ -259,7 +242,7 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
       const u64 b =
-          swizzle128_desc(shared_addr(s_v + s * kKVBytes) + ks * 16 * 128, kBlockN * 128, 1024);
+          swizzle128_desc(smem_addr(s_v + s * kKVBytes) + ks * 16 * 128, kBlockN * 128, 1024);
       Wgmma<T, D, 1>::rs(o, pa[ks], b, 1);
     }
     wgmma_commit();
@@ -342,7 +325,7 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
       if constexpr (sizeof(TO) == 4) {
         *reinterpret_cast<float2*>(dst) = float2{o[i] * inv_l[r], o[i + 1] * inv_l[r]};
       } else {
-        *reinterpret_cast<u32*>(dst) = pack2<TO>(o[i] * inv_l[r], o[i + 1] * inv_l[r]);
+        *reinterpret_cast<u32*>(dst) = pack_float2<TO>(o[i] * inv_l[r], o[i + 1] * inv_l[r]);
       }
     }
   }

@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) {
         const u64 a =
-            swizzle128_desc(shared_addr(s_a + s * kABytes) + 64 * c * 128 + kk * 32, 16, 1024);
-        const u64 b = swizzle128_desc(shared_addr(s_b + s * kBBytes) + kk * 32, 16, 1024);
+            swizzle128_desc(smem_addr(s_a + s * kABytes) + 64 * c * 128 + kk * 32, 16, 1024);
+        const u64 b = swizzle128_desc(smem_addr(s_b + s * kBBytes) + kk * 32, 16, 1024);
         Wgmma<T, BN, 0>::ss(acc, a, b, 1);
       }
       wgmma_commit();
