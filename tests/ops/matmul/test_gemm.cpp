@@ -21,12 +21,12 @@
 #include "kiln/error.hpp"
 #include "kiln/matmul.hpp"
 #include "ops/matmul/matmul.hpp"
+#include "ops/matmul/support.hpp"
 #include "support/buffers.hpp"
 
 namespace kiln::test {
 namespace {
 
-using matmul_detail::float_to_fp8;
 using matmul_detail::quantize_q8_0_block;
 using matmul_detail::weight_row_bytes;
 
@@ -135,30 +135,10 @@ struct Pair {
   void upload() { device.upload(host.data(), host.bytes()); }
 };
 
-// Random fp8 codes of values uniform in [-range, range) (normals and subnormals, no NaN).
-void fill_fp8(void* data, DType format, std::size_t n, Rng& rng, float range) {
-  std::uniform_real_distribution<float> dist(-range, range);
-  auto* bytes = static_cast<std::uint8_t*>(data);
-  for (std::size_t i = 0; i < n; ++i) bytes[i] = float_to_fp8(dist(rng.engine()), format);
-}
-
 void fill_scales(void* data, std::int64_t n, Rng& rng) {
   std::uniform_real_distribution<float> dist(0.25f, 2.f);
   for (std::int64_t i = 0; i < n; ++i) static_cast<float*>(data)[i] = dist(rng.engine());
 }
-
-double relative_error(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (std::isnan(got[i])) return INFINITY;
-    const double d = double(got[i]) - double(want[i]);
-    num += d * d;
-    den += double(want[i]) * double(want[i]);
-  }
-  return std::sqrt(num / (den > 0 ? den : 1.0));
-}
-
-std::size_t dtype_bytes(DType d) { return dtype_size(d); }
 
 // Everything one M of a case needs, on host and device.
 class Problem {
@@ -167,16 +147,16 @@ class Problem {
       : c_(c),
         m_(m),
         lda_(c.k + c.a_pad),
-        a_(std::size_t((m - 1) * lda_ + c.k) * dtype_bytes(c.a)),
+        a_(std::size_t((m - 1) * lda_ + c.k) * dtype_size(c.a)),
         w_(std::size_t(c.n * weight_row_bytes(c.format, c.k))),
         w_scale_(std::size_t(std::max<std::int64_t>(1, count(scale_shape(c.w_scale, c.n, c.k)))) *
                  4),
         a_scale_(std::size_t(std::max<std::int64_t>(1, count(scale_shape(c.a_scale, m, c.k)))) * 4),
         bias_(std::size_t(c.n) * 4),
-        out_(std::size_t(m * c.n) * dtype_bytes(c.out)) {
+        out_(std::size_t(m * c.n) * dtype_size(c.out)) {
     // a (the pad columns stay poisoned: NaN if read)
     for (std::int64_t i = 0; i < m; ++i) {
-      auto* row = static_cast<std::uint8_t*>(a_.host.data()) + i * lda_ * dtype_bytes(c.a);
+      auto* row = static_cast<std::uint8_t*>(a_.host.data()) + i * lda_ * dtype_size(c.a);
       if (GemmCase::is_fp8_dtype(c.a)) {
         fill_fp8(row, c.a, std::size_t(c.k), rng, 4.f);
       } else {
@@ -268,7 +248,7 @@ class Problem {
 
   // The CPU reference over `w` (host), rounded to out's dtype like the GPU result.
   std::vector<float> reference(const Weight& w) const {
-    HostBuffer out(std::size_t(m_ * c_.n) * dtype_bytes(c_.out));
+    HostBuffer out(std::size_t(m_ * c_.n) * dtype_size(c_.out));
     const TensorView view(out.data(), c_.out, {m_, c_.n});
     matmul(a(false), w, view, options(false, MatmulPath::automatic));
     return to_floats(out.data(), c_.out, std::size_t(m_ * c_.n));

@@ -24,12 +24,12 @@
 #include "kiln/error.hpp"
 #include "kiln/matmul.hpp"
 #include "ops/matmul/matmul.hpp"
+#include "ops/matmul/support.hpp"
 #include "support/buffers.hpp"
 
 namespace kiln::test {
 namespace {
 
-using matmul_detail::float_to_fp8;
 using matmul_detail::fp8_to_float;
 using matmul_detail::quantize_q8_0_block;
 using matmul_detail::weight_row_bytes;
@@ -113,12 +113,6 @@ struct Pair {
   }
   DeviceBuffer& device() const { return *gpu; }
 };
-
-void fill_fp8(void* data, DType format, std::size_t n, Rng& rng, float range) {
-  std::uniform_real_distribution<float> dist(-range, range);
-  auto* bytes = static_cast<std::uint8_t*>(data);
-  for (std::size_t i = 0; i < n; ++i) bytes[i] = float_to_fp8(dist(rng.engine()), format);
-}
 
 // The inputs of one case at one M, on host and device.
 class Problem {
@@ -253,18 +247,6 @@ class Problem {
 };
 
 // ||got - want|| / ||want||; infinity when got has a NaN.
-double relative_error(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (std::isnan(got[i])) return INFINITY;
-    const double d = double(got[i]) - double(want[i]);
-    num += d * d;
-    den += double(want[i]) * double(want[i]);
-  }
-  EXPECT_GT(den, 0.0) << "the reference is all zeros: the comparison cannot fail";
-  return std::sqrt(num / den);
-}
-
 // f16/bf16 out: the bound (both sides rounded to out's dtype, so this measures the
 // accumulation order only). f32 out: f32 sums of exact products over K <= 4352 stay near 1e-6.
 double tolerance(DType out) { return out == DType::f32 ? 1e-5 : 1e-3; }
