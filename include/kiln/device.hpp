@@ -2,6 +2,7 @@
 // so it loads and runs CPU ops on machines with no GPU and no NVIDIA driver.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 namespace kiln {
@@ -15,5 +16,11 @@ std::string cuda_unavailable_reason();
 // The NVRTC target kiln compiles for on this device: "sm_90a" on Hopper, "sm_80" on A100,
 // "sm_86"... Throws kiln::Error (unsupported) when the device is missing or older than sm_80.
 std::string cuda_arch(int device);
+
+// The most device memory kiln's own workspaces (split-KV partials, layout copies for conv2d,
+// cuBLASLt) held at once on `device` since the last reset_workspace_peak(device); torch's
+// allocator does not see them.
+std::size_t workspace_peak_bytes(int device);
+void reset_workspace_peak(int device);
 
 }  // namespace kiln

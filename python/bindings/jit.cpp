@@ -78,6 +78,8 @@ void bind_jit(nb::module_& m) {
   m.def("cuda_device_count", &kiln::cuda_device_count);
   m.def("cuda_unavailable_reason", &kiln::cuda_unavailable_reason);
   m.def("cuda_arch", &kiln::cuda_arch, nb::arg("device"));
+  m.def("workspace_peak_bytes", &kiln::workspace_peak_bytes, nb::arg("device"));
+  m.def("reset_workspace_peak", &kiln::reset_workspace_peak, nb::arg("device"));
 
   m.def("jit_stats", &jit_stats, "Counters of the process-wide kernel cache.");
   m.def("jit_reset_stats", &kiln::jit::reset_stats);

@@ -45,7 +45,14 @@ from ._matmul import (
     quantize_q8_0,
     select_path,
 )
-from .device import cuda_arch, cuda_available, cuda_device_count, cuda_unavailable_reason
+from .device import (
+    cuda_arch,
+    cuda_available,
+    cuda_device_count,
+    cuda_unavailable_reason,
+    reset_workspace_peak,
+    workspace_peak_bytes,
+)
 from .ops import rope_flux
 
 __version__ = jit.version()
@@ -88,6 +95,8 @@ __all__ = [
     "prepare_weight",
     "quantize_fp8",
     "quantize_q8_0",
+    "reset_workspace_peak",
     "rope_flux",
     "select_path",
+    "workspace_peak_bytes",
 ]

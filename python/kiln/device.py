@@ -21,3 +21,16 @@ def cuda_unavailable_reason() -> str:
 def cuda_arch(device: int = 0) -> str:
     """The NVRTC target kiln compiles for on `device`: "sm_90a", "sm_80", ..."""
     return _C.cuda_arch(device)
+
+
+def workspace_peak_bytes(device: int = 0) -> int:
+    """The most device memory kiln's own workspaces held at once on `device` since the last
+    reset_workspace_peak(device). torch's allocator (torch.cuda.max_memory_allocated) does not
+    see them: conv2d's channels-last copy of an NCHW x, attention's split-KV partials, cuBLASLt's
+    workspace."""
+    return _C.workspace_peak_bytes(device)
+
+
+def reset_workspace_peak(device: int = 0) -> None:
+    """Starts workspace_peak_bytes(device) afresh."""
+    _C.reset_workspace_peak(device)

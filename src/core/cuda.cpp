@@ -145,4 +145,19 @@ StreamScratch::~StreamScratch() { cudaFreeAsync(ptr_, static_cast<cudaStream_t>(
 
 }  // namespace cuda
 
+std::size_t workspace_peak_bytes(int device) {
+  std::uint64_t bytes = 0;
+  cuda::check(cudaMemPoolGetAttribute(cuda::scratch_pool("workspace_peak_bytes", device),
+                                      cudaMemPoolAttrUsedMemHigh, &bytes),
+              "workspace_peak_bytes", "cudaMemPoolGetAttribute(UsedMemHigh)");
+  return std::size_t(bytes);
+}
+
+void reset_workspace_peak(int device) {
+  std::uint64_t zero = 0;
+  cuda::check(cudaMemPoolSetAttribute(cuda::scratch_pool("reset_workspace_peak", device),
+                                      cudaMemPoolAttrUsedMemHigh, &zero),
+              "reset_workspace_peak", "cudaMemPoolSetAttribute(UsedMemHigh)");
+}
+
 }  // namespace kiln

@@ -112,6 +112,25 @@ def test_cuda_side_stream():
     check_close(got, x, w, None, torch.bfloat16, padding=1)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
+def test_workspace_peak_counts_the_channels_last_copy():
+    # On Hopper an NCHW x reaches the sm_90a kernel through a channels-last copy in kiln's own
+    # workspace (torch does not see it); a channels-last x needs none.
+    if kiln.cuda_arch(0) != "sm_90a":
+        pytest.skip("the channels-last copy is the sm_90a path's")
+    w = make((128, 64, 3, 3), torch.bfloat16, "cuda", True)
+    peaks = {}
+    for nhwc in (False, True):
+        x = make((1, 64, 96, 96), torch.bfloat16, "cuda", nhwc)
+        kiln.reset_workspace_peak(0)
+        got = kiln.conv2d(x, w, padding=1)
+        torch.cuda.synchronize()
+        peaks[nhwc] = kiln.workspace_peak_bytes(0)
+        check_close(got, x, w, None, torch.bfloat16, padding=1)
+    assert peaks[False] >= x.numel() * x.element_size()
+    assert peaks[True] == 0
+
+
 @pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
 def test_numpy(nhwc):
     x = np.random.randn(1, 8, 7, 6).astype(np.float32)

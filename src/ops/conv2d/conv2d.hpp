@@ -69,15 +69,24 @@ TileConfig choose_tile(const Problem& problem, int sm_count);
 jit::KernelSpec kernel_spec(const Plan& plan);
 
 // The sm_90a kernel (implicit_gemm_sm90.cuh, launch_sm90.cpp): TMA im2col loads and wgmma. It
-// takes a call on Hopper when x and w are both bf16 or both f16, x channels-last with 16-byte
-// strides and C % 8 == 0, w stored OHWI, out channels-last, OC % 128 == 0, and the window square
-// (equal strides, padding and dilation on both dims); the mma.sync kernel takes the rest.
-bool sm90_takes(const Problem& problem, const TensorView& x, const TensorView& w,
-                const TensorView& out);
-void launch_sm90(const Problem& problem, const TensorView& x, const TensorView& w,
-                 const std::optional<TensorView>& bias, const TensorView& out, int sm_count,
-                 Stream stream);
-jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int block_n, bool has_bias);
+// takes a call on Hopper when x and w are both bf16 or both f16, C % 8 == 0, OC % 128 == 0, the
+// window square (equal strides, padding and dilation on both dims) and out channels-last or with
+// unit OW stride; the mma.sync kernel takes the rest. x and w in other layouts than channels-last
+// (x with 16-byte strides) and OHWI are copied to those first, into workspaces of their sizes.
+struct Sm90Layout {
+  bool x_copy = false;    // x into a channels-last workspace
+  bool w_copy = false;    // w into an OHWI workspace
+  bool out_nchw = false;  // out written NCHW (else channels-last contiguous)
+};
+std::optional<Sm90Layout> sm90_layout(const Problem& problem, const TensorView& x,
+                                      const TensorView& w, const TensorView& out);
+void launch_sm90(const Sm90Layout& layout, const Problem& problem, const TensorView& x,
+                 const TensorView& w, const std::optional<TensorView>& bias, const TensorView& out,
+                 int sm_count, Stream stream);
+jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int block_n, bool has_bias,
+                          bool out_nchw);
+// The channels-last copy of x (weight = false) or OHWI copy of w (true) for the sm_90a kernel.
+jit::KernelSpec sm90_copy_spec(DType t, bool weight);
 // Output channels per tile of the sm_90a kernel for OC output channels (256 or 128).
 int sm90_block_n(std::int64_t oc);
 

@@ -344,11 +344,15 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
       plan.out_nhwc = nhwc;
       plan.out_vec = nhwc ? c.OC % 8 == 0 : true;
       specs.push_back(kernel_spec(plan));
-      if (nhwc && c.OC % 128 == 0 && c.C % 8 == 0) {
-        specs.push_back(sm90_spec(DType::bf16, DType::bf16, DType::bf16, sm90_block_n(c.OC), true));
+      if (c.OC % 128 == 0 && c.C % 8 == 0) {
+        specs.push_back(
+            sm90_spec(DType::bf16, DType::bf16, DType::bf16, sm90_block_n(c.OC), true, !nhwc));
       }
     }
   }
+  // NCHW x and OIHW w: their channels-last copies.
+  specs.push_back(sm90_copy_spec(DType::bf16, false));
+  specs.push_back(sm90_copy_spec(DType::bf16, true));
   return specs;
 }
 
@@ -376,8 +380,8 @@ void conv2d(const TensorView& x, const TensorView& w, const std::optional<Tensor
   const Problem problem = problem_of(x, w, options);
   validate_cuda(problem);
   cuda::DeviceGuard guard(kOp, device.index);
-  if (sm90_takes(problem, x, w, out)) {
-    launch_sm90(problem, x, w, bias, out, cuda::sm_count(kOp, device.index), stream);
+  if (const auto layout = sm90_layout(problem, x, w, out)) {
+    launch_sm90(*layout, problem, x, w, bias, out, cuda::sm_count(kOp, device.index), stream);
     return;
   }
   const TileConfig tile = choose_tile(problem, cuda::sm_count(kOp, device.index));

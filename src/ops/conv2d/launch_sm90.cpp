@@ -1,10 +1,12 @@
-// conv2d on Hopper: when the sm_90a implicit GEMM (implicit_gemm_sm90.cuh) takes a call, its TMA
-// maps, its specializations and its launch.
+// conv2d on Hopper: when the sm_90a implicit GEMM (implicit_gemm_sm90.cuh) takes a call and in
+// which layout, its TMA maps, its weight repack, its specializations and its launch.
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "core/check.hpp"
+#include "core/cuda.hpp"
 #include "core/tma.hpp"
 #include "jit/kernel_cache.hpp"
 #include "kiln/device.hpp"
@@ -33,7 +35,7 @@ int smem_bytes(int bn) {
 
 int sm90_block_n(std::int64_t oc) { return oc % 256 == 0 ? 256 : 128; }
 
-jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int bn, bool has_bias) {
+jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int bn, bool has_bias, bool out_nchw) {
   jit::KernelSpec spec{kSource,
                        "kiln::implicit_gemm_conv2d_sm90",
                        {{"T", jit::cpp_type(kOp, t)},
@@ -41,13 +43,23 @@ jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int bn, bool has_bias)
                         {"TO", jit::cpp_type(kOp, out)},
                         {"BN", std::to_string(bn)},
                         {"STAGES", std::to_string(stages(bn))},
-                        {"HAS_BIAS", has_bias ? "true" : "false"}}};
+                        {"HAS_BIAS", jit::cpp_bool(has_bias)},
+                        {"OUT_NCHW", jit::cpp_bool(out_nchw)}}};
   spec.archs = {"sm_90a"};
   return spec;
 }
 
-bool sm90_takes(const Problem& p, const TensorView& x, const TensorView& w, const TensorView& out) {
-  if (cuda_arch(x.device().index) != "sm_90a") return false;
+jit::KernelSpec sm90_copy_spec(DType t, bool weight) {
+  jit::KernelSpec spec{kSource,
+                       weight ? "kiln::conv2d_w_ohwi" : "kiln::conv2d_x_nhwc",
+                       {{"T", jit::cpp_type(kOp, t)}}};
+  spec.archs = {"sm_90a"};
+  return spec;
+}
+
+std::optional<Sm90Layout> sm90_layout(const Problem& p, const TensorView& x, const TensorView& w,
+                                      const TensorView& out) {
+  if (cuda_arch(x.device().index) != "sm_90a") return std::nullopt;
   const Conv2dOptions& o = p.options;
   const bool square = p.KH == p.KW && o.stride[0] == o.stride[1] && o.padding[0] == o.padding[1] &&
                       o.dilation[0] == o.dilation[1];
@@ -56,38 +68,97 @@ bool sm90_takes(const Problem& p, const TensorView& x, const TensorView& w, cons
   const bool corners = o.padding[0] <= 127 && upper >= -128 && o.stride[0] <= 8;
   const bool dtypes =
       (x.dtype() == DType::bf16 || x.dtype() == DType::f16) && w.dtype() == x.dtype();
-  // w [OC, C, KH, KW] stored OHWI: k = (kh, kw, c) contiguous.
-  const bool w_ohwi = w.stride(1) == 1 && w.stride(3) == p.C && w.stride(2) == p.KW * p.C;
   const bool out_nhwc = out.stride(1) == 1 && out.stride(3) == p.OC &&
                         out.stride(2) == p.OW * p.OC && out.stride(0) == p.OH * p.OW * p.OC;
-  return square && corners && dtypes && w_ohwi && out_nhwc && p.C % 8 == 0 && p.OC % 128 == 0 &&
-         tma::compatible(x, 1) && tma::compatible(w, 1) && p.N * p.OH * p.OW < (1LL << 31);
+  if (!square || !corners || !dtypes || (!out_nhwc && out.stride(3) != 1) || p.C % 8 != 0 ||
+      p.OC % 128 != 0 || p.N * p.OH * p.OW >= (1LL << 31) || p.H > 65535 ||
+      p.N * ((p.C + 63) / 64) > 65535) {
+    return std::nullopt;
+  }
+  Sm90Layout layout;
+  layout.x_copy = !tma::compatible(x, 1);
+  layout.w_copy = !(w.stride(1) == 1 && w.stride(3) == p.C && w.stride(2) == p.KW * p.C &&
+                    tma::compatible(w, 1));
+  layout.out_nchw = !out_nhwc;
+  return layout;
 }
 
-void launch_sm90(const Problem& p, const TensorView& x, const TensorView& w,
-                 const std::optional<TensorView>& bias, const TensorView& out, int sm_count,
-                 Stream stream) {
+namespace {
+
+// Launches conv2d_x_nhwc or conv2d_w_ohwi: src [N, C, H, W] (any strides) into dst, contiguous
+// [N, H, W, C].
+void copy_channels_last(bool weight, const TensorView& src, void* dst, int sm_count,
+                        Stream stream) {
+  Conv2dCopyParams params{};
+  params.src = src.data();
+  params.dst = dst;
+  std::copy_n(src.strides().begin(), 4, params.src_stride);
+  params.N = int(src.size(0)), params.C = int(src.size(1));
+  params.H = int(src.size(2)), params.W = int(src.size(3));
+  const auto kernel =
+      jit::process_cache().kernel(sm90_copy_spec(src.dtype(), weight), src.device().index);
+  void* args[] = {&params};
+  const dim3 grid = weight ? dim3(unsigned(std::min<std::int64_t>((src.numel() + 255) / 256,
+                                                                  16 * std::int64_t(sm_count))))
+                           : dim3(unsigned((src.size(3) + 63) / 64), unsigned(src.size(2)),
+                                  unsigned(src.size(0) * ((src.size(1) + 63) / 64)));
+  jit::launch(kOp, kernel, grid, dim3(256), 0, stream, args);
+}
+
+}  // namespace
+
+void launch_sm90(const Sm90Layout& layout, const Problem& p, const TensorView& x,
+                 const TensorView& w, const std::optional<TensorView>& bias, const TensorView& out,
+                 int sm_count, Stream stream) {
   const Conv2dOptions& o = p.options;
   const int bn = sm90_block_n(p.OC);
   const std::uint64_t bytes = dtype_size(x.dtype());
+  const std::int64_t k = p.KH * p.KW * p.C;
+  const int device = x.device().index;
   Conv2dSm90Params params{};
+
+  // x as TMA im2col reads it: in place when channels-last, else a channels-last copy in a
+  // workspace of x's size (the NCHW case: 16-256 MiB for the Flux VAE decoder at 1024^2, bf16).
+  std::optional<cuda::StreamScratch> x_copy;
   {
+    const void* base = x.data();
+    std::uint64_t strides[3] = {x.stride(3) * bytes, x.stride(2) * bytes, x.stride(0) * bytes};
+    if (layout.x_copy) {
+      x_copy.emplace(kOp, device, std::size_t(p.N * p.H * p.W * p.C) * bytes, stream);
+      copy_channels_last(false, x, x_copy->get(), sm_count, stream);
+      base = x_copy->get();
+      strides[0] = std::uint64_t(p.C) * bytes;
+      strides[1] = std::uint64_t(p.W * p.C) * bytes;
+      strides[2] = std::uint64_t(p.H * p.W * p.C) * bytes;
+    }
     const std::uint64_t dims[4] = {std::uint64_t(p.C), std::uint64_t(p.W), std::uint64_t(p.H),
                                    std::uint64_t(p.N)};
-    const std::uint64_t strides[3] = {x.stride(3) * bytes, x.stride(2) * bytes,
-                                      x.stride(0) * bytes};
-    params.map_x = tma::im2col(kOp, "x", x.dtype(), x.data(), dims, strides, kBlockK, kBlockM,
+    params.map_x = tma::im2col(kOp, "x", x.dtype(), base, dims, strides, kBlockK, kBlockM,
                                int(p.KH), int(o.stride[0]), int(o.padding[0]), int(o.dilation[0]));
   }
+  // w as [OC, K] rows of (kh, kw, c): in place when stored OHWI, else an OHWI copy in a workspace
+  // of w's size (4.5 MiB for the largest Flux VAE conv, 512 -> 512 3x3 bf16).
+  std::optional<cuda::StreamScratch> w_copy;
   {
-    const std::uint64_t dims[2] = {std::uint64_t(p.KH * p.KW * p.C), std::uint64_t(p.OC)};
-    const std::uint64_t strides[1] = {w.stride(0) * bytes};
+    const void* base = w.data();
+    std::uint64_t row_stride = w.stride(0) * bytes;
+    if (layout.w_copy) {
+      w_copy.emplace(kOp, device, std::size_t(p.OC * k) * bytes, stream);
+      copy_channels_last(true, w, w_copy->get(), sm_count, stream);
+      base = w_copy->get();
+      row_stride = std::uint64_t(k) * bytes;
+    }
+    const std::uint64_t dims[2] = {std::uint64_t(k), std::uint64_t(p.OC)};
+    const std::uint64_t strides[1] = {row_stride};
     const std::uint32_t box[2] = {kBlockK, std::uint32_t(bn)};
-    params.map_w = tma::tiled(kOp, "w", w.dtype(), w.data(), dims, strides, box);
+    params.map_w = tma::tiled(kOp, "w", w.dtype(), base, dims, strides, box);
   }
   params.bias = bias ? bias->data() : nullptr;
   params.bias_stride = bias ? bias->stride(0) : 0;
   params.out = out.data();
+  params.out_stride[0] = out.stride(0);
+  params.out_stride[1] = out.stride(1);
+  params.out_stride[2] = out.stride(2);
   params.M = int(p.N * p.OH * p.OW);
   params.OC = int(p.OC);
   params.OH = int(p.OH);
@@ -99,9 +170,9 @@ void launch_sm90(const Problem& p, const TensorView& x, const TensorView& w,
   params.pad = int(o.padding[0]);
   params.dilation = int(o.dilation[0]);
 
-  const jit::KernelSpec spec =
-      sm90_spec(x.dtype(), bias ? bias->dtype() : DType::f32, out.dtype(), bn, bias.has_value());
-  const auto kernel = jit::process_cache().kernel(spec, x.device().index);
+  const jit::KernelSpec spec = sm90_spec(x.dtype(), bias ? bias->dtype() : DType::f32, out.dtype(),
+                                         bn, bias.has_value(), layout.out_nchw);
+  const auto kernel = jit::process_cache().kernel(spec, device);
   const std::int64_t tiles = (p.N * p.OH * p.OW + kBlockM - 1) / kBlockM * (p.OC / bn);
   void* args[] = {&params};
   jit::launch(kOp, kernel, dim3(unsigned(std::min<std::int64_t>(tiles, sm_count))), dim3(kThreads),

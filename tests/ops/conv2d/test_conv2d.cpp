@@ -39,6 +39,7 @@ struct Case {
   bool nhwc = false;    // x, w and out channels-last
   bool bias = true;     // bias [OC] in w's dtype
   bool sliced = false;  // x is channels [1, C + 1) of a [N, C + 2, H, W] tensor
+  bool w_flip = false;  // w in the other memory format (OHWI under NCHW x, OIHW under NHWC)
 
   std::int64_t OH() const { return conv2d_out_size(H, K, stride, pad, dilation); }
   std::int64_t OW() const { return conv2d_out_size(W, K, stride, pad, dilation); }
@@ -48,7 +49,8 @@ struct Case {
            std::to_string(W) + "_OC" + std::to_string(OC) + "_k" + std::to_string(K) + "_s" +
            std::to_string(stride) + "_p" + std::to_string(pad) + "_d" + std::to_string(dilation) +
            "_x" + dtype_name(x) + "_w" + dtype_name(w) + "_out" + dtype_name(out) +
-           (nhwc ? "_nhwc" : "_nchw") + (bias ? "" : "_nobias") + (sliced ? "_sliced" : "");
+           (nhwc ? "_nhwc" : "_nchw") + (bias ? "" : "_nobias") + (sliced ? "_sliced" : "") +
+           (w_flip ? "_wflip" : "");
   }
 };
 
@@ -97,7 +99,7 @@ std::unique_ptr<Inputs> make_inputs(const Case& c, Rng& rng) {
   const std::int64_t x_shape[] = {c.N, c.C, c.H, c.W};
   in->x = TensorView(static_cast<char*>(in->x_storage.data()) + x_offset * dtype_size(c.x), c.x,
                      x_shape, xs);
-  const auto ws = format_strides(c.nhwc, c.C, c.K, c.K);
+  const auto ws = format_strides(c.nhwc != c.w_flip, c.C, c.K, c.K);
   const std::int64_t w_shape[] = {c.OC, c.C, c.K, c.K};
   in->w = TensorView(in->w_storage.data(), c.w, w_shape, ws);
   if (c.bias) in->bias = TensorView(in->b_storage.data(), c.w, {c.OC});
@@ -289,6 +291,16 @@ std::vector<Case> shapes() {
   };
 }
 
+std::vector<Case> sm90_shapes() {
+  Case sliced{1, 64, 8, 128, 128, 3, 1, 1};
+  sliced.sliced = true;
+  return {
+      {1, 64, 10, 128, 128, 3, 1, 1},   {2, 96, 7, 200, 256, 3, 1, 1},
+      {1, 64, 9, 136, 128, 3, 1, 2, 2}, {1, 64, 8, 136, 384, 1},
+      {1, 40, 12, 96, 128, 5, 1, 2},    sliced,
+  };
+}
+
 std::vector<Case> cases() {
   const DType floats[] = {DType::f32, DType::f16, DType::bf16};
   std::vector<Case> all;
@@ -326,6 +338,21 @@ std::vector<Case> cases() {
     all.push_back(c);
     c.x = DType::f16, c.w = DType::f16, c.out = DType::f32;
     all.push_back(c);
+  }
+  // Shapes the sm_90a kernel takes (C % 8 == 0, OC % 128 == 0), in both layouts (NCHW: from a
+  // channels-last copy of x, written NCHW): 128-pixel tiles crossing output rows and images, C not
+  // a multiple of 64, BN = 256, N = 2, dilation, stride 2, 1x1 and 5x5, a channel slice; each with
+  // w in the other memory format too (its OHWI copy).
+  for (Case c : sm90_shapes()) {
+    for (bool nhwc : {false, true}) {
+      for (bool w_flip : {false, true}) {
+        for (DType t : {DType::bf16, DType::f16}) {
+          if (t == DType::f16 && w_flip) continue;
+          c.nhwc = nhwc, c.w_flip = w_flip, c.x = c.w = c.out = t;
+          all.push_back(c);
+        }
+      }
+    }
   }
   // The f32 weights of seed case 17 with bf16 activations.
   Case f32w{1, 16, 8, 8, 16, 3, 1, 1};
@@ -384,7 +411,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, Conv2d, ::testing::ValuesIn(cases()),
                          [](const auto& param_info) { return param_info.param.name(); });
 
 // The subset compute-sanitizer runs (scripts/gpu_check.sh leaves out Cases/ and Conv2dLarge):
-// both layouts of the async and register paths, 1x1, stride 2, 7x7, an OC tail and a slice.
+// both layouts of the async and register paths, 1x1, stride 2, 7x7, an OC tail, a slice and the
+// sm_90a kernel.
 std::vector<Case> sanitize_cases() {
   std::vector<Case> all;
   for (bool nhwc : {false, true}) {
@@ -392,6 +420,10 @@ std::vector<Case> sanitize_cases() {
                    Case{1, 32, 8, 8, 32, 1, 2, 1}, Case{1, 16, 16, 16, 3, 1},
                    Case{1, 3, 37, 29, 64, 7, 2, 3}, Case{1, 64, 16, 16, 48, 3, 1, 1}}) {
       c.nhwc = nhwc;
+      all.push_back(c);
+    }
+    for (Case c : {Case{1, 64, 10, 128, 128, 3, 1, 1}, Case{2, 96, 7, 200, 256, 3, 1, 1}}) {
+      c.nhwc = nhwc, c.w_flip = c.C == 64;  // the sm_90a kernel, with and without a repack
       all.push_back(c);
     }
     Case f32{1, 32, 16, 16, 40, 3, 1, 1};
@@ -618,8 +650,9 @@ TEST(Conv2dCudaErrors, KernelLargerThan7x7) {
   }
 }
 
-// Which calls the Hopper kernel takes (on sm_90a; the case table checks its results there).
-TEST(Conv2dSm90Cuda, TakesChannelsLastSquareWindowsWith128kChannels) {
+// Which calls the Hopper kernel takes, and what it copies first (on sm_90a; the case table checks
+// its results there).
+TEST(Conv2dSm90Cuda, TakesSquareWindowsWith128kChannels) {
   KILN_REQUIRE_GPU();
   if (cuda_arch(0) != "sm_90a") GTEST_SKIP() << "not an sm_90a device: " << cuda_arch(0);
   DeviceBuffer x(2 * 64 * 20 * 20 * 4), w(256 * 64 * 9 * 4), out(2 * 256 * 20 * 20 * 4);
@@ -630,22 +663,29 @@ TEST(Conv2dSm90Cuda, TakesChannelsLastSquareWindowsWith128kChannels) {
   };
   Conv2dOptions pad1;
   pad1.padding = {1, 1};
-  const auto takes = [&](DType t, std::int64_t oc, bool x_nhwc, bool w_nhwc, Conv2dOptions o) {
+  // "x w o": x copied, w copied, out NCHW; "" when the kernel does not take the call.
+  const auto layout = [&](DType t, std::int64_t oc, bool x_nhwc, bool w_nhwc, Conv2dOptions o) {
     const TensorView xv = view(x, t, {2, 64, 20, 20}, x_nhwc);
     const TensorView wv = view(w, t, {oc, 64, 3, 3}, w_nhwc);
     const conv2d_detail::Problem p = conv2d_detail::problem_of(xv, wv, o);
     const TensorView ov = view(out, t, {2, oc, p.OH, p.OW}, x_nhwc);
-    return conv2d_detail::sm90_takes(p, xv, wv, ov);
+    const auto l = conv2d_detail::sm90_layout(p, xv, wv, ov);
+    if (!l) return std::string();
+    return std::string(l->x_copy ? "x" : "-") + (l->w_copy ? "w" : "-") + (l->out_nchw ? "o" : "-");
   };
-  EXPECT_TRUE(takes(DType::bf16, 256, true, true, pad1));
-  EXPECT_TRUE(takes(DType::f16, 128, true, true, pad1));
-  EXPECT_FALSE(takes(DType::bf16, 256, false, false, pad1));  // NCHW
-  EXPECT_FALSE(takes(DType::bf16, 256, true, false, pad1));   // OIHW weights
-  EXPECT_FALSE(takes(DType::bf16, 192, true, true, pad1));    // OC % 128 != 0
-  EXPECT_FALSE(takes(DType::f32, 256, true, true, pad1));     // f32 operands
+  EXPECT_EQ(layout(DType::bf16, 256, true, true, pad1), "---");
+  EXPECT_EQ(layout(DType::f16, 128, true, true, pad1), "---");
+  EXPECT_EQ(layout(DType::bf16, 256, true, false, pad1), "-w-");   // OIHW w
+  EXPECT_EQ(layout(DType::bf16, 256, false, false, pad1), "xwo");  // NCHW
+  EXPECT_EQ(layout(DType::f16, 128, false, true, pad1), "x-o");    // NCHW x, OHWI w
+  EXPECT_EQ(layout(DType::bf16, 192, true, true, pad1), "");       // OC % 128 != 0
+  EXPECT_EQ(layout(DType::f32, 256, true, true, pad1), "");        // f32 operands
   Conv2dOptions uneven = pad1;
   uneven.padding = {1, 0};
-  EXPECT_FALSE(takes(DType::bf16, 256, true, true, uneven));
+  EXPECT_EQ(layout(DType::bf16, 256, true, true, uneven), "");
+  Conv2dOptions stride2 = pad1;
+  stride2.stride = {2, 2};
+  EXPECT_EQ(layout(DType::bf16, 256, false, false, stride2), "xwo");
 }
 
 }  // namespace

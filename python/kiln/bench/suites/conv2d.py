@@ -16,7 +16,7 @@ Peak memory: torch.cuda.max_memory_allocated during one call, above what was all
 The decoder total sums count x time over the shapes for kiln and for cuDNN, per format.
 """
 
-from ... import conv2d
+from ... import conv2d, reset_workspace_peak, workspace_peak_bytes
 from ..core import Measurement
 from ..timing import rotation_count
 
@@ -62,14 +62,20 @@ def im2col_gemm(torch, x, w, b, padding):
     return out.reshape(n, oc, oh, ow)
 
 
-def peak_extra_bytes(torch, device, fn, args) -> int:
-    """Memory one call allocates beyond what was live before it (output and workspace)."""
+def peak_extra_bytes(torch, device, fn, args, own_workspace: bool = False) -> int:
+    """Memory one call allocates beyond what was live before it (output and workspace): torch's
+    peak, plus kiln's own workspace peak (which torch does not see) for kiln's call."""
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
+    index = torch.device(device).index or 0
+    if own_workspace:
+        reset_workspace_peak(index)
     out = fn(*args)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
+    if own_workspace:
+        peak += workspace_peak_bytes(index)
     del out
     return peak
 
@@ -153,7 +159,7 @@ def _run_case(bench, torch, case, fmt, c, oc, hw, k, flop):
                 )
             del out
         if bench.cuda:
-            memory_bytes[name] = peak_extra_bytes(torch, device, fn, sets[0])
+            memory_bytes[name] = peak_extra_bytes(torch, device, fn, sets[0], name == "kiln")
     contenders = {name: fn for name, fn in contenders.items() if fn is not None}
     del reference
 

@@ -12,12 +12,15 @@
 //   memory, one group of 4 in flight while the next slot is awaited.
 // The grid is persistent (one block per SM, tiles in steps of the grid, output channels fastest
 // so that neighbouring blocks share x in L2): the producer fetches the next tile while the
-// consumers run the epilogue (bias in f32, conversion to TO, direct stores).
+// consumers run the epilogue (bias in f32, conversion to TO, direct stores: channels-last pairs,
+// or NCHW elements, each warp store covering 8 consecutive pixels of 4 channels).
 //
 // Layout: x channels-last [N, H, W, C] in memory with 16-byte-multiple strides, w [OC, KH, KW, C]
-// contiguous in K, out [N, OH, OW, OC] contiguous. Limits (the launcher checks them): square
-// window with equal strides, padding and dilation on both dims; C % 8 == 0 (channels past C read
-// as zeros, so any such C works); OC % BN == 0.
+// contiguous in K, out [N, OH, OW, OC] contiguous, or NCHW with unit OW stride (OUT_NCHW). The
+// launcher gives other layouts a channels-last copy of x (conv2d_x_nhwc) and an OHWI copy of w
+// (conv2d_w_ohwi) below. Limits (the launcher checks them): square window with equal strides,
+// padding and dilation on both dims; C % 8 == 0 (channels past C read as zeros, so any such C
+// works); OC % BN == 0.
 //
 // Measured on an H200 (standalone harness, bf16, batch 1, 3x3 pad 1, TFLOP/s): 512 ch @ 128^2
 // 682, 512 @ 256^2 704, 256 @ 512^2 658, 128 @ 1024^2 538, 512 -> 256 @ 512^2 735; before the grid
@@ -38,8 +41,9 @@ constexpr int kThreads = 384;
 
 }  // namespace conv2d_sm90
 
-// T: bf16 or f16 (x and w); TB: bias type; TO: out type; BN: 128 or 256 output channels per tile.
-template <typename T, typename TB, typename TO, int BN, int STAGES, bool HAS_BIAS>
+// T: bf16 or f16 (x and w); TB: bias type; TO: out type; BN: 128 or 256 output channels per tile;
+// OUT_NCHW: out in NCHW (else channels-last).
+template <typename T, typename TB, typename TO, int BN, int STAGES, bool HAS_BIAS, bool OUT_NCHW>
 __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
     implicit_gemm_conv2d_sm90(const __grid_constant__ Conv2dSm90Params p) {
   using namespace conv2d_sm90;
@@ -123,6 +127,13 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
     // Epilogue: thread holds rows row0 and row0 + 8, columns 8 j + 2 (lane % 4) + {0, 1}.
     const int row0 = m0 + 64 * c + 16 * warp + lane / 4;
     TO* out = static_cast<TO*>(p.out);
+    i64 pixel[2];  // NCHW: the offsets of rows row0 and row0 + 8 at channel 0
+    if constexpr (OUT_NCHW) {
+      for (int h = 0; h < 2; ++h) {
+        const int m = row0 + 8 * h, ow = m % p.OW, oh = m / p.OW % p.OH, n = m / (p.OW * p.OH);
+        pixel[h] = n * p.out_stride[0] + oh * p.out_stride[2] + ow;
+      }
+    }
 #pragma unroll
     for (int i = 0; i < BN / 2; i += 2) {
       const int row = row0 + 8 * ((i % 4) / 2);
@@ -133,7 +144,12 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
         v0 += to_float(bias[col * p.bias_stride]);
         v1 += to_float(bias[(col + 1) * p.bias_stride]);
       }
-      if (row < p.M) {
+      if (row >= p.M) continue;
+      if constexpr (OUT_NCHW) {
+        TO* dst = out + pixel[(i % 4) / 2] + col * p.out_stride[1];
+        dst[0] = from_float<TO>(v0);
+        dst[p.out_stride[1]] = from_float<TO>(v1);
+      } else {
         TO* dst = out + static_cast<i64>(row) * p.OC + col;
         if constexpr (sizeof(TO) == 4) {
           *reinterpret_cast<float2*>(dst) = float2{v0, v1};
@@ -144,6 +160,53 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
         }
       }
     }
+  }
+}
+
+// The channels-last copy of an x stored otherwise: out [N, H, W, C] contiguous (C even) from
+// x [N, C, H, W] in any strides. A block transposes 64 channels x 64 pixels of one image row
+// (grid: W / 64, H, N x C / 64) through shared memory: 2-byte reads along the row, 4-byte writes
+// of channel pairs (128 bytes a warp). Measured on an H200: see NOTES.md (NCHW on Hopper).
+template <typename T>
+__global__ void __launch_bounds__(256) conv2d_x_nhwc(const __grid_constant__ Conv2dCopyParams p) {
+  __shared__ T tile[64][65];  // [channel][pixel]; the odd pitch spreads channel pairs over banks
+  const T* x = static_cast<const T*>(p.src);
+  const int c_blocks = (p.C + 63) / 64;
+  const int w0 = blockIdx.x * 64, h = blockIdx.y;
+  const int n = blockIdx.z / c_blocks, c0 = blockIdx.z % c_blocks * 64;
+  const T* row = x + n * p.src_stride[0] + h * p.src_stride[2];
+  for (int i = threadIdx.x / 64; i < 64; i += 4) {
+    const int w = w0 + threadIdx.x % 64, c = c0 + i;
+    if (w < p.W && c < p.C)
+      tile[i][threadIdx.x % 64] = row[c * p.src_stride[1] + w * p.src_stride[3]];
+  }
+  __syncthreads();
+  u32* out = static_cast<u32*>(p.dst);  // channel pairs
+  const int pair = threadIdx.x % 32, c = c0 + 2 * pair;
+  for (int i = threadIdx.x / 32; i < 64; i += 8) {
+    const int w = w0 + i;
+    if (w < p.W && c < p.C) {
+      const i64 pixel = (static_cast<i64>(n) * p.H + h) * p.W + w;
+      out[(pixel * p.C + c) / 2] = static_cast<u32>(tile[2 * pair][i].bits) |
+                                   static_cast<u32>(tile[2 * pair + 1][i].bits) << 16;
+    }
+  }
+}
+
+// The OHWI copy of a w stored otherwise: out [OC, KH, KW, C] contiguous from w [OC, C, KH, KW] in
+// any strides, one thread an element (grid-stride). Writes are coalesced; OIHW reads are KH KW
+// elements apart, their lines reused from L1 by the other taps.
+template <typename T>
+__global__ void __launch_bounds__(256) conv2d_w_ohwi(const __grid_constant__ Conv2dCopyParams p) {
+  const T* w = static_cast<const T*>(p.src);
+  T* out = static_cast<T*>(p.dst);
+  const i64 total = static_cast<i64>(p.N) * p.H * p.W * p.C;  // N = OC, H = KH, W = KW
+  for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<i64>(gridDim.x) * blockDim.x) {
+    const i64 c = i % p.C, kw = i / p.C % p.W, kh = i / (static_cast<i64>(p.C) * p.W) % p.H;
+    const i64 oc = i / (static_cast<i64>(p.C) * p.W * p.H);
+    out[i] =
+        w[oc * p.src_stride[0] + c * p.src_stride[1] + kh * p.src_stride[2] + kw * p.src_stride[3]];
   }
 }
 
