@@ -6,8 +6,9 @@
 // swizzle pattern repeating every 8 rows (1024 bytes), so each tile starts 1024-byte aligned.
 //   K-major operand (A or B with the reduction dim contiguous): descriptor SBO = 1024 bytes
 //   (between 8-row groups), LBO unused; the k-th 16-element slice starts 32 * k bytes further.
-//   MN-major operand (B = V in P V: the output dim contiguous): SBO = 1024 bytes (between groups
-//   of 8 reduction rows), LBO = bytes between 64-wide panels of the output dim.
+//   MN-major operand (B = V in P V, A = NCHW pixels in a 1x1 conv: the M or N dim contiguous):
+//   SBO = 1024 bytes (between groups of 8 reduction rows), LBO = bytes between 64-wide panels of
+//   the M or N dim.
 // wgmma accumulators of an m64nN tile: warp w of the warpgroup holds rows 16 w + lane / 4 (+ 8);
 // register 4 j + {0, 1} is columns 8 j + 2 (lane % 4) + {0, 1} of the first row, 4 j + {2, 3} the
 // same columns of the second. A from registers has mma.sync's m16n8k16 A layout per warp.
@@ -50,13 +51,24 @@ __device__ __forceinline__ void mbarrier_wait(u64* bar, u32 parity) {
 
 // TMA: the box at coordinates (c0 innermost, .., c3) of a 4-D tensor map (a CUtensorMap in a
 // __grid_constant__ parameter) into shared memory, completing on `bar`. Out-of-bounds elements are
-// zero-filled.
+// zero-filled. The innermost coordinate must be a multiple of 16 bytes (on an H200 others are an
+// illegal instruction), as in every tiled load below.
 __device__ __forceinline__ void tma_load_4d(void* dst, const void* map, u64* bar, int c0, int c1,
                                             int c2, int c3) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
       "%4, %5, %6}], [%2];" ::"r"(smem_addr(dst)),
       "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// TMA: a 3-D box at (c0 innermost, c1, c2).
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* map, u64* bar, int c0, int c1,
+                                            int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
+      "%4, %5}], [%2];" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
 
@@ -121,12 +133,12 @@ __device__ __forceinline__ void register_fence(u32 (&r)[N][M]) {
 
 // d (+)= A B for one m64nNk16 step, f32 accumulators; T is bf16 or f16. `accumulate` = 0 makes
 // d = A B. SS: A and B from shared memory; RS: A from registers (4 words), N = 64 and 128 only.
-// TransB = 1 reads B MN-major.
-template <typename T, int N, int TransB>
+// TransA = 1 reads A MN-major (SS only), TransB = 1 reads B MN-major.
+template <typename T, int N, int TransA, int TransB>
 struct Wgmma;
 
-template <int TransB>
-struct Wgmma<bf16, 64, TransB> {
+template <int TransA, int TransB>
+struct Wgmma<bf16, 64, TransA, TransB> {
   static __device__ __forceinline__ void ss(float (&d)[32], u64 desc_a, u64 desc_b,
                                             int accumulate) {
     asm volatile(
@@ -134,16 +146,17 @@ struct Wgmma<bf16, 64, TransB> {
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
         "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, %35;\n}\n"
+        "%32, %33, p, 1, 1, %35, %36;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
           "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
           "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
           "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
           "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransB));
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransA), "n"(TransB));
   }
   static __device__ __forceinline__ void rs(float (&d)[32], const u32 (&a)[4], u64 desc_b,
                                             int accumulate) {
+    static_assert(TransA == 0, "an A operand in registers is read as it is");
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
@@ -159,8 +172,8 @@ struct Wgmma<bf16, 64, TransB> {
   }
 };
 
-template <int TransB>
-struct Wgmma<bf16, 128, TransB> {
+template <int TransA, int TransB>
+struct Wgmma<bf16, 128, TransA, TransB> {
   static __device__ __forceinline__ void ss(float (&d)[64], u64 desc_a, u64 desc_b,
                                             int accumulate) {
     asm volatile(
@@ -170,7 +183,7 @@ struct Wgmma<bf16, 128, TransB> {
         "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, "
         "%37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, "
         "%55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, %67;\n}\n"
+        "%64, %65, p, 1, 1, %67, %68;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
           "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
           "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
@@ -181,10 +194,11 @@ struct Wgmma<bf16, 128, TransB> {
           "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
           "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransB));
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransA), "n"(TransB));
   }
   static __device__ __forceinline__ void rs(float (&d)[64], const u32 (&a)[4], u64 desc_b,
                                             int accumulate) {
+    static_assert(TransA == 0, "an A operand in registers is read as it is");
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -207,8 +221,8 @@ struct Wgmma<bf16, 128, TransB> {
   }
 };
 
-template <int TransB>
-struct Wgmma<f16, 64, TransB> {
+template <int TransA, int TransB>
+struct Wgmma<f16, 64, TransA, TransB> {
   static __device__ __forceinline__ void ss(float (&d)[32], u64 desc_a, u64 desc_b,
                                             int accumulate) {
     asm volatile(
@@ -216,16 +230,17 @@ struct Wgmma<f16, 64, TransB> {
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
         "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, 0, %35;\n}\n"
+        "%32, %33, p, 1, 1, %35, %36;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
           "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
           "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
           "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
           "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransB));
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransA), "n"(TransB));
   }
   static __device__ __forceinline__ void rs(float (&d)[32], const u32 (&a)[4], u64 desc_b,
                                             int accumulate) {
+    static_assert(TransA == 0, "an A operand in registers is read as it is");
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
@@ -241,8 +256,8 @@ struct Wgmma<f16, 64, TransB> {
   }
 };
 
-template <int TransB>
-struct Wgmma<f16, 128, TransB> {
+template <int TransA, int TransB>
+struct Wgmma<f16, 128, TransA, TransB> {
   static __device__ __forceinline__ void ss(float (&d)[64], u64 desc_a, u64 desc_b,
                                             int accumulate) {
     asm volatile(
@@ -252,7 +267,7 @@ struct Wgmma<f16, 128, TransB> {
         "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, "
         "%37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, "
         "%55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, %67;\n}\n"
+        "%64, %65, p, 1, 1, %67, %68;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
           "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
           "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
@@ -263,10 +278,11 @@ struct Wgmma<f16, 128, TransB> {
           "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
           "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransB));
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransA), "n"(TransB));
   }
   static __device__ __forceinline__ void rs(float (&d)[64], const u32 (&a)[4], u64 desc_b,
                                             int accumulate) {
+    static_assert(TransA == 0, "an A operand in registers is read as it is");
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
@@ -289,8 +305,8 @@ struct Wgmma<f16, 128, TransB> {
   }
 };
 
-template <int TransB>
-struct Wgmma<bf16, 256, TransB> {
+template <int TransA, int TransB>
+struct Wgmma<bf16, 256, TransA, TransB> {
   static __device__ __forceinline__ void ss(float (&d)[128], u64 desc_a, u64 desc_b,
                                             int accumulate) {
     asm volatile(
@@ -304,7 +320,7 @@ struct Wgmma<bf16, 256, TransB> {
         "%91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, "
         "%107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, "
         "%122, %123, %124, %125, %126, %127}, "
-        "%128, %129, p, 1, 1, 0, %131;\n}\n"
+        "%128, %129, p, 1, 1, %131, %132;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
           "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
           "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
@@ -324,12 +340,12 @@ struct Wgmma<bf16, 256, TransB> {
           "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
           "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
           "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransB));
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransA), "n"(TransB));
   }
 };
 
-template <int TransB>
-struct Wgmma<f16, 256, TransB> {
+template <int TransA, int TransB>
+struct Wgmma<f16, 256, TransA, TransB> {
   static __device__ __forceinline__ void ss(float (&d)[128], u64 desc_a, u64 desc_b,
                                             int accumulate) {
     asm volatile(
@@ -343,7 +359,7 @@ struct Wgmma<f16, 256, TransB> {
         "%91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, "
         "%107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, "
         "%122, %123, %124, %125, %126, %127}, "
-        "%128, %129, p, 1, 1, 0, %131;\n}\n"
+        "%128, %129, p, 1, 1, %131, %132;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
           "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
           "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
@@ -363,7 +379,7 @@ struct Wgmma<f16, 256, TransB> {
           "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
           "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
           "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransB));
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TransA), "n"(TransB));
   }
 };
 

@@ -72,21 +72,24 @@ jit::KernelSpec kernel_spec(const Plan& plan);
 // takes a call on Hopper when x and w are both bf16 or both f16, C % 8 == 0, OC % 128 == 0, the
 // window square (equal strides, padding and dilation on both dims) and out channels-last or with
 // unit OW stride; the mma.sync kernel takes the rest. x and w in other layouts than channels-last
-// (x with 16-byte strides) and OHWI are copied to those first, into workspaces of their sizes.
+// (x with 16-byte strides) and OHWI are copied to those first, into workspaces of their sizes,
+// except an NCHW x under a 1x1 conv (stride 1, no padding), read in place.
 struct Sm90Layout {
-  bool x_copy = false;    // x into a channels-last workspace
-  bool w_copy = false;    // w into an OHWI workspace
-  bool out_nchw = false;  // out written NCHW (else channels-last contiguous)
+  bool a_mn_major = false;  // a 1x1 conv of an NCHW x: A tiles read pixel-contiguous, in place
+  bool x_copy = false;      // x into a channels-last workspace
+  bool w_copy = false;      // w into an OHWI workspace
+  bool out_nchw = false;    // out written NCHW (else channels-last contiguous)
 };
 std::optional<Sm90Layout> sm90_layout(const Problem& problem, const TensorView& x,
                                       const TensorView& w, const TensorView& out);
 void launch_sm90(const Sm90Layout& layout, const Problem& problem, const TensorView& x,
                  const TensorView& w, const std::optional<TensorView>& bias, const TensorView& out,
                  int sm_count, Stream stream);
-jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int block_n, bool has_bias,
-                          bool out_nchw);
-// The channels-last copy of x (weight = false) or OHWI copy of w (true) for the sm_90a kernel.
-jit::KernelSpec sm90_copy_spec(DType t, bool weight);
+jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int block_n, bool has_bias, bool out_nchw,
+                          bool a_mn_major);
+// The channels-last copy of x (weight = false; vec: 16-byte loads) or OHWI copy of w (true) for
+// the sm_90a kernel.
+jit::KernelSpec sm90_copy_spec(DType t, bool weight, bool vec);
 // Output channels per tile of the sm_90a kernel for OC output channels (256 or 128).
 int sm90_block_n(std::int64_t oc);
 

@@ -345,14 +345,14 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
       plan.out_vec = nhwc ? c.OC % 8 == 0 : true;
       specs.push_back(kernel_spec(plan));
       if (c.OC % 128 == 0 && c.C % 8 == 0) {
-        specs.push_back(
-            sm90_spec(DType::bf16, DType::bf16, DType::bf16, sm90_block_n(c.OC), true, !nhwc));
+        specs.push_back(sm90_spec(DType::bf16, DType::bf16, DType::bf16, sm90_block_n(c.OC), true,
+                                  !nhwc, !nhwc && c.K == 1));
       }
     }
   }
   // NCHW x and OIHW w: their channels-last copies.
-  specs.push_back(sm90_copy_spec(DType::bf16, false));
-  specs.push_back(sm90_copy_spec(DType::bf16, true));
+  specs.push_back(sm90_copy_spec(DType::bf16, false, true));
+  specs.push_back(sm90_copy_spec(DType::bf16, true, false));
   return specs;
 }
 

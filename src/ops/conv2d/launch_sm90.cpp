@@ -35,7 +35,8 @@ int smem_bytes(int bn) {
 
 int sm90_block_n(std::int64_t oc) { return oc % 256 == 0 ? 256 : 128; }
 
-jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int bn, bool has_bias, bool out_nchw) {
+jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int bn, bool has_bias, bool out_nchw,
+                          bool a_mn_major) {
   jit::KernelSpec spec{kSource,
                        "kiln::implicit_gemm_conv2d_sm90",
                        {{"T", jit::cpp_type(kOp, t)},
@@ -44,15 +45,18 @@ jit::KernelSpec sm90_spec(DType t, DType bias, DType out, int bn, bool has_bias,
                         {"BN", std::to_string(bn)},
                         {"STAGES", std::to_string(stages(bn))},
                         {"HAS_BIAS", jit::cpp_bool(has_bias)},
-                        {"OUT_NCHW", jit::cpp_bool(out_nchw)}}};
+                        {"OUT_NCHW", jit::cpp_bool(out_nchw)},
+                        {"A_MN_MAJOR", jit::cpp_bool(a_mn_major)}}};
   spec.archs = {"sm_90a"};
   return spec;
 }
 
-jit::KernelSpec sm90_copy_spec(DType t, bool weight) {
-  jit::KernelSpec spec{kSource,
-                       weight ? "kiln::conv2d_w_ohwi" : "kiln::conv2d_x_nhwc",
-                       {{"T", jit::cpp_type(kOp, t)}}};
+jit::KernelSpec sm90_copy_spec(DType t, bool weight, bool vec) {
+  jit::KernelSpec spec{kSource, "kiln::conv2d_w_ohwi", {{"T", jit::cpp_type(kOp, t)}}};
+  if (!weight) {
+    spec.kernel = "kiln::conv2d_x_nhwc";
+    spec.params.emplace_back("VEC", jit::cpp_bool(vec));
+  }
   spec.archs = {"sm_90a"};
   return spec;
 }
@@ -76,7 +80,11 @@ std::optional<Sm90Layout> sm90_layout(const Problem& p, const TensorView& x, con
     return std::nullopt;
   }
   Sm90Layout layout;
-  layout.x_copy = !tma::compatible(x, 1);
+  // A 1x1 conv of an NCHW x with flat (H W) pixels reads x in place, pixel-contiguous.
+  layout.a_mn_major = p.KH == 1 && p.KW == 1 && o.stride[0] == 1 && o.padding[0] == 0 &&
+                      !tma::compatible(x, 1) && tma::compatible(x, 3) &&
+                      (p.H == 1 || x.stride(2) == p.W);
+  layout.x_copy = !tma::compatible(x, 1) && !layout.a_mn_major;
   layout.w_copy = !(w.stride(1) == 1 && w.stride(3) == p.C && w.stride(2) == p.KW * p.C &&
                     tma::compatible(w, 1));
   layout.out_nchw = !out_nhwc;
@@ -95,8 +103,12 @@ void copy_channels_last(bool weight, const TensorView& src, void* dst, int sm_co
   std::copy_n(src.strides().begin(), 4, params.src_stride);
   params.N = int(src.size(0)), params.C = int(src.size(1));
   params.H = int(src.size(2)), params.W = int(src.size(3));
+  // 16-byte loads of 8 pixels: unit W stride, 16-byte-aligned rows, whole chunks in a row.
+  const bool vec = src.stride(3) == 1 && src.stride(2) % 8 == 0 && src.stride(1) % 8 == 0 &&
+                   src.stride(0) % 8 == 0 && src.size(3) % 8 == 0 &&
+                   reinterpret_cast<std::uintptr_t>(src.data()) % 16 == 0;
   const auto kernel =
-      jit::process_cache().kernel(sm90_copy_spec(src.dtype(), weight), src.device().index);
+      jit::process_cache().kernel(sm90_copy_spec(src.dtype(), weight, vec), src.device().index);
   void* args[] = {&params};
   const dim3 grid = weight ? dim3(unsigned(std::min<std::int64_t>((src.numel() + 255) / 256,
                                                                   16 * std::int64_t(sm_count))))
@@ -131,10 +143,19 @@ void launch_sm90(const Sm90Layout& layout, const Problem& p, const TensorView& x
       strides[1] = std::uint64_t(p.W * p.C) * bytes;
       strides[2] = std::uint64_t(p.H * p.W * p.C) * bytes;
     }
-    const std::uint64_t dims[4] = {std::uint64_t(p.C), std::uint64_t(p.W), std::uint64_t(p.H),
-                                   std::uint64_t(p.N)};
-    params.map_x = tma::im2col(kOp, "x", x.dtype(), base, dims, strides, kBlockK, kBlockM,
-                               int(p.KH), int(o.stride[0]), int(o.padding[0]), int(o.dilation[0]));
+    if (layout.a_mn_major) {  // (H W, C, N), boxes of 64 pixels x 64 channels
+      const std::uint64_t dims[3] = {std::uint64_t(p.H * p.W), std::uint64_t(p.C),
+                                     std::uint64_t(p.N)};
+      const std::uint64_t pixel_strides[2] = {x.stride(1) * bytes, x.stride(0) * bytes};
+      const std::uint32_t box[3] = {kBlockM / 2, kBlockK, 1};
+      params.map_x = tma::tiled(kOp, "x", x.dtype(), base, dims, pixel_strides, box);
+    } else {
+      const std::uint64_t dims[4] = {std::uint64_t(p.C), std::uint64_t(p.W), std::uint64_t(p.H),
+                                     std::uint64_t(p.N)};
+      params.map_x =
+          tma::im2col(kOp, "x", x.dtype(), base, dims, strides, kBlockK, kBlockM, int(p.KH),
+                      int(o.stride[0]), int(o.padding[0]), int(o.dilation[0]));
+    }
   }
   // w as [OC, K] rows of (kh, kw, c): in place when stored OHWI, else an OHWI copy in a workspace
   // of w's size (4.5 MiB for the largest Flux VAE conv, 512 -> 512 3x3 bf16).
@@ -160,6 +181,7 @@ void launch_sm90(const Sm90Layout& layout, const Problem& p, const TensorView& x
   params.out_stride[1] = out.stride(1);
   params.out_stride[2] = out.stride(2);
   params.M = int(p.N * p.OH * p.OW);
+  params.N = int(p.N);
   params.OC = int(p.OC);
   params.OH = int(p.OH);
   params.OW = int(p.OW);
@@ -171,9 +193,11 @@ void launch_sm90(const Sm90Layout& layout, const Problem& p, const TensorView& x
   params.dilation = int(o.dilation[0]);
 
   const jit::KernelSpec spec = sm90_spec(x.dtype(), bias ? bias->dtype() : DType::f32, out.dtype(),
-                                         bn, bias.has_value(), layout.out_nchw);
+                                         bn, bias.has_value(), layout.out_nchw, layout.a_mn_major);
   const auto kernel = jit::process_cache().kernel(spec, device);
-  const std::int64_t tiles = (p.N * p.OH * p.OW + kBlockM - 1) / kBlockM * (p.OC / bn);
+  const std::int64_t m_tiles = layout.a_mn_major ? p.N * ((p.OH * p.OW + kBlockM - 1) / kBlockM)
+                                                 : (p.N * p.OH * p.OW + kBlockM - 1) / kBlockM;
+  const std::int64_t tiles = m_tiles * (p.OC / bn);
   void* args[] = {&params};
   jit::launch(kOp, kernel, dim3(unsigned(std::min<std::int64_t>(tiles, sm_count))), dim3(kThreads),
               std::size_t(smem_bytes(bn)), stream, args);

@@ -297,7 +297,8 @@ std::vector<Case> sm90_shapes() {
   return {
       {1, 64, 10, 128, 128, 3, 1, 1},   {2, 96, 7, 200, 256, 3, 1, 1},
       {1, 64, 9, 136, 128, 3, 1, 2, 2}, {1, 64, 8, 136, 384, 1},
-      {1, 40, 12, 96, 128, 5, 1, 2},    sliced,
+      {1, 40, 12, 96, 128, 5, 1, 2},    {2, 128, 19, 23, 128, 3, 2, 1},
+      {2, 72, 5, 24, 128, 1},           sliced,
   };
 }
 
@@ -340,9 +341,9 @@ std::vector<Case> cases() {
     all.push_back(c);
   }
   // Shapes the sm_90a kernel takes (C % 8 == 0, OC % 128 == 0), in both layouts (NCHW: from a
-  // channels-last copy of x, written NCHW): 128-pixel tiles crossing output rows and images, C not
-  // a multiple of 64, BN = 256, N = 2, dilation, stride 2, 1x1 and 5x5, a channel slice; each with
-  // w in the other memory format too (its OHWI copy).
+  // channels-last copy of x, or in place for 1x1; written NCHW): 128-pixel tiles crossing output
+  // rows and images, C not a multiple of 64, BN = 256, N = 2, dilation, stride 2, 1x1 (images of
+  // 1088 and 120 pixels) and 5x5, a channel slice; each with w in the other memory format too.
   for (Case c : sm90_shapes()) {
     for (bool nhwc : {false, true}) {
       for (bool w_flip : {false, true}) {
@@ -663,29 +664,34 @@ TEST(Conv2dSm90Cuda, TakesSquareWindowsWith128kChannels) {
   };
   Conv2dOptions pad1;
   pad1.padding = {1, 1};
-  // "x w o": x copied, w copied, out NCHW; "" when the kernel does not take the call.
-  const auto layout = [&](DType t, std::int64_t oc, bool x_nhwc, bool w_nhwc, Conv2dOptions o) {
-    const TensorView xv = view(x, t, {2, 64, 20, 20}, x_nhwc);
-    const TensorView wv = view(w, t, {oc, 64, 3, 3}, w_nhwc);
+  // "m x w o": A MN-major (1x1 NCHW in place), x copied, w copied, out NCHW; "" when the kernel
+  // does not take the call.
+  const auto layout = [&](DType t, std::int64_t oc, bool x_nhwc, bool w_nhwc, Conv2dOptions o,
+                          std::int64_t k = 3) {
+    const TensorView xv = view(x, t, {2, 64, 20, 16}, x_nhwc);
+    const TensorView wv = view(w, t, {oc, 64, k, k}, w_nhwc);
     const conv2d_detail::Problem p = conv2d_detail::problem_of(xv, wv, o);
     const TensorView ov = view(out, t, {2, oc, p.OH, p.OW}, x_nhwc);
     const auto l = conv2d_detail::sm90_layout(p, xv, wv, ov);
     if (!l) return std::string();
-    return std::string(l->x_copy ? "x" : "-") + (l->w_copy ? "w" : "-") + (l->out_nchw ? "o" : "-");
+    return std::string(l->a_mn_major ? "m" : "-") + (l->x_copy ? "x" : "-") +
+           (l->w_copy ? "w" : "-") + (l->out_nchw ? "o" : "-");
   };
-  EXPECT_EQ(layout(DType::bf16, 256, true, true, pad1), "---");
-  EXPECT_EQ(layout(DType::f16, 128, true, true, pad1), "---");
-  EXPECT_EQ(layout(DType::bf16, 256, true, false, pad1), "-w-");   // OIHW w
-  EXPECT_EQ(layout(DType::bf16, 256, false, false, pad1), "xwo");  // NCHW
-  EXPECT_EQ(layout(DType::f16, 128, false, true, pad1), "x-o");    // NCHW x, OHWI w
-  EXPECT_EQ(layout(DType::bf16, 192, true, true, pad1), "");       // OC % 128 != 0
-  EXPECT_EQ(layout(DType::f32, 256, true, true, pad1), "");        // f32 operands
+  EXPECT_EQ(layout(DType::bf16, 256, true, true, pad1), "----");
+  EXPECT_EQ(layout(DType::f16, 128, true, true, pad1), "----");
+  EXPECT_EQ(layout(DType::bf16, 256, true, false, pad1), "--w-");    // OIHW w
+  EXPECT_EQ(layout(DType::bf16, 256, false, false, pad1), "-xwo");   // NCHW
+  EXPECT_EQ(layout(DType::f16, 128, false, true, pad1), "-x-o");     // NCHW x, OHWI w
+  EXPECT_EQ(layout(DType::bf16, 192, true, true, pad1), "");         // OC % 128 != 0
+  EXPECT_EQ(layout(DType::f32, 256, true, true, pad1), "");          // f32 operands
+  EXPECT_EQ(layout(DType::bf16, 256, false, false, {}, 1), "m-wo");  // 1x1 NCHW: in place
+  EXPECT_EQ(layout(DType::bf16, 256, false, false, pad1, 1), "-xwo");
   Conv2dOptions uneven = pad1;
   uneven.padding = {1, 0};
   EXPECT_EQ(layout(DType::bf16, 256, true, true, uneven), "");
   Conv2dOptions stride2 = pad1;
   stride2.stride = {2, 2};
-  EXPECT_EQ(layout(DType::bf16, 256, false, false, stride2), "xwo");
+  EXPECT_EQ(layout(DType::bf16, 256, false, false, stride2), "-xwo");
 }
 
 }  // namespace

@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
       const u64 a = swizzle128_desc(q_base + panel * kBlockM * 128 + offset, 16, 1024);
       const u64 b =
           swizzle128_desc(smem_addr(s_k + s * kKVBytes) + panel * kBlockN * 128 + offset, 16, 1024);
-      Wgmma<T, kBlockN, 0>::ss(sc, a, b, kk > 0 ? 1 : 0);
+      Wgmma<T, kBlockN, 0, 0>::ss(sc, a, b, kk > 0 ? 1 : 0);
     }
     wgmma_commit();
   };
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
       const u64 b =
           swizzle128_desc(smem_addr(s_v + s * kKVBytes) + ks * 16 * 128, kBlockN * 128, 1024);
-      Wgmma<T, D, 1>::rs(o, pa[ks], b, 1);
+      Wgmma<T, D, 0, 1>::rs(o, pa[ks], b, 1);
     }
     wgmma_commit();
   };

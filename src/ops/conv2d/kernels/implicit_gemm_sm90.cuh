@@ -42,8 +42,11 @@ constexpr int kThreads = 384;
 }  // namespace conv2d_sm90
 
 // T: bf16 or f16 (x and w); TB: bias type; TO: out type; BN: 128 or 256 output channels per tile;
-// OUT_NCHW: out in NCHW (else channels-last).
-template <typename T, typename TB, typename TO, int BN, int STAGES, bool HAS_BIAS, bool OUT_NCHW>
+// OUT_NCHW: out in NCHW (else channels-last); A_MN_MAJOR: a 1x1 conv (stride 1, no padding) of an
+// NCHW x, whose A tiles (128 pixels of one image x 64 channels) are two tiled TMA loads of x as
+// (H W, C, N), pixel-contiguous, which wgmma reads transposed.
+template <typename T, typename TB, typename TO, int BN, int STAGES, bool HAS_BIAS, bool OUT_NCHW,
+          bool A_MN_MAJOR>
 __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
     implicit_gemm_conv2d_sm90(const __grid_constant__ Conv2dSm90Params p) {
   using namespace conv2d_sm90;
@@ -60,7 +63,20 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
   const int c_steps = (p.C + kBlockK - 1) / kBlockK;
   const int k_steps = p.KH * p.KW * c_steps;
   const int n_tiles = p.OC / BN;
-  const int tiles = (p.M + kBlockM - 1) / kBlockM * n_tiles;
+  // 128-pixel tiles: over the N OH OW pixels, or (A_MN_MAJOR) over each image's H W pixels.
+  const int image_tiles = (p.OH * p.OW + kBlockM - 1) / kBlockM;
+  const int tiles = (A_MN_MAJOR ? p.N * image_tiles : (p.M + kBlockM - 1) / kBlockM) * n_tiles;
+  // The first pixel of tile `m_tile` (over N OH OW) and the end of the pixels it holds.
+  const auto pixels_of = [&](int m_tile, int& m0, int& m_end) {
+    if constexpr (A_MN_MAJOR) {
+      const int image = m_tile / image_tiles, first = m_tile % image_tiles * kBlockM;
+      m0 = image * p.OH * p.OW + first;
+      m_end = image * p.OH * p.OW + min(p.OH * p.OW, first + kBlockM);
+    } else {
+      m0 = m_tile * kBlockM;
+      m_end = p.M;
+    }
+  };
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbarrier_init(full + s, 1);
@@ -75,7 +91,9 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
     if (threadIdx.x == 0) {
       int step = 0;  // k-steps issued, across tiles
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = tile / n_tiles * kBlockM, oc0 = tile % n_tiles * BN;
+        const int oc0 = tile % n_tiles * BN;
+        int m0, m_end;
+        pixels_of(tile / n_tiles, m0, m_end);
         const int ow = m0 % p.OW, oh = m0 / p.OW % p.OH, n = m0 / (p.OW * p.OH);
         const int w0 = ow * p.stride - p.pad, h0 = oh * p.stride - p.pad;  // window corner
         for (int kt = 0; kt < k_steps; ++kt, ++step) {
@@ -84,9 +102,16 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
           mbarrier_arrive_expect_tx(full + s, kABytes + kBBytes);
           const int tap = kt / c_steps, c0 = kt % c_steps * kBlockK;
           const int kh = tap / p.KW, kw = tap % p.KW;
-          tma_load_im2col_4d(s_a + s * kABytes, &p.map_x, full + s, c0, w0, h0, n,
-                             static_cast<unsigned short>(kw * p.dilation),
-                             static_cast<unsigned short>(kh * p.dilation));
+          if constexpr (A_MN_MAJOR) {  // two (64 channels, 64 pixels) panels, pixels contiguous
+            const int first = m0 - n * p.OH * p.OW;
+            tma_load_3d(s_a + s * kABytes, &p.map_x, full + s, first, c0, n);
+            tma_load_3d(s_a + s * kABytes + kABytes / 2, &p.map_x, full + s, first + kBlockM / 2,
+                        c0, n);
+          } else {
+            tma_load_im2col_4d(s_a + s * kABytes, &p.map_x, full + s, c0, w0, h0, n,
+                               static_cast<unsigned short>(kw * p.dilation),
+                               static_cast<unsigned short>(kh * p.dilation));
+          }
           tma_load_2d(s_b + s * kBBytes, &p.map_w, full + s, tap * p.C + c0, oc0);
         }
       }
@@ -99,7 +124,9 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
   const int lane = threadIdx.x % 32, warp = threadIdx.x % 128 / 32;
   int step = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int m0 = tile / n_tiles * kBlockM, oc0 = tile % n_tiles * BN;
+    const int oc0 = tile % n_tiles * BN;
+    int m0, m_end;
+    pixels_of(tile / n_tiles, m0, m_end);
     float acc[BN / 2];  // (64, BN) accumulator of this warpgroup
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
@@ -110,10 +137,13 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk) {
-        const u64 a =
-            swizzle128_desc(smem_addr(s_a + s * kABytes) + 64 * c * 128 + kk * 32, 16, 1024);
+        // This consumer's 64 pixels start 8 KiB into the slot: 64 K-major rows, or the second
+        // MN-major panel (groups of 8 channel rows 1024 bytes apart; LBO unused at M = 64).
+        const u32 a_base = smem_addr(s_a + s * kABytes) + c * (kABytes / 2);
+        const u64 a = A_MN_MAJOR ? swizzle128_desc(a_base + kk * 2048, kABytes / 2, 1024)
+                                 : swizzle128_desc(a_base + kk * 32, 16, 1024);
         const u64 b = swizzle128_desc(smem_addr(s_b + s * kBBytes) + kk * 32, 16, 1024);
-        Wgmma<T, BN, 0>::ss(acc, a, b, 1);
+        Wgmma<T, BN, A_MN_MAJOR ? 1 : 0, 0>::ss(acc, a, b, 1);
       }
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's group is done: release its slot
@@ -130,7 +160,8 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
     i64 pixel[2];  // NCHW: the offsets of rows row0 and row0 + 8 at channel 0
     if constexpr (OUT_NCHW) {
       for (int h = 0; h < 2; ++h) {
-        const int m = row0 + 8 * h, ow = m % p.OW, oh = m / p.OW % p.OH, n = m / (p.OW * p.OH);
+        const int m = min(row0 + 8 * h, p.M - 1);  // rows past the pixels are not stored
+        const int ow = m % p.OW, oh = m / p.OW % p.OH, n = m / (p.OW * p.OH);
         pixel[h] = n * p.out_stride[0] + oh * p.out_stride[2] + ow;
       }
     }
@@ -144,7 +175,7 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
         v0 += to_float(bias[col * p.bias_stride]);
         v1 += to_float(bias[(col + 1) * p.bias_stride]);
       }
-      if (row >= p.M) continue;
+      if (row >= m_end) continue;
       if constexpr (OUT_NCHW) {
         TO* dst = out + pixel[(i % 4) / 2] + col * p.out_stride[1];
         dst[0] = from_float<TO>(v0);
@@ -163,32 +194,53 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
   }
 }
 
-// The channels-last copy of an x stored otherwise: out [N, H, W, C] contiguous (C even) from
+// The channels-last copy of an x stored otherwise: out [N, H, W, C] contiguous (C % 8 == 0) from
 // x [N, C, H, W] in any strides. A block transposes 64 channels x 64 pixels of one image row
-// (grid: W / 64, H, N x C / 64) through shared memory: 2-byte reads along the row, 4-byte writes
-// of channel pairs (128 bytes a warp). Measured on an H200: see NOTES.md (NCHW on Hopper).
-template <typename T>
+// (grid: W / 64, H, N x C / 64) through shared memory: reads along the row (VEC: 16-byte loads of
+// 8 pixels, for a unit W stride, 16-byte-aligned rows and W % 8 == 0; else 2-byte loads), writes
+// of 8 channels (16 bytes) of a pixel. Measured on an H200: NOTES.md (NCHW on Hopper).
+template <typename T, bool VEC>
 __global__ void __launch_bounds__(256) conv2d_x_nhwc(const __grid_constant__ Conv2dCopyParams p) {
-  __shared__ T tile[64][65];  // [channel][pixel]; the odd pitch spreads channel pairs over banks
+  __shared__ T tile[64][65];  // [channel][pixel]; the odd pitch spreads channel groups over banks
   const T* x = static_cast<const T*>(p.src);
   const int c_blocks = (p.C + 63) / 64;
   const int w0 = blockIdx.x * 64, h = blockIdx.y;
   const int n = blockIdx.z / c_blocks, c0 = blockIdx.z % c_blocks * 64;
   const T* row = x + n * p.src_stride[0] + h * p.src_stride[2];
-  for (int i = threadIdx.x / 64; i < 64; i += 4) {
-    const int w = w0 + threadIdx.x % 64, c = c0 + i;
-    if (w < p.W && c < p.C)
-      tile[i][threadIdx.x % 64] = row[c * p.src_stride[1] + w * p.src_stride[3]];
+  if constexpr (VEC) {
+    for (int v = threadIdx.x; v < 64 * 8; v += 256) {  // (channel, 8-pixel chunk)
+      const int i = v / 8, w = w0 + v % 8 * 8, c = c0 + i;
+      if (w < p.W && c < p.C) {
+        const uint4 chunk = *reinterpret_cast<const uint4*>(row + c * p.src_stride[1] + w);
+        const u32 words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          tile[i][v % 8 * 8 + j].bits = static_cast<unsigned short>(words[j / 2] >> (16 * (j % 2)));
+        }
+      }
+    }
+  } else {
+    for (int i = threadIdx.x / 64; i < 64; i += 4) {
+      const int w = w0 + threadIdx.x % 64, c = c0 + i;
+      if (w < p.W && c < p.C) {
+        tile[i][threadIdx.x % 64] = row[c * p.src_stride[1] + w * p.src_stride[3]];
+      }
+    }
   }
   __syncthreads();
-  u32* out = static_cast<u32*>(p.dst);  // channel pairs
-  const int pair = threadIdx.x % 32, c = c0 + 2 * pair;
-  for (int i = threadIdx.x / 32; i < 64; i += 8) {
+  const int group = threadIdx.x % 8, c = c0 + 8 * group;  // 8 channels of a pixel
+  for (int i = threadIdx.x / 8; i < 64; i += 32) {
     const int w = w0 + i;
     if (w < p.W && c < p.C) {
+      u32 words[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        words[j] = static_cast<u32>(tile[8 * group + 2 * j][i].bits) |
+                   static_cast<u32>(tile[8 * group + 2 * j + 1][i].bits) << 16;
+      }
       const i64 pixel = (static_cast<i64>(n) * p.H + h) * p.W + w;
-      out[(pixel * p.C + c) / 2] = static_cast<u32>(tile[2 * pair][i].bits) |
-                                   static_cast<u32>(tile[2 * pair + 1][i].bits) << 16;
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.dst) + pixel * p.C + c) =
+          uint4{words[0], words[1], words[2], words[3]};
     }
   }
 }

@@ -15,6 +15,7 @@ struct Conv2dSm90Params {
   long long bias_stride;
   long long out_stride[3];  // NCHW out: the strides of N, OC and OH in elements
   int M;                    // N * OH * OW output pixels
+  int N;
   int OC;
   int OH, OW;
   int C;
