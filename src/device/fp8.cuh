@@ -165,6 +165,79 @@ __device__ __forceinline__ void q8_word_to_float(u32 word, float (&out)[4]) {
   }
 }
 
+// ---- four codes of a word to two pairs of f16 or bf16 (tensor-core operands) -----------------
+
+// Finite codes only, except e5m2 -> f16, which is exact for every code (see fp8_word_has_special).
+// Bytes {0, 2} -> `even`, bytes {1, 3} -> `odd` (the lower byte in the low half): the odd bytes
+// already sit at the top of the 16-bit lanes and the even ones get there by one shift, so no
+// byte permute; then one shift and one LOP3 put sign and magnitude under T's fields, and one
+// multiply by a power of two rebiases the exponent (e4m3 -> f16: 2^8, -> bf16: 2^120; e5m2 ->
+// bf16: 2^112; e5m2 is the top byte of an f16 as is). Subnormal codes become subnormal T values,
+// exact after the multiply. ALU and HMUL2/HFMA2 only: the same on sm_80 (no fp8 cvt) and sm_90.
+// The k order inside a pair is {0, 2}, {1, 3}: the other operand of the product must match.
+template <typename T>
+inline constexpr bool is_f16_type = false;
+template <>
+inline constexpr bool is_f16_type<f16> = true;
+
+template <typename Tw, typename T>
+__device__ __forceinline__ void fp8x4_to_pairs(u32 word, u32& even, u32& odd) {
+  constexpr bool kF16 = is_f16_type<T>;
+  const u32 lanes[2] = {word << 8, word};
+  u32 pair[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const u32 x = lanes[i];
+    if constexpr (!fp8_traits<Tw>::is_e4m3 && kF16) {
+      pair[i] = x & 0xFF00FF00u;
+    } else if constexpr (!fp8_traits<Tw>::is_e4m3) {
+      const u32 bits = (x & 0x80008000u) | ((x >> 3) & 0x0FE00FE0u);
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;"
+          : "=r"(pair[i])
+          : "r"(bits), "r"(0x77807780u),
+            "r"(0x80008000u));  // * 2^112 (+ -0: sm_80 has no bf16 multiply)
+    } else if constexpr (kF16) {
+      const u32 bits = (x & 0x80008000u) | ((x >> 1) & 0x3F803F80u);
+      asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(pair[i]) : "r"(bits), "r"(0x5C005C00u));  // * 2^8
+    } else {
+      const u32 bits = (x & 0x80008000u) | ((x >> 4) & 0x07F007F0u);
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;"
+          : "=r"(pair[i])
+          : "r"(bits), "r"(0x7B807B80u),
+            "r"(0x80008000u));  // * 2^120
+    }
+  }
+  even = pair[0];
+  odd = pair[1];
+}
+
+// True when fp8x4_to_pairs<Tw, T> can decode every code (no NaN / inf test needed).
+template <typename Tw, typename T>
+inline constexpr bool fp8_pairs_exact_for_all_codes = !fp8_traits<Tw>::is_e4m3 && is_f16_type<T>;
+
+// Four int8 (Q8_0 qs) -> {q0, q2}, {q1, q3} as pairs of T (the pairing of fp8x4_to_pairs), exactly:
+// q + 128 as the low byte of f16 1024 (one byte permute), minus 1152 (one HSUB2); bf16: that f16
+// moved under bf16's fields (one shift, one LOP3) and rebiased by 2^112 (one HFMA2).
+template <typename T>
+__device__ __forceinline__ void int8x4_to_pairs(u32 word, u32& even, u32& odd) {
+  const u32 biased = word ^ 0x80808080u;
+  const u32 lanes[2] = {__byte_perm(biased, 0x64646464u, 0x4240u),
+                        __byte_perm(biased, 0x64646464u, 0x4341u)};
+  u32 pair[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(pair[i]) : "r"(lanes[i]), "r"(0x64806480u));
+    if constexpr (!is_f16_type<T>) {
+      const u32 bits = (pair[i] & 0x80008000u) | ((pair[i] >> 3) & 0x0FFF0FFFu);
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;"
+          : "=r"(pair[i])
+          : "r"(bits), "r"(0x77807780u), "r"(0x80008000u));  // * 2^112
+    }
+  }
+  even = pair[0];
+  odd = pair[1];
+}
+
 // ---- Q8_0: blocks of 32 values, {f16 d; int8 qs[32]} = 34 bytes (2-byte aligned) ------------
 
 inline constexpr int kQ8Block = 32;

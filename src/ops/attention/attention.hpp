@@ -14,7 +14,7 @@ namespace kiln::attention_detail {
 void reference(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                const AttentionOptions& options, float scale);
 
-// One call's specialization of attention_kernel (and attention_combine when split).
+// One call's specialization of attention_kernel.
 struct Plan {
   DType kv = DType::bf16;   // k and v (T)
   DType q = DType::bf16;    // q (TQ): kv's dtype or f32
@@ -31,7 +31,8 @@ struct Plan {
   int warps_n = 1;  // warps splitting a KV tile
   int block_n = 64;
   int stages = 2;
-  int splits = 1;  // KV chunks per row tile (> 1: partials + combine)
+  int splits = 1;     // KV chunks per row tile (> 1: partials, combined by each tile's last block)
+  bool bulk = false;  // K/V rows by bulk copies (TMA) and mbarriers: sm_90a decode
 
   int block_m() const { return 16 * warps_m; }
   int threads() const { return 32 * warps_m * warps_n; }
@@ -39,13 +40,21 @@ struct Plan {
 };
 
 // The tile configuration for a problem: decode (rows of a KV head <= 16) splits every KV tile
-// between 4 warps and splits the keys across blocks until the GPU is full; prefill uses 16 rows
-// per warp and tiles sized by D. `sm_count` sizes the split.
+// between 4 warps, fills one block's shared memory with the K/V ring and splits the keys across
+// blocks (size_splits), with bulk copies on sm_90a; prefill uses 16 rows per warp and tiles
+// sized by D. `sm_count`, `smem_per_sm` (bytes of shared memory an SM has) and `sm90` (an sm_90a
+// device) describe the device.
 Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int group, bool causal,
                int mask, int kv_len, bool softcap, long long batch_kv_heads, long long lq,
-               long long lk, int sm_count);
+               long long lk, int sm_count, int smem_per_sm, bool sm90);
+// Blocks of the plan's kernel an SM holds at once (by shared memory, registers and threads).
+int resident_blocks(const Plan& plan, int smem_per_sm);
+// Sets plan.splits for its tiles. Decode: the count whose busiest SM streams the fewest KV tiles
+// (whole waves of resident blocks, a fixed cost per block); prefill: split only when the row
+// tiles leave SMs idle.
+void size_splits(Plan& plan, long long batch_kv_heads, long long lq, long long lk, int sm_count,
+                 int smem_per_sm);
 jit::KernelSpec kernel_spec(const Plan& plan);
-jit::KernelSpec combine_spec(const Plan& plan);
 
 // The sm_90a prefill kernel (prefill_sm90.cuh, launch_sm90.cpp): TMA loads by a producer warp,
 // wgmma, two consumer warpgroups in ping-pong. It takes a call on Hopper when q, k and v share a

@@ -12,6 +12,7 @@
 #include "core/cuda.hpp"
 #include "core/log.hpp"
 #include "jit/kernel_cache.hpp"
+#include "kiln/device.hpp"
 #include "ops/attention/attention.hpp"
 #include "ops/attention/kernels/params.cuh"
 
@@ -21,7 +22,6 @@ namespace {
 
 constexpr const char* kOp = "attention";
 constexpr const char* kKernelSource = "ops/attention/kernels/attention.cuh";
-constexpr const char* kCombineSource = "ops/attention/kernels/combine.cuh";
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxSplits = 128;
 
@@ -172,26 +172,36 @@ int kv_len_kind(const AttentionOptions& options) {
   return options.kv_len->dtype() == DType::i32 ? kKvLenI32 : kKvLenI64;
 }
 
-// KILN_ATTENTION_TILE="warps_m,warps_n,block_n,stages" replaces the launcher's tile choice (for
-// tuning sweeps; see NOTES.md); a malformed value is an error, not ignored.
-void apply_tile_override(Plan& plan) {
+// KILN_ATTENTION_TILE="warps_m,warps_n,block_n,stages[,bulk]" replaces the launcher's tile
+// choice (for tuning sweeps and for testing the cp.async path on sm_90a; see NOTES.md); a
+// malformed value is an error, not ignored. Returns whether it did.
+bool apply_tile_override(Plan& plan, bool sm90) {
   const char* text = std::getenv("KILN_ATTENTION_TILE");
-  if (text == nullptr || *text == '\0') return;
-  int wm = 0, wn = 0, bn = 0, st = 0;
+  if (text == nullptr || *text == '\0') return false;
+  int wm = 0, wn = 0, bn = 0, st = 0, bulk = plan.bulk ? 1 : 0;
   char tail = 0;
-  const int got = std::sscanf(text, "%d,%d,%d,%d%c", &wm, &wn, &bn, &st, &tail);
-  const bool ok = got == 4 && (wm == 1 || wm == 2 || wm == 4 || wm == 8) &&
+  const int got = std::sscanf(text, "%d,%d,%d,%d,%d%c", &wm, &wn, &bn, &st, &bulk, &tail);
+  const bool ok = (got == 4 || got == 5) && (wm == 1 || wm == 2 || wm == 4 || wm == 8) &&
                   (wn == 1 || wn == 2 || wn == 4 || wn == 8) && bn % (16 * wn) == 0 && bn > 0 &&
-                  bn <= 256 && st >= 2 && st <= 6;
+                  bn <= 256 && st >= 2 && st <= 6 && (bulk == 0 || (bulk == 1 && sm90));
   if (!ok) {
     check::fail(kOp, ErrorCode::invalid_argument,
                 std::string("KILN_ATTENTION_TILE is '") + text +
-                    "', expected 'warps_m,warps_n,block_n,stages' with warps in {1, 2, 4, 8}, "
-                    "block_n a multiple of 16 * warps_n up to 256 and 2 to 6 stages");
+                    "', expected 'warps_m,warps_n,block_n,stages[,bulk]' with warps in {1, 2, 4, "
+                    "8}, block_n a multiple of 16 * warps_n up to 256, 2 to 6 stages and bulk 0, "
+                    "or 1 on an sm_90a device");
   }
   log::warning_once(std::string("attention_tile_") + text,
                     std::string("attention: tile from KILN_ATTENTION_TILE=") + text);
-  plan.warps_m = wm, plan.warps_n = wn, plan.block_n = bn, plan.stages = st;
+  plan.warps_m = wm, plan.warps_n = wn, plan.block_n = bn, plan.stages = st, plan.bulk = bulk == 1;
+  return true;
+}
+
+int smem_per_sm(int device) {
+  int bytes = 0;
+  cuda::check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
+              kOp, "cudaDeviceGetAttribute(MaxSharedMemoryPerMultiprocessor)");
+  return bytes;
 }
 
 void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
@@ -216,10 +226,12 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
                     ", expected at most 65535 and 2^31 * 16 (the grid's y and x)");
   }
   const int device = q.device().index;
+  const int sms = cuda::sm_count(kOp, device), smem = smem_per_sm(device);
+  const bool sm90 = cuda_arch(device) == "sm_90a";
   Plan plan = make_plan(q.dtype(), k.dtype(), out.dtype(), int(q.size(3)), int(v.size(3)), group,
                         options.causal, mask_kind(options), kv_len_kind(options),
-                        bool(options.softcap), N * Hkv, Lq, Lk, cuda::sm_count(kOp, device));
-  apply_tile_override(plan);
+                        bool(options.softcap), N * Hkv, Lq, Lk, sms, smem, sm90);
+  if (apply_tile_override(plan, sm90)) size_splits(plan, N * Hkv, Lq, Lk, sms, smem);
 
   AttentionParams params{};
   params.q = q.data();
@@ -254,35 +266,74 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
   params.splits = plan.splits;
 
   const std::int64_t rows = N * Hq * Lq;
+  const dim3 grid(unsigned((Lq * group + plan.block_m() - 1) / plan.block_m()), unsigned(N * Hkv),
+                  unsigned(plan.splits));
   std::optional<cuda::StreamScratch> workspace;  // the split-KV partials
   if (plan.splits > 1) {
-    // [splits, rows, Dv] partial outputs, then [splits, rows] LSEs.
+    // [splits, rows, Dv] partial outputs, [splits, rows] LSEs, then one arrival counter per row
+    // tile (zeroed here; the kernel's last block per row tile combines).
     const std::size_t floats = std::size_t(plan.splits) * std::size_t(rows) * (v.size(3) + 1);
-    workspace.emplace(kOp, device, floats * sizeof(float), stream);
+    const std::size_t counters = std::size_t(grid.x) * grid.y;
+    workspace.emplace(kOp, device, (floats + counters) * 4, stream);
     params.o_part = static_cast<float*>(workspace->get());
     params.lse_part = params.o_part + std::size_t(plan.splits) * std::size_t(rows) * v.size(3);
+    params.arrivals = reinterpret_cast<unsigned*>(params.o_part + floats);
+    cuda::check(
+        cudaMemsetAsync(params.arrivals, 0, counters * 4, static_cast<cudaStream_t>(stream)), kOp,
+        "cudaMemsetAsync(arrival counters)");
   }
   const auto kernel = jit::process_cache().kernel(kernel_spec(plan), device);
   void* args[] = {&params};
-  const dim3 grid(unsigned((Lq * group + plan.block_m() - 1) / plan.block_m()), unsigned(N * Hkv),
-                  unsigned(plan.splits));
   jit::launch(kOp, kernel, grid, dim3(unsigned(plan.threads())), std::size_t(plan.smem_bytes()),
               stream, args);
-  if (plan.splits > 1) {
-    const auto combine = jit::process_cache().kernel(combine_spec(plan), device);
-    jit::launch(kOp, combine, dim3(unsigned((rows + 3) / 4)), dim3(128), 0, stream, args);
-  }
 }
 
 }  // namespace
 
+int resident_blocks(const Plan& plan, int smem_per_sm) {
+  // Shared memory (the runtime reserves 1 KB a block) and registers (up to 255 a thread, fewer
+  // when the block is too large for that).
+  const int threads = plan.threads();
+  const int by_smem = smem_per_sm / (plan.smem_bytes() + 1024);
+  const int by_registers = 65536 / (threads * std::min(255, 65536 / threads));
+  return std::max(1, std::min({by_smem, by_registers, 2048 / threads}));
+}
+
+void size_splits(Plan& plan, long long batch_kv_heads, long long lq, long long lk, int sm_count,
+                 int smem_per_sm) {
+  const long long blocks = (lq * plan.group + plan.block_m() - 1) / plan.block_m() * batch_kv_heads;
+  const long long tiles = (lk + plan.block_n - 1) / plan.block_n;
+  plan.splits = 1;
+  if (lq * plan.group > 16) {
+    // Prefill: split only when the row tiles leave SMs idle; aim at two blocks per SM, at least
+    // two KV tiles per split.
+    if (blocks < sm_count) {
+      const long long want = (2LL * sm_count + blocks - 1) / blocks;
+      plan.splits = int(std::clamp<long long>(std::min(want, tiles / 2), 1, kMaxSplits));
+    }
+    return;
+  }
+  // Decode: the split whose busiest SM streams the fewest tiles, counting whole waves of resident
+  // blocks and a fixed cost of two tiles' time a block (pipeline fill, epilogue, combine); ties
+  // go to fewer splits. B1 H32 KV 4096 on 132 SMs, 1 block an SM: 4 splits of 8 tiles (10)
+  // beat 8 splits in 2 waves (12).
+  constexpr long long kBlockCost = 2;
+  const long long slots = (long long)sm_count * resident_blocks(plan, smem_per_sm);
+  long long best_cost = LLONG_MAX;
+  for (long long s = 1; s <= std::min<long long>(tiles, kMaxSplits); ++s) {
+    const long long waves = (blocks * s + slots - 1) / slots;
+    const long long cost = waves * ((tiles + s - 1) / s + kBlockCost);
+    if (cost < best_cost) best_cost = cost, plan.splits = int(s);
+  }
+}
+
 int Plan::smem_bytes() const {
-  return attention_smem_bytes(head_dim, head_dim_v, warps_m, warps_n, block_n, stages);
+  return attention_smem_bytes(head_dim, head_dim_v, warps_m, warps_n, block_n, stages, bulk);
 }
 
 Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int group, bool causal,
                int mask, int kv_len, bool softcap, long long batch_kv_heads, long long lq,
-               long long lk, int sm_count) {
+               long long lk, int sm_count, int smem_per_sm, bool sm90) {
   Plan plan;
   plan.kv = kv;
   plan.q = q;
@@ -294,15 +345,24 @@ Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int g
   plan.mask = mask;
   plan.kv_len = kv_len;
   plan.softcap = softcap;
-  // Measured on an H200 (NOTES.md, v1 sweep), bf16: decode B1 H32 D128 KV 32768 2620 GB/s with
-  // a 2-deep ring against 2199 with 3 (smaller blocks, more per SM); prefill D128 L4608 207 TFLOP/s
-  // with 8 warps of rows against 182 with 4 (K/V tiles shared by 128 rows); D64 162 against 158
-  // with 2 stages instead of 3. Head dims above 128 keep 32-key tiles (registers).
+  // Measured on an H200 (NOTES.md, v1 sweep), bf16: prefill D128 L4608 207 TFLOP/s with 8 warps
+  // of rows against 182 with 4 (K/V tiles shared by 128 rows); D64 162 against 158 with 2 stages
+  // instead of 3. Head dims above 128 keep 32-key tiles (registers).
   const int widest = std::max(head_dim, head_dim_v);
-  const bool decode = lq * group <= 16;
-  if (decode) {
-    // One row tile; 4 warps split each 64-key tile (16 keys each).
-    plan.warps_m = 1, plan.warps_n = 4, plan.block_n = 64, plan.stages = 2;
+  if (lq * group <= 16) {
+    // Decode: one row tile; 4 warps split each KV tile, 32 keys a warp (16 above D 128, for
+    // registers), and the ring as deep as one block's shared memory allows, up to 4 tiles. H200,
+    // B1 H32 D128 KV 131072 (NOTES.md, Decode v2): 4.13 TB/s with 3 x 128 keys against 3.11 with
+    // 5 x 64 (the same bytes in flight) and 4.10 with two blocks of 2 x 64 an SM.
+    plan.warps_m = 1, plan.warps_n = 4, plan.block_n = widest <= 128 ? 128 : 64;
+    plan.stages = 2;
+    plan.bulk = sm90;
+    while (plan.stages < 4) {
+      Plan deeper = plan;
+      ++deeper.stages;
+      if (deeper.smem_bytes() + 1024 > smem_per_sm) break;
+      plan = deeper;
+    }
   } else if (widest <= 64) {
     plan.warps_m = 4, plan.warps_n = 1, plan.block_n = 64, plan.stages = 2;
   } else if (widest <= 128) {
@@ -310,88 +370,80 @@ Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int g
   } else {
     plan.warps_m = 4, plan.warps_n = 1, plan.block_n = 32, plan.stages = 2;
   }
-  // Split the keys across blocks when the row tiles alone leave the GPU under-filled: aim at two
-  // blocks per SM, at least two KV tiles per split.
-  const long long blocks = (lq * group + plan.block_m() - 1) / plan.block_m() * batch_kv_heads;
-  const long long tiles = (lk + plan.block_n - 1) / plan.block_n;
-  const long long target = 2LL * sm_count;
-  if (blocks < (decode ? target : sm_count)) {
-    const long long want = (target + blocks - 1) / blocks;
-    plan.splits = int(std::clamp<long long>(std::min(want, tiles / 2), 1, kMaxSplits));
-  }
+  size_splits(plan, batch_kv_heads, lq, lk, sm_count, smem_per_sm);
   return plan;
 }
 
 jit::KernelSpec kernel_spec(const Plan& plan) {
-  return {kKernelSource,
-          "kiln::attention_kernel",
-          {{"T", jit::cpp_type(kOp, plan.kv)},
-           {"TQ", jit::cpp_type(kOp, plan.q)},
-           {"TO", jit::cpp_type(kOp, plan.out)},
-           {"D", std::to_string(plan.head_dim)},
-           {"DV", std::to_string(plan.head_dim_v)},
-           {"WARPS_M", std::to_string(plan.warps_m)},
-           {"WARPS_N", std::to_string(plan.warps_n)},
-           {"BLOCK_N", std::to_string(plan.block_n)},
-           {"STAGES", std::to_string(plan.stages)},
-           {"G", std::to_string(plan.group)},
-           {"CAUSAL", jit::cpp_bool(plan.causal)},
-           {"MASK", mask_name(plan.mask)},
-           {"KV_LEN", kv_len_name(plan.kv_len)},
-           {"SOFTCAP", jit::cpp_bool(plan.softcap)},
-           {"SPLIT", jit::cpp_bool(plan.splits > 1)}}};
-}
-
-jit::KernelSpec combine_spec(const Plan& plan) {
-  return {kCombineSource,
-          "kiln::attention_combine",
-          {{"TO", jit::cpp_type(kOp, plan.out)}, {"DV", std::to_string(plan.head_dim_v)}}};
+  jit::KernelSpec spec{kKernelSource,
+                       "kiln::attention_kernel",
+                       {{"T", jit::cpp_type(kOp, plan.kv)},
+                        {"TQ", jit::cpp_type(kOp, plan.q)},
+                        {"TO", jit::cpp_type(kOp, plan.out)},
+                        {"D", std::to_string(plan.head_dim)},
+                        {"DV", std::to_string(plan.head_dim_v)},
+                        {"WARPS_M", std::to_string(plan.warps_m)},
+                        {"WARPS_N", std::to_string(plan.warps_n)},
+                        {"BLOCK_N", std::to_string(plan.block_n)},
+                        {"STAGES", std::to_string(plan.stages)},
+                        {"G", std::to_string(plan.group)},
+                        {"CAUSAL", jit::cpp_bool(plan.causal)},
+                        {"MASK", mask_name(plan.mask)},
+                        {"KV_LEN", kv_len_name(plan.kv_len)},
+                        {"SOFTCAP", jit::cpp_bool(plan.softcap)},
+                        {"SPLIT", jit::cpp_bool(plan.splits > 1)},
+                        {"BULK", jit::cpp_bool(plan.bulk)}}};
+  if (plan.bulk) spec.archs = {"sm_90a"};
+  return spec;
 }
 
 std::vector<jit::KernelSpec> variants(const std::string& workload) {
   std::vector<jit::KernelSpec> specs;
-  constexpr int kSms = 132;  // H100 / H200; the split decision is taken again on each device
-  const auto add = [&](Plan plan) {
-    specs.push_back(kernel_spec(plan));
-    if (plan.splits > 1) specs.push_back(combine_spec(plan));
+  // H100 / H200: 132 SMs, 228 KB of shared memory each; the plan is made again on each device.
+  constexpr int kSms = 132;
+  constexpr int kSmem = 228 * 1024;
+  // Each problem's plan for an sm_80 and an sm_90a device (decode differs: bulk copies on sm_90a).
+  const auto add = [&](auto... problem) {
+    for (bool sm90 : {false, true}) {
+      jit::KernelSpec spec = kernel_spec(make_plan(problem..., kSms, kSmem, sm90));
+      const bool known = std::any_of(specs.begin(), specs.end(), [&](const jit::KernelSpec& s) {
+        return s.key() == spec.key() && s.archs == spec.archs;
+      });
+      if (!known) specs.push_back(std::move(spec));
+    }
   };
   const DType bf = DType::bf16;
   if (workload == "flux") {
     // Flux.1/Flux.2: 24 heads of 128, non-causal, bf16 (and f32 q, as stable-diffusion.cpp
     // passes it); 1536 to 13056 tokens.
     for (long long length : {1536LL, 4608LL, 13056LL}) {
-      add(make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24, length,
-                    length, kSms));
+      add(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24, length, length);
     }
-    add(make_plan(DType::f32, bf, DType::f32, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24,
-                  4608, 4608, kSms));
+    add(DType::f32, bf, DType::f32, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24, 4608,
+        4608);
     specs.push_back(prefill_sm90_spec(bf, bf, 128, false, kKvLenNone, false));
   } else if (workload == "llm") {
     // Llama-style prefill (causal, D 64 and 128, GQA 1, 4 and 8) and decode with a KV cache
     // (kv_len i32, one new token, GQA 1, 4 and 8).
     for (int d : {64, 128}) {
       for (int group : {1, 4, 8}) {
-        add(make_plan(bf, bf, bf, d, d, group, true, kMaskNone, kKvLenNone, false, 32 / group, 8192,
-                      8192, kSms));
+        add(bf, bf, bf, d, d, group, true, kMaskNone, kKvLenNone, false, 32 / group, 8192, 8192);
         if (group == 1) specs.push_back(prefill_sm90_spec(bf, bf, d, true, kKvLenNone, false));
-        add(make_plan(bf, bf, bf, d, d, group, false, kMaskNone, kKvLenI32, false, 32 / group, 1,
-                      32768, kSms));
+        add(bf, bf, bf, d, d, group, false, kMaskNone, kKvLenI32, false, 32 / group, 1, 32768);
       }
     }
-    add(make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1, 4096, kSms));
-    add(make_plan(bf, bf, bf, 128, 128, 4, false, kMaskNone, kKvLenNone, false, 8, 1, 4096, kSms));
-    add(make_plan(bf, bf, bf, 64, 64, 1, false, kMaskNone, kKvLenNone, false, 64, 4096, 4096,
-                  kSms));
+    add(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1, 4096);
+    add(bf, bf, bf, 128, 128, 4, false, kMaskNone, kKvLenNone, false, 8, 1, 4096);
+    add(bf, bf, bf, 64, 64, 1, false, kMaskNone, kKvLenNone, false, 64, 4096, 4096);
     // Gemma 2: softcap 50, head dim 256, GQA 2.
-    add(make_plan(bf, bf, bf, 256, 256, 2, true, kMaskNone, kKvLenNone, true, 8, 4096, 4096, kSms));
+    add(bf, bf, bf, 256, 256, 2, true, kMaskNone, kKvLenNone, true, 8, 4096, 4096);
   } else if (workload == "attention-head-dims") {
     // The head dims in use (SD/SDXL 64 and 40 in fp16, 80, 96, 128, 192, 256) with an additive
     // f16 mask on the fp16 ones.
     for (int d : {40, 64, 80, 96, 128, 192, 256}) {
-      add(make_plan(bf, bf, bf, d, d, 1, false, kMaskNone, kKvLenNone, false, 16, 4096, 4096,
-                    kSms));
-      add(make_plan(DType::f16, DType::f16, DType::f16, d, d, 1, false, kMaskF16, kKvLenNone, false,
-                    16, 4096, 77, kSms));
+      add(bf, bf, bf, d, d, 1, false, kMaskNone, kKvLenNone, false, 16, 4096, 4096);
+      add(DType::f16, DType::f16, DType::f16, d, d, 1, false, kMaskF16, kKvLenNone, false, 16, 4096,
+          77);
     }
   }
   return specs;

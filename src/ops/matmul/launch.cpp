@@ -173,8 +173,9 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
   if (workload != "llm" && workload != "flux") return specs;
   specs = quantize_variants(DType::bf16);
   if (workload == "llm") {
-    // Decode (M = 1) and small batches (M = 4) of ANCHORS' LLM shapes, bf16 activations and out:
-    // fp8 weights with each scale kind, Q8_0, and bf16.
+    // Decode (M = 1) and small batches (M = 4, 16) of ANCHORS' LLM shapes, bf16 activations and
+    // out: fp8 weights with each scale kind, Q8_0, and bf16 (M = 16: the GEMV's tensor-core kernel
+    // for every format, with two token fragments).
     struct WeightCase {
       WeightFormat format;
       ScaleKind scale;
@@ -183,7 +184,7 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
         {WeightFormat::f8_e4m3fn, ScaleKind::tensor},   {WeightFormat::f8_e4m3fn, ScaleKind::row},
         {WeightFormat::f8_e4m3fn, ScaleKind::block128}, {WeightFormat::f8_e5m2, ScaleKind::tensor},
         {WeightFormat::q8_0, ScaleKind::none},          {WeightFormat::bf16, ScaleKind::none}};
-    for (std::int64_t m : {1, 4}) {
+    for (std::int64_t m : {1, 4, 16}) {
       for (const WeightCase& wc : weights) {
         MatmulProblem p;
         p.m = m;

@@ -1,5 +1,5 @@
-// The small-M path: plan (rows per warp, split-K, vector loads), JIT spec and launch of
-// kernels/gemv.cuh.
+// The small-M path: plan (tensor-core or CUDA-core kernel, warps, split-K, vector loads), JIT spec
+// and launch of kernels/gemv.cuh.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -19,9 +19,16 @@ namespace {
 
 constexpr const char* kOp = "matmul";
 constexpr const char* kSource = "ops/matmul/kernels/gemv.cuh";
-constexpr int kWarps = 4;      // warps per block
+constexpr int kWarps = 4;      // warps per block (CUDA-core kernel)
 constexpr int kUnroll = 2;     // chunks of each row in flight (gemv.cuh's U)
 constexpr int kQ8Step = 1024;  // K covered by one q8_0 stage of 32 blocks
+constexpr int kMmaRows = 16;   // weight rows of one tensor-core block (the mma's M)
+constexpr int kMmaK = 128;     // granule of a warp's K slice (block128's chunk, 2-4 segments)
+// Where the CUDA-core kernel stays (NOTES.md, "GEMV v2", 1 x 4096 x 14336): q8_0 at M <= 4, its
+// 16-byte staged loads against the tensor-core kernel's 4-byte ones (0.0242 ms against 0.0388);
+// f16 / bf16 weights at M <= 2, one integer op a value to decode (0.0308 against 0.0343).
+constexpr std::int64_t kQ8CudaCoreUpToM = 4;
+constexpr std::int64_t k16BitCudaCoreUpToM = 2;
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
@@ -48,8 +55,24 @@ int format_value(WeightFormat format) {
 // K values of one 16-byte weight chunk.
 int chunk_values(WeightFormat format) { return is_fp8(format) ? 16 : 8; }
 
+// The tensor-core kernel takes f16 / bf16 a with 16-byte-aligned rows, and 16-byte weight chunks
+// of an fp8 format or of a's own type, or q8_0 rows of whole 64-value block pairs (4-byte
+// aligned); f32 and fp8 a, f16 weights under bf16 a (and the reverse), unaligned operands, and
+// q8_0 and 16-bit weights at the small M above take the CUDA-core kernel.
+bool mma_applies(const MatmulProblem& p, bool vec, bool a_vec) {
+  if (p.a_dtype != DType::f16 && p.a_dtype != DType::bf16) return false;
+  if (p.w_format == WeightFormat::q8_0) {
+    return p.m > kQ8CudaCoreUpToM && a_vec && aligned(p.w, 4) && p.k % 64 == 0;
+  }
+  if (is_fp8(p.w_format)) return vec && a_vec;
+  return p.m > k16BitCudaCoreUpToM && vec && a_vec && storage_dtype(p.w_format) == p.a_dtype;
+}
+
 struct GemvPlan {
-  int rows_per_warp = 4;  // R
+  bool mma = false;       // gemv_mma_kernel (else gemv_kernel)
+  int warps = kWarps;     // per block (mma: along K)
+  int segments = 4;       // mma: segments of each row in flight (gemv.cuh's U)
+  int rows_per_warp = 4;  // R (CUDA-core kernel)
   bool vec = false;       // 16-byte weight loads
   bool a_vec = false;     // 16-byte loads of a
   bool split = false;
@@ -67,8 +90,34 @@ GemvPlan plan_gemv(const MatmulProblem& p) {
   const bool w_rows_aligned = p.w_row_bytes % 16 == 0;
   plan.vec = aligned(p.w, 16) && w_rows_aligned;
   const std::size_t a_elem = dtype_size(p.a_dtype);
-  plan.a_vec = plan.vec && aligned(p.a, 16) &&
-               (p.m == 1 || (p.a_row_stride * std::int64_t(a_elem)) % 16 == 0);
+  const bool a_aligned =
+      aligned(p.a, 16) && (p.m == 1 || (p.a_row_stride * std::int64_t(a_elem)) % 16 == 0);
+  plan.a_vec = plan.vec && a_aligned;
+  plan.mma = mma_applies(p, plan.vec, a_aligned);
+  int sms = 0;
+  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), kOp,
+              "cudaDeviceGetAttribute (SM count)");
+  if (plan.mma) {
+    // A block per 16 rows, its warps along K, each warp with U segments of both its rows in
+    // flight (fp8 / 16-bit: 4 segments, 8 KiB a warp; q8_0: 2, of 14 loads each). 4 warps where
+    // the tiles give many blocks an SM, else 8: fp8 from 4 blocks an SM (N >= 8448 on 132 SMs;
+    // NOTES.md "GEMV v2": 4 x 4 at 1 x 3072 x 9216 0.0147 ms against 8 x 4 0.0154; 8 x 4 at
+    // 1 x 4096 x 4096 0.0107 against 4 x 4 0.0133), q8_0 and 16-bit from 6 (as measured). Fewer
+    // than 8 warps an SM in all (small N): split K over grid y too.
+    const std::int64_t tiles = ceil_div(p.n, kMmaRows);
+    plan.segments = p.w_format == WeightFormat::q8_0 ? 2 : 4;
+    plan.warps = tiles >= (is_fp8(p.w_format) ? 4LL : 6LL) * sms ? 4 : 8;
+    plan.row_blocks = tiles;
+    const std::int64_t granule = std::int64_t(plan.warps) * kMmaK;
+    std::int64_t splits = 1;
+    if (tiles * plan.warps < 8LL * sms) {
+      splits = std::min(ceil_div(p.k, granule), ceil_div(8LL * sms, tiles * plan.warps));
+    }
+    plan.k_per_split = ceil_div(ceil_div(p.k, splits), granule) * granule;
+    plan.splits = ceil_div(p.k, plan.k_per_split);
+    plan.split = plan.splits > 1;
+    return plan;
+  }
   plan.row_blocks = ceil_div(p.n, std::int64_t(kWarps) * plan.rows_per_warp);
 
   // Split K when the rows alone give fewer blocks than SMs (small N, long K): each split's partial
@@ -77,9 +126,6 @@ GemvPlan plan_gemv(const MatmulProblem& p) {
       p.w_format == WeightFormat::q8_0
           ? kQ8Step
           : std::int64_t(32) * (plan.vec ? chunk_values(p.w_format) : 1) * kUnroll;
-  int sms = 0;
-  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device), kOp,
-              "cudaDeviceGetAttribute (SM count)");
   const std::int64_t units = ceil_div(p.k, unit);
   std::int64_t splits = 1;
   if (plan.row_blocks < sms) splits = std::min(units, ceil_div(4LL * sms, plan.row_blocks));
@@ -91,6 +137,20 @@ GemvPlan plan_gemv(const MatmulProblem& p) {
 
 jit::KernelSpec gemv_spec(const MatmulProblem& p, const GemvPlan& plan) {
   const bool bias = p.bias != nullptr;
+  if (plan.mma) {
+    return {kSource,
+            "kiln::gemv_mma_kernel",
+            {{"Ta", jit::cpp_type(kOp, p.a_dtype)},
+             {"WFMT", std::to_string(format_value(p.w_format))},
+             {"Tout", jit::cpp_type(kOp, p.out_dtype)},
+             {"Tbias", bias ? jit::cpp_type(kOp, p.bias_dtype) : "float"},
+             {"M", std::to_string(p.m)},
+             {"WARPS", std::to_string(plan.warps)},
+             {"U", std::to_string(plan.segments)},
+             {"WKIND", std::to_string(int(p.w_scale_kind))},
+             {"BIAS", bias ? "true" : "false"},
+             {"SPLIT", plan.split ? "true" : "false"}}};
+  }
   return {kSource,
           "kiln::gemv_kernel",
           {{"Ta", jit::cpp_type(kOp, p.a_dtype)},
@@ -175,6 +235,9 @@ jit::KernelSpec gemv_spec_for(const MatmulProblem& problem) {
   plan.rows_per_warp = problem.m <= 4 ? 4 : 2;
   plan.vec = true;
   plan.a_vec = true;
+  plan.mma = mma_applies(problem, plan.vec, plan.a_vec);
+  plan.warps = plan.mma ? 8 : kWarps;  // the plan at N < 8448 on 132 SMs
+  plan.segments = problem.w_format == WeightFormat::q8_0 ? 2 : 4;
   return gemv_spec(problem, plan);
 }
 
@@ -187,7 +250,7 @@ void launch_gemv(const MatmulProblem& p) {
   const std::string why = gemv_unsupported(p);
   if (!why.empty()) check::fail(kOp, ErrorCode::unsupported, "path gemv: " + why);
   const GemvPlan plan = plan_gemv(p);
-  if (!plan.vec) {
+  if (!plan.vec && !plan.mma) {
     log::warning_once("gemv_scalar_" + std::string(weight_format_name(p.w_format)),
                       "matmul: GEMV weight rows are not 16-byte aligned (format " +
                           std::string(weight_format_name(p.w_format)) +
@@ -215,13 +278,14 @@ void launch_gemv(const MatmulProblem& p) {
   const auto kernel = jit::process_cache().kernel(gemv_spec(p, plan), p.device);
   void* args[] = {&g};
   const dim3 grid(unsigned(plan.row_blocks), unsigned(plan.splits));
+  const dim3 block(unsigned(plan.warps * 32));
   if (!plan.split) {
-    jit::launch(kOp, kernel, grid, dim3(kWarps * 32), 0, p.stream, args);
+    jit::launch(kOp, kernel, grid, block, 0, p.stream, args);
     return;
   }
   Partial partial(std::size_t(plan.splits * p.m * p.n) * sizeof(float), p.stream);
   g.partial = partial.get();
-  jit::launch(kOp, kernel, grid, dim3(kWarps * 32), 0, p.stream, args);
+  jit::launch(kOp, kernel, grid, block, 0, p.stream, args);
   launch_epilogue(p, partial.get(), plan.splits);
 }
 

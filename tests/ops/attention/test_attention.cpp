@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -60,6 +61,7 @@ struct Case {
   float input_range = 1.f;  // q, k, v uniform in [-range, range)
   Layout layout = Layout::contiguous;
   bool lse = false;
+  std::int64_t kv_len_cap = 0;  // > 0: batches between the first and the last see <= this many keys
 
   std::string name() const {
     static const char* layouts[] = {"contiguous", "packed_qkv", "kv_cache"};
@@ -77,6 +79,7 @@ struct Case {
     if (scale > 0) s += "_scale" + std::to_string(int(scale * 100));
     if (input_range != 1.f) s += "_range" + std::to_string(int(input_range));
     if (lse) s += "_lse";
+    if (kv_len_cap > 0) s += "_kvlencap" + std::to_string(kv_len_cap);
     return s + "_" + layouts[int(layout)];
   }
 };
@@ -206,7 +209,7 @@ std::unique_ptr<Inputs> make_inputs(const Case& c, Rng& rng) {
   if (c.kv_len != KvLen::none) {
     const DType dtype = c.kv_len == KvLen::i32 ? DType::i32 : DType::i64;
     in->kv_len = make_tensor(dtype, {c.N});
-    std::uniform_int_distribution<std::int64_t> len(1, c.Lk);
+    std::uniform_int_distribution<std::int64_t> len(1, c.kv_len_cap > 0 ? c.kv_len_cap : c.Lk);
     for (std::int64_t n = 0; n < c.N; ++n) {
       // Batch 0 sees no key at all; the last sees all of them.
       const std::int64_t value_n = n == 0 ? 0 : n == c.N - 1 ? c.Lk : len(rng.engine());
@@ -482,6 +485,15 @@ std::vector<Case> cases() {
       {3, 4, 4, 64, 129, 128, 128, hf, f32, f32, true, MaskKind::none, KvLen::none, 0, 0, 1,
        Layout::kv_cache},
       {3, 2, 2, 7, 64, 96, 96, bf, f32, f32},
+      // Split-KV decode: 71 tiles of 128 keys in 18 chunks of 3 or 4 (the chunks do not divide
+      // the tiles), per-batch lengths ending inside a chunk, and lengths shorter than one tile
+      // (most chunks of those batches see no key); the LSE comes from the combine.
+      {3, 8, 2, 1, 9000, 128, 128, bf, bf, bf, false, MaskKind::none, KvLen::i32, 0, 0, 1,
+       Layout::contiguous, true},
+      {3, 8, 2, 1, 9000, 64, 64, hf, hf, f32, false, MaskKind::none, KvLen::i64, 0, 0, 1,
+       Layout::kv_cache, true, 100},
+      {3, 8, 2, 1, 9000, 64, 64, bf, bf, bf, false, MaskKind::bf16_padding, KvLen::none, 0, 0, 1,
+       Layout::contiguous, true},
   };
   // Every head dim in use and odd multiples of 8, D != Dv.
   for (std::int64_t d : {40, 64, 72, 80, 96, 128, 192, 256}) {
@@ -515,6 +527,8 @@ std::vector<Case> sanitizer_cases() {
        Layout::kv_cache, true},
       {2, 2, 2, 33, 65, 72, 40, hf, hf, f32, false, MaskKind::f16_batched, KvLen::none, 30.f},
       {1, 2, 2, 40, 40, 256, 256, bf, bf, bf, true},
+      {2, 4, 1, 1, 3000, 64, 64, bf, bf, bf, false, MaskKind::none, KvLen::i32, 0, 0, 1,
+       Layout::contiguous, true, 200},
   };
 }
 
@@ -526,6 +540,35 @@ TEST_P(AttentionSanitize, CudaMatchesCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionSanitize, ::testing::ValuesIn(sanitizer_cases()),
+                         [](const auto& param_info) { return param_info.param.name(); });
+
+// The cp.async decode path (sm_80's; sm_90a decode takes bulk copies) on any device, through
+// KILN_ATTENTION_TILE with bulk 0 (a 2-deep ring of 128-key tiles fits an sm_80 SM too).
+std::vector<Case> cp_async_decode_cases() {
+  const DType bf = DType::bf16, hf = DType::f16, f32 = DType::f32;
+  return {
+      {3, 8, 2, 1, 9000, 128, 128, bf, bf, bf, false, MaskKind::none, KvLen::i32, 0, 0, 1,
+       Layout::contiguous, true},
+      {3, 8, 2, 1, 1000, 128, 128, bf, f32, bf, false, MaskKind::none, KvLen::i32, 0, 0, 1,
+       Layout::kv_cache, true, 100},
+      {3, 4, 4, 7, 129, 64, 64, bf, bf, bf, true},
+      {2, 4, 1, 1, 129, 72, 72, hf, hf, hf, false, MaskKind::bf16_padding},
+  };
+}
+
+class AttentionCpAsyncDecode : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override { ::setenv("KILN_ATTENTION_TILE", "1,4,128,2,0", 1); }
+  void TearDown() override { ::unsetenv("KILN_ATTENTION_TILE"); }
+};
+
+TEST_P(AttentionCpAsyncDecode, CudaMatchesCpu) {
+  KILN_REQUIRE_GPU();
+  check_gpu(GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, AttentionCpAsyncDecode,
+                         ::testing::ValuesIn(cp_async_decode_cases()),
                          [](const auto& param_info) { return param_info.param.name(); });
 
 // CPU reference against closed forms: with q = 0 every visible key has the same score, so the
@@ -615,50 +658,79 @@ TEST(AttentionCpu, LowPrecisionReferenceIsCloseButNotExact) {
 
 // The launcher's plans: decode splits the keys until the GPU is full, large prefill does not, and
 // the JIT key names every specialization (what KILN_JIT_LOG prints).
+constexpr int kH200Smem = 228 * 1024;  // shared memory of an sm_90 SM
+constexpr int kA100Smem = 164 * 1024;  // ... of an sm_80 SM
+
 TEST(AttentionPlan, DecodeSplitsPrefillDoesNot) {
   using attention_detail::make_plan;
+  using attention_detail::resident_blocks;
   const DType bf = DType::bf16;
-  // Decode, B1 H32 D128, 32768 keys on 132 SMs: 32 row tiles, split to fill two blocks per SM.
-  const auto decode =
-      make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1, 32768, 132);
+  // Decode, B1 H32 D128, 32768 keys on 132 SMs: 32 keys a warp, a 3-deep ring of 128-key tiles
+  // (208 KB: one block an SM), 4 splits of 64 tiles = 128 blocks in one wave.
+  const auto decode = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1,
+                                32768, 132, kH200Smem, true);
   EXPECT_EQ(decode.warps_m, 1);
-  EXPECT_GT(decode.warps_n, 1);
-  EXPECT_EQ(decode.splits, 9);  // ceil(2 * 132 / 32)
-  // GQA 8:1 decode packs the group into one row tile: 4 KV heads, 66 splits.
-  const auto gqa =
-      make_plan(bf, bf, bf, 128, 128, 8, false, kMaskNone, kKvLenI32, false, 4, 1, 32768, 132);
+  EXPECT_EQ(decode.block_n / decode.warps_n, 32);
+  EXPECT_EQ(decode.stages, 3);
+  EXPECT_TRUE(decode.bulk);  // sm_90a: bulk copies
+  EXPECT_EQ(resident_blocks(decode, kH200Smem), 1);
+  EXPECT_EQ(decode.splits, 4);
+  // On an sm_80 SM (164 KB) the ring is 2 deep.
+  const auto a100 = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1,
+                              32768, 108, kA100Smem, false);
+  EXPECT_EQ(a100.stages, 2);
+  EXPECT_FALSE(a100.bulk);
+  // 10 splits: 320 blocks in 3 waves of 108, 26 tiles each (84), against 3 splits in one (88).
+  EXPECT_EQ(a100.splits, 10);
+  // GQA 8:1 decode packs the group into one row tile: 4 KV heads, 32 splits.
+  const auto gqa = make_plan(bf, bf, bf, 128, 128, 8, false, kMaskNone, kKvLenI32, false, 4, 1,
+                             32768, 132, kH200Smem, true);
   EXPECT_EQ(gqa.warps_m, 1);
-  EXPECT_EQ(gqa.splits, 66);
-  // Few keys: at most one split per two KV tiles.
-  const auto short_kv =
-      make_plan(bf, bf, bf, 64, 64, 1, false, kMaskNone, kKvLenNone, false, 8, 1, 200, 132);
-  EXPECT_EQ(short_kv.splits, 2);  // 4 tiles of 64 keys
+  EXPECT_EQ(gqa.splits, 32);
+  // Batch 8 fills two waves without splitting (2 splits: 4 waves of 32 tiles).
+  const auto batch = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 256, 1,
+                               8192, 132, kH200Smem, true);
+  EXPECT_EQ(batch.splits, 1);
+  // Few keys: at most one split per KV tile.
+  const auto short_kv = make_plan(bf, bf, bf, 64, 64, 1, false, kMaskNone, kKvLenNone, false, 8, 1,
+                                  200, 132, kH200Smem, true);
+  EXPECT_EQ(short_kv.splits, 2);  // 2 tiles of 128 keys
+  // Splits that do not divide the tiles: 71 tiles in 18 chunks.
+  const auto uneven = make_plan(bf, bf, bf, 128, 128, 4, false, kMaskNone, kKvLenI32, false, 6, 1,
+                                9000, 132, kH200Smem, true);
+  EXPECT_EQ(uneven.splits, 18);
   // Flux at 1024^2: 24 heads x 36 row tiles fill the GPU without splitting.
-  const auto flux =
-      make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24, 4608, 4608, 132);
+  const auto flux = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24,
+                              4608, 4608, 132, kH200Smem, true);
   EXPECT_EQ(flux.splits, 1);
   EXPECT_EQ(flux.warps_n, 1);
-  // Every plan fits the 227 KB an sm_80/sm_90 block may opt in to.
-  for (int d = 8; d <= 256; d += 8) {
-    for (long long lq : {1LL, 4096LL}) {
-      const auto plan =
-          make_plan(bf, bf, bf, d, d, 1, true, kMaskNone, kKvLenNone, false, 1, lq, 4096, 132);
-      EXPECT_LE(plan.smem_bytes(), 227 * 1024) << "D " << d << " Lq " << lq;
+  EXPECT_FALSE(flux.bulk);
+  // Every plan fits the shared memory a block may opt in to (the SM's less 1 KB).
+  for (int smem : {kH200Smem, kA100Smem}) {
+    for (int d = 8; d <= 256; d += 8) {
+      for (long long lq : {1LL, 4096LL}) {
+        const auto plan = make_plan(bf, bf, bf, d, d, 1, true, kMaskNone, kKvLenNone, false, 1, lq,
+                                    4096, 132, smem, smem == kH200Smem);
+        EXPECT_LE(plan.smem_bytes(), smem - 1024) << "D " << d << " Lq " << lq;
+        EXPECT_GE(resident_blocks(plan, smem), 1);
+      }
     }
   }
 }
 
 TEST(AttentionPlan, JitKeyNamesTheSpecialization) {
-  const auto plan = attention_detail::make_plan(DType::f32, DType::f16, DType::bf16, 72, 40, 4,
-                                                true, kMaskF16, kKvLenI64, true, 6, 1, 5000, 132);
+  const auto plan =
+      attention_detail::make_plan(DType::f32, DType::f16, DType::bf16, 72, 40, 4, true, kMaskF16,
+                                  kKvLenI64, true, 6, 1, 5000, 132, kH200Smem, true);
   const std::string key = attention_detail::kernel_spec(plan).key();
   for (const char* part :
        {"T=kiln::f16", "TQ=float", "TO=kiln::bf16", "D=72", "DV=40", "G=4", "CAUSAL=true",
-        "MASK=kiln::kMaskF16", "KV_LEN=kiln::kKvLenI64", "SOFTCAP=true", "SPLIT=true",
+        "MASK=kiln::kMaskF16", "KV_LEN=kiln::kKvLenI64", "SOFTCAP=true", "SPLIT=true", "BULK=true",
         "WARPS_M=", "WARPS_N=", "BLOCK_N=", "STAGES="}) {
     EXPECT_NE(key.find(part), std::string::npos) << part << " not in " << key;
   }
-  EXPECT_NE(attention_detail::combine_spec(plan).key().find("DV=40"), std::string::npos);
+  // The bulk-copy kernel is built for sm_90a only.
+  EXPECT_EQ(attention_detail::kernel_spec(plan).archs, std::vector<std::string>{"sm_90a"});
 }
 
 // Argument checks: each names the op, the argument, what was expected and what came.

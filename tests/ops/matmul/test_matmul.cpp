@@ -15,6 +15,7 @@
 #include <ostream>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -435,6 +436,28 @@ std::vector<GemvCase> gemv_cases() {
       {F::q8_0, Scale::none, DType::bf16, Scale::none, DType::bf16, DType::f16, 77, 1280});
   cases.push_back({F::bf16, Scale::none, DType::bf16, Scale::none, DType::f32, std::nullopt});
   cases.push_back({F::f16, Scale::none, DType::f16, Scale::none, DType::bf16, DType::bf16});
+  // The tensor-core kernel's decoders: e5m2 -> bf16 (NaN / inf vote) with block128 scales and
+  // K off the 128-chunk, e4m3 -> f16; M 9-16 take a second B fragment.
+  cases.push_back(
+      {F::f8_e5m2, Scale::block128, DType::bf16, Scale::none, DType::bf16, DType::f32, 45, 1088});
+  cases.push_back(
+      {F::f8_e4m3fn, Scale::tensor, DType::f16, Scale::none, DType::f16, DType::f16, 50, 2064});
+  // q8_0 with K off the 256-value 16-byte period but whole block pairs (the tensor-core kernel's
+  // 4-byte loads), f16 a.
+  cases.push_back(
+      {F::q8_0, Scale::none, DType::f16, Scale::none, DType::f32, DType::bf16, 29, 1088});
+  // Few rows, K = 3072 (a partial last step of the warps' 4-segment steps), split-K.
+  GemvCase six{F::f8_e4m3fn, Scale::block128, DType::bf16, Scale::none, DType::bf16, DType::bf16};
+  six.n = 40;
+  six.k = 3072;
+  six.ms = {2, 16};
+  cases.push_back(six);
+  // N large enough for 4 warps a block (>= 4 row tiles an SM), no split.
+  GemvCase wide{F::f8_e4m3fn, Scale::row, DType::bf16, Scale::none, DType::bf16, std::nullopt};
+  wide.n = 12801;
+  wide.k = 256;
+  wide.ms = {1, 9};
+  cases.push_back(wide);
   // fp8 activations with per-tensor and per-row scales.
   cases.push_back(
       {F::f8_e4m3fn, Scale::row, DType::f8_e4m3fn, Scale::tensor, DType::bf16, DType::bf16});
@@ -528,8 +551,13 @@ INSTANTIATE_TEST_SUITE_P(Cases, MatmulGemvCuda, ::testing::ValuesIn(gemv_cases()
 TEST(MatmulGemvCudaEdges, NanAndInfWeightCodesPropagate) {
   KILN_REQUIRE_GPU();
   Rng rng;
-  for (WeightFormat f : {WeightFormat::f8_e4m3fn, WeightFormat::f8_e5m2}) {
-    GemvCase c{f, Scale::none, DType::bf16, Scale::none, DType::f32, std::nullopt, 20, 512};
+  // Both tensor-core operand types (bf16, f16) for each fp8 format.
+  using Formats = std::pair<DType, WeightFormat>;
+  for (const auto& [a_dtype, f] :
+       {Formats{DType::bf16, WeightFormat::f8_e4m3fn}, Formats{DType::bf16, WeightFormat::f8_e5m2},
+        Formats{DType::f16, WeightFormat::f8_e4m3fn}, Formats{DType::f16, WeightFormat::f8_e5m2}}) {
+    SCOPED_TRACE(std::string("a ") + dtype_name(a_dtype) + ", w " + weight_format_name(f));
+    GemvCase c{f, Scale::none, a_dtype, Scale::none, DType::f32, std::nullopt, 20, 512};
     Problem p(c, 2, rng);
     // Row 3 gets a NaN code, row 7 (e5m2) an inf code; the rest stays finite.
     Weight w = p.weight(true);
@@ -564,12 +592,16 @@ TEST(MatmulGemvCudaEdges, EveryFp8CodeDecodesExactly) {
   KILN_REQUIRE_GPU();
   // Row n of a [256, 16] weight holds code n then zeros; a = [1, 0, ..., 0]: out[n] is the decoded
   // code, exactly, through the bit-trick decoder (and the exact one for the NaN / inf rows).
-  for (WeightFormat f : {WeightFormat::f8_e4m3fn, WeightFormat::f8_e5m2}) {
+  // Both tensor-core operand types (bf16, f16) for each fp8 format.
+  using Formats = std::pair<DType, WeightFormat>;
+  for (const auto& [a_dtype, f] :
+       {Formats{DType::bf16, WeightFormat::f8_e4m3fn}, Formats{DType::bf16, WeightFormat::f8_e5m2},
+        Formats{DType::f16, WeightFormat::f8_e4m3fn}, Formats{DType::f16, WeightFormat::f8_e5m2}}) {
     const DType dt = matmul_detail::storage_dtype(f);
     std::vector<std::uint8_t> w(256 * 16, 0);
     for (int n = 0; n < 256; ++n) w[std::size_t(n * 16)] = std::uint8_t(n);
     std::vector<std::uint16_t> a(16, 0);
-    a[0] = numeric::float_to_bf16(1.f);
+    a[0] = a_dtype == DType::bf16 ? numeric::float_to_bf16(1.f) : numeric::float_to_f16(1.f);
     DeviceBuffer wd(w.size()), ad(a.size() * 2), od(256 * 4);
     wd.upload(w.data(), w.size());
     ad.upload(a.data(), a.size() * 2);
@@ -580,7 +612,7 @@ TEST(MatmulGemvCudaEdges, EveryFp8CodeDecodesExactly) {
     weight.data = TensorView(wd.data(), dt, {256, 16}, Device::cuda(0));
     MatmulOptions o;
     o.path = MatmulPath::gemv;
-    matmul(TensorView(ad.data(), DType::bf16, {1, 16}, Device::cuda(0)), weight,
+    matmul(TensorView(ad.data(), a_dtype, {1, 16}, Device::cuda(0)), weight,
            TensorView(od.data(), DType::f32, {1, 256}, Device::cuda(0)), o);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::vector<float> got(256);
@@ -588,10 +620,12 @@ TEST(MatmulGemvCudaEdges, EveryFp8CodeDecodesExactly) {
     for (int n = 0; n < 256; ++n) {
       const float want = fp8_to_float(std::uint8_t(n), dt);
       if (std::isnan(want)) {
-        EXPECT_TRUE(std::isnan(got[std::size_t(n)])) << weight_format_name(f) << " code " << n;
+        EXPECT_TRUE(std::isnan(got[std::size_t(n)]))
+            << weight_format_name(f) << " code " << n << ", a " << dtype_name(a_dtype);
       } else {
         // +-0 codes: 1 * (+-0) + 0 * 0 + ... is +0 either way.
-        EXPECT_EQ(got[std::size_t(n)], want) << weight_format_name(f) << " code " << n;
+        EXPECT_EQ(got[std::size_t(n)], want)
+            << weight_format_name(f) << " code " << n << ", a " << dtype_name(a_dtype);
       }
     }
     EXPECT_TRUE(od.guards_intact());

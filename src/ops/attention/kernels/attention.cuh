@@ -11,24 +11,32 @@
 // (decode with 8 heads to a group fills 8 of a warp's 16 rows instead of 1). Each warp owns 16
 // rows; WARPS_N warps share those rows and split each KV tile of BLOCK_N keys between them
 // (decode: one row tile, 4 warps along the keys), combined through shared memory at the end.
-// K/V tiles stream through a STAGES-deep cp.async ring; Q stays in registers for D <= 128 and
+// K/V tiles stream through a STAGES-deep ring, by cp.async, or with BULK (sm_90a, the decode
+// plan there) by one bulk copy (TMA) a row issued by warp 0 and an mbarrier a slot; Q stays in
+// registers for D <= 128 and
 // is re-read from shared memory above that. Shared-memory rows are padded to an odd number of
 // 16-byte chunks (attention_pitch), which makes every ldmatrix conflict-free for any D.
-// gridDim = (row tiles, N * Hkv, splits); with SPLIT each z-slice covers one KV chunk and writes
-// an f32 partial output and its LSE for attention_combine (combine.cuh).
+// gridDim = (row tiles, N * Hkv, splits); with SPLIT each z-slice covers one KV chunk (the tiles
+// spread evenly) and writes an f32 partial output and its LSE, then counts its arrival on the
+// row tile's counter; the last block to arrive combines the partials (combine.cuh).
 //
 // Limits: D, DV multiples of 8 up to 256; q/k/v rows contiguous and 16-byte aligned (the
 // launcher checks); out contiguous. A row with no visible key writes zeros and LSE -inf.
 //
 // Measured on an H200 (v1, bf16; every version in ../NOTES.md): Flux B1 H24 L4608 D128 207 TFLOP/s
 // with 8 warps of rows (0.63x SDPA's FA2, 0.33x cuDNN: mma.sync with 16 rows a warp feeds each
-// ldmatrix'd K/V fragment to one MMA); decode B1 H32 KV32768 2620 GB/s of K+V with a 2-deep ring
-// (74 KB of shared memory a block, more blocks per SM) against 2199 GB/s with a 3-deep one.
+// ldmatrix'd K/V fragment to one MMA). Decode (v2): B1 H32 KV131072 4.1 TB/s of K+V with 128-key
+// tiles, 32 keys a warp, a 3-deep ring (208 KB, one block an SM) and 4 splits (128 blocks, one
+// wave), against 3.1 TB/s for 64-key tiles 5 deep (the same bytes in flight, twice the
+// iterations) and 3.5 TB/s for v1's plan.
 #pragma once
 
+#include "device/bulk_copy.cuh"
 #include "device/mma.cuh"
 #include "device/numeric.cuh"
+#include "device/sm90.cuh"
 #include "device/vec.cuh"
+#include "ops/attention/kernels/combine.cuh"
 #include "ops/attention/kernels/params.cuh"
 
 namespace kiln {
@@ -52,7 +60,7 @@ __device__ __forceinline__ float load_mask(const void* mask, long long i) {
 
 template <typename T, typename TQ, typename TO, int D, int DV, int WARPS_M, int WARPS_N,
           int BLOCK_N, int STAGES, int G, bool CAUSAL, int MASK, int KV_LEN, bool SOFTCAP,
-          bool SPLIT>
+          bool SPLIT, bool BULK>
 __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     attention_kernel(const __grid_constant__ AttentionParams p) {
   constexpr int kThreads = 32 * WARPS_M * WARPS_N;
@@ -78,6 +86,9 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   T* s_q = reinterpret_cast<T*>(smem);         // (kBlockM, kQkPitch)
   T* s_k = s_q + kBlockM * kQkPitch;           // (STAGES, BLOCK_N, kQkPitch)
   T* s_v = s_k + STAGES * BLOCK_N * kQkPitch;  // (STAGES, BLOCK_N, kVPitch)
+  // BULK: one mbarrier a ring slot, after the tiles (and the epilogue, which reuses them).
+  u64* full = reinterpret_cast<u64*>(
+      smem + attention_tiles_bytes(D, DV, WARPS_M, WARPS_N, BLOCK_N, STAGES));  // (STAGES)
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -111,9 +122,10 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     const i64 causal_tiles = last_key < 0 ? 0 : last_key / BLOCK_N + 1;
     tiles = tiles < causal_tiles ? tiles : causal_tiles;
   }
-  const i64 per_split = (tiles + p.splits - 1) / p.splits;
-  const i64 t_begin = blockIdx.z * per_split;
-  const i64 t_end = t_begin + per_split < tiles ? t_begin + per_split : tiles;
+  // Chunk z of the split: the tiles spread evenly, chunk sizes differ by at most one tile (a
+  // chunk may be empty when the visible keys are few).
+  const i64 t_begin = blockIdx.z * tiles / p.splits;
+  const i64 t_end = (blockIdx.z + 1) * tiles / p.splits;
 
   // Global offset of packed row r (clamped into range: rows past the end load row 0's data).
   const auto row_coords = [&](i64 r, i64& query, i64& head) {
@@ -174,11 +186,57 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     }
   };
 
-  // Prologue: Q and the first STAGES - 1 tiles, one commit group per tile (Q rides in the first).
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (t_begin + s < t_end) load_kv(t_begin + s, s);
+  // BULK (sm_90a): the valid rows of a tile, one bulk copy a K row and a V row issued by the
+  // lanes of warp 0, completing on the slot's barrier. Rows past the visible keys are not loaded:
+  // their scores are set to -inf (an edge tile) and their V rows zeroed here, so that masked keys
+  // contribute 0 * 0 as with load_kv.
+  const auto load_kv_bulk = [&](i64 tile, int slot) {
+    const i64 key0 = tile * BLOCK_N;
+    const int valid = keys - key0 < BLOCK_N ? int(keys - key0) : BLOCK_N;
+    T* k_dst = s_k + slot * BLOCK_N * kQkPitch;
+    T* v_dst = s_v + slot * BLOCK_N * kVPitch;
+    if (lane == 0) mbarrier_arrive_expect_tx(full + slot, u32(valid * (D + DV) * int(sizeof(T))));
+    __syncwarp();
+    for (int r = lane; r < valid; r += 32) {
+      bulk_copy_g2s(k_dst + r * kQkPitch, k_head + (key0 + r) * p.k_stride[2], u32(D * sizeof(T)),
+                    full + slot);
+      bulk_copy_g2s(v_dst + r * kVPitch, v_head + (key0 + r) * p.v_stride[2], u32(DV * sizeof(T)),
+                    full + slot);
+    }
+    for (int i = valid * kVChunks + lane; i < BLOCK_N * kVChunks; i += 32) {
+      *reinterpret_cast<uint4*>(v_dst + (i / kVChunks) * kVPitch + (i % kVChunks) * 8) =
+          make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  // Prologue: Q and the first STAGES - 1 tiles. cp.async: one commit group per tile (Q rides in
+  // the first). BULK: Q in its own group; the barriers initialized, the K pad columns (D % 16 = 8:
+  // never written by the copies) zeroed, then warp 0 issues the tiles.
+  if constexpr (BULK) {
     cp_async_commit();
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) mbarrier_init(full + s, 1);
+      mbarrier_init_fence();
+    }
+    if constexpr (kKChunks > kDChunks) {
+      for (int r = tid; r < STAGES * BLOCK_N; r += kThreads) {
+        *reinterpret_cast<uint4*>(s_k + r * kQkPitch + kDChunks * 8) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int s = 0; s < STAGES - 1; ++s) {
+        if (t_begin + s < t_end) load_kv_bulk(t_begin + s, s);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (t_begin + s < t_end) load_kv(t_begin + s, s);
+      cp_async_commit();
+    }
   }
 
   // This thread's two rows (fragment rows group and group + 8) of the warp's 16.
@@ -204,12 +262,22 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   const T* q_warp = s_q + (warp_m * 16 + lane % 16) * kQkPitch + (lane / 16) * 8;
 
   for (i64 t = t_begin; t < t_end; ++t) {
-    cp_async_wait<STAGES - 2>();
+    const int slot = int((t - t_begin) % STAGES);
+    if constexpr (BULK) {
+      cp_async_wait<0>();  // the Q tile
+      mbarrier_wait(full + slot, u32((t - t_begin) / STAGES) & 1u);
+    } else {
+      cp_async_wait<STAGES - 2>();
+    }
     __syncthreads();
     {
       const i64 next = t + STAGES - 1;
-      if (next < t_end) load_kv(next, int((next - t_begin) % STAGES));
-      cp_async_commit();
+      if constexpr (BULK) {
+        if (warp == 0 && next < t_end) load_kv_bulk(next, int((next - t_begin) % STAGES));
+      } else {
+        if (next < t_end) load_kv(next, int((next - t_begin) % STAGES));
+        cp_async_commit();
+      }
     }
     if constexpr (kQInRegisters) {
       if (t == t_begin) {
@@ -217,7 +285,6 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
         for (int ks = 0; ks < kDk / 16; ++ks) ldmatrix_x4(q_frag[ks], q_warp + ks * 16);
       }
     }
-    const int slot = int((t - t_begin) % STAGES);
     const T* k_tile = s_k + slot * BLOCK_N * kQkPitch + warp_n * kKeys * kQkPitch;
     const T* v_tile = s_v + slot * BLOCK_N * kVPitch + warp_n * kKeys * kVPitch;
 
@@ -407,6 +474,21 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
       for (int e = 0; e < 8; ++e) y[e] = from_float<TO>(acc[e]);
       store_vec(static_cast<TO*>(p.out) + row * DV + c * 8, y);
       if (c == 0 && p.lse != nullptr) p.lse[row] = s_lse[r] / kLog2e;
+    }
+  }
+  if constexpr (SPLIT) {
+    // The last of the row tile's chunks to arrive combines the partials: every thread's stores
+    // are made visible device-wide before its block's arrival is counted.
+    __threadfence();
+    const unsigned tile_id = blockIdx.y * gridDim.x + blockIdx.x;
+    const bool last =
+        __syncthreads_or(tid == 0 && atomicAdd(p.arrivals + tile_id, 1u) == unsigned(p.splits - 1));
+    if (!last) return;
+    __threadfence();
+    for (int r = warp; r < kBlockM && m0 + r < rows; r += kThreads / 32) {
+      i64 query, head;
+      row_coords(m0 + r, query, head);
+      attention_combine_row<TO, DV>(p, (n * p.Hq + head) * p.Lq + query, lane);
     }
   }
 }

@@ -1,13 +1,14 @@
-// Split-KV combine: merges the per-chunk partial outputs of attention_kernel<..., SPLIT = true>.
+// Split-KV combine: merges the per-chunk partial outputs of attention_kernel<..., SPLIT = true>,
+// run by the last block of each (row tile, n, kv head) to finish its chunk (attention.cuh).
 //
 // For each output row (n, hq, i), with chunk s holding O_s (normalized by its own sum) and its
 // log2-sum-exp L_s:  out = sum_s 2^(L_s - L) O_s,  L = log2 sum_s 2^L_s  (lse = L * ln 2).
 // A row whose every chunk saw no key (all L_s = -inf) gets zeros and lse -inf.
 //
-// Layout: one warp per row, 4 rows per block; lane l owns columns [8c, 8c + 8) for chunks
-// c = l, l + 32, ... of DV / 8. The workspace is [splits, rows, DV] f32 plus [splits, rows]
-// (params.cuh); it is small next to K/V (B1 H32 D128 with 9 splits: 149 KB against 16 MB of
-// K/V at 4096 keys), so this kernel costs a few microseconds.
+// Layout: one warp per row; lane l owns columns [8c, 8c + 8) for chunks c = l, l + 32, ... of
+// DV / 8. The workspace is [splits, rows, DV] f32 plus [splits, rows] (params.cuh); it is small
+// next to K/V (B1 H32 D128 with 4 splits: 66 KB against 16 MB of K/V at 4096 keys) and the last
+// block reads it from L2, where the other chunks' blocks have just written it.
 #pragma once
 
 #include "device/numeric.cuh"
@@ -16,15 +17,12 @@
 
 namespace kiln {
 
+// Combines output row `row` of [N * Hq * Lq] with one warp (`lane` its lane).
 template <typename TO, int DV>
-__global__ void __launch_bounds__(128)
-    attention_combine(const __grid_constant__ AttentionParams p) {
+__device__ __forceinline__ void attention_combine_row(const AttentionParams& p, i64 row, int lane) {
   constexpr int kChunks = DV / 8;
   constexpr float kLn2 = 0.6931471805599453f;
   const i64 rows = p.N * p.Hq * p.Lq;
-  const i64 row = i64(blockIdx.x) * 4 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
   const float inf = __int_as_float(0x7f800000);
 
   float max_lse = -inf;

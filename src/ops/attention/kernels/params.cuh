@@ -16,7 +16,7 @@ enum AttentionMask : int { kMaskNone = 0, kMaskF32 = 1, kMaskF16 = 2, kMaskBF16 
 // Per-batch key counts (template argument KV_LEN): absent, i32 or i64.
 enum AttentionKvLen : int { kKvLenNone = 0, kKvLenI32 = 1, kKvLenI64 = 2 };
 
-// attention_kernel (attention.cuh) and attention_combine (combine.cuh).
+// attention_kernel (attention.cuh), with the split-KV combine (combine.cuh) folded in.
 struct AttentionParams {
   const void* q;       // [N, Hq, Lq, D], strides q_stride
   const void* k;       // [N, Hkv, Lk, D], strides k_stride
@@ -26,9 +26,12 @@ struct AttentionParams {
   const void* mask;    // additive, [N, Hq, Lq, Lk] with mask_stride (0 where broadcast)
   const void* kv_len;  // [N]
   // Split-KV workspace: o_part [splits, N * Hq * Lq, Dv] (normalized by the split's own sum),
-  // lse_part [splits, N * Hq * Lq] in log2 units (-inf for a split that saw no key).
+  // lse_part [splits, N * Hq * Lq] in log2 units (-inf for a split that saw no key), and one
+  // arrival counter per (row tile, n, kv head), zero at launch: the block that brings a counter
+  // to `splits` combines that row tile.
   float* o_part;
   float* lse_part;
+  unsigned* arrivals;
   long long q_stride[4];
   long long k_stride[4];
   long long v_stride[4];
@@ -41,7 +44,8 @@ struct AttentionParams {
   float scale_log2;          // scale * log2(e)
   float softcap_log2;        // softcap * log2(e)
   float scale_over_softcap;  // scale / softcap
-  int splits;                // KV chunks per (row tile, kv head): gridDim.z
+  int splits;                // KV chunks per (row tile, kv head): gridDim.z; each block takes
+                             // tiles [z * tiles / splits, (z + 1) * tiles / splits)
 };
 
 // Row pitch, in elements, of a shared-memory tile whose rows hold `cols` 16-bit elements (a
@@ -54,17 +58,23 @@ KILN_ATTENTION_HD constexpr int attention_pitch(int cols) {
 // D rounded up to a whole number of 16-wide k-steps of mma.m16n8k16 (the pad reads as zeros).
 KILN_ATTENTION_HD constexpr int attention_k_dim(int d) { return (d + 15) / 16 * 16; }
 
-// Dynamic shared memory of attention_kernel: the Q tile and STAGES K/V tiles of 16-bit elements,
-// reused after the main loop by the f32 epilogue (WARPS_N partial outputs, their row statistics
-// and the rows' LSE).
-KILN_ATTENTION_HD constexpr int attention_smem_bytes(int d, int dv, int warps_m, int warps_n,
-                                                     int block_n, int stages) {
+// Dynamic shared memory of attention_kernel before its barriers: the Q tile and STAGES K/V tiles
+// of 16-bit elements, reused after the main loop by the f32 epilogue (WARPS_N partial outputs,
+// their row statistics and the rows' LSE).
+KILN_ATTENTION_HD constexpr int attention_tiles_bytes(int d, int dv, int warps_m, int warps_n,
+                                                      int block_n, int stages) {
   const int block_m = 16 * warps_m;
   const int qk_pitch = attention_pitch(attention_k_dim(d));
   const int pipeline =
       2 * (block_m * qk_pitch + stages * block_n * (qk_pitch + attention_pitch(dv)));
   const int epilogue = 4 * (warps_n * block_m * (dv + 8) + warps_n * block_m * 2 + block_m);
   return pipeline > epilogue ? pipeline : epilogue;
+}
+
+// All of it: with bulk copies (BULK), one 8-byte mbarrier a ring slot follows the tiles.
+KILN_ATTENTION_HD constexpr int attention_smem_bytes(int d, int dv, int warps_m, int warps_n,
+                                                     int block_n, int stages, bool bulk) {
+  return attention_tiles_bytes(d, dv, warps_m, warps_n, block_n, stages) + (bulk ? 8 * stages : 0);
 }
 
 }  // namespace kiln

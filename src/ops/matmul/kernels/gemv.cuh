@@ -1,35 +1,47 @@
-// The small-M matmul (M <= 16): out [M, N] = (a [M, K] . w^T) * a_scale * w_scale + bias, one
-// fused kernel that streams the weight once, in its stored format, and dequantizes in registers.
+// The small-M matmul (M <= 16): out [M, N] = (a [M, K] . w^T) * a_scale * w_scale + bias, fused
+// kernels that stream the weight once, in its stored format, and dequantize in registers. Two:
 //
-// Layout: a block of WARPS warps; warp w of block x owns the R weight rows
-// n = (x * WARPS + w) * R + r (rows past N load row N - 1 and are discarded). Its lanes walk the
-// K range of blockIdx.y (split-K) in 16-byte chunks of a row, lane l taking chunks l, l + 32, ...
-// (coalesced 16-byte loads, U chunks of each of the R rows in flight), and keep all M rows of a
-// per weight chunk: acc[R][M] in f32. The weight's chunk is decoded once and used for all M
-// rows of a; a chunk of a (read through L1, shared by the R rows) once for all R rows.
+// gemv_mma_kernel (tensor cores; f16 / bf16 a; fp8 weights, 16-bit weights of a's type, q8_0
+// from M = 5): "swap AB" mma.m16n8k16, the 16 weight rows of a block as the A operand decoded in
+// registers from 16-byte coalesced loads (never through shared memory), up to 8 tokens of a as
+// the B operand (two fragments for M = 9-16), f32 accumulators; the block's warps split K and add
+// their sums through shared memory in warp order. Layout and limits beside the kernel below.
+// Measured on an H200 (NOTES.md, "GEMV v2"; bf16 a and out, e4m3 row-scaled, ms):
+//   1 x 4096 x 14336  0.0215 (64% of copy bandwidth, against 0.0223 for gemv_kernel)
+//   16 x 4096 x 14336 0.0346 (40%, against 0.1237: 3.6x), 16 x 14336 x 4096 0.0313 (3.6x)
+// The weight decode is 5 integer ops and two HFMA2 for 4 values (instead of 12 and 4 FMUL), and
+// the M FMAs a value went to the tensor cores. At M = 1 both kernels take the same time: bytes at
+// ~3.9 TB/s plus a ~6.5 us intercept (a fit over two sizes; cuBLAS bf16 fits the same), so the
+// decode was not the bound there; from M = 4 the CUDA-core kernel's FMAs were.
+//
+// gemv_kernel (CUDA cores; every a and weight type, any alignment): warp w of block x owns the R
+// weight rows n = (x * WARPS + w) * R + r (rows past N load row N - 1 and are discarded). Its
+// lanes walk the K range of blockIdx.y (split-K) in 16-byte chunks of a row, lane l taking chunks
+// l, l + 32, ... (coalesced 16-byte loads, U chunks of each of the R rows in flight), and keep all
+// M rows of a per weight chunk: acc[R][M] in f32. The weight's chunk is decoded once and used for
+// all M rows of a; a chunk of a (read through L1, shared by the R rows) once for all R rows.
 //   fp8   16 codes a chunk; bit-trick decode (src/device/fp8.cuh), exact decode for the rare
 //         chunk holding a NaN/inf code. block128 scales multiply each chunk's partial sums.
 //   f16/bf16  8 values a chunk.
 //   q8_0  34-byte blocks are not 16-byte aligned, so a warp stages 32 blocks (1088 bytes, 68
 //         chunks) of each of its rows in shared memory with coalesced 16-byte loads, then lane l
 //         takes block l: d * sum(qs * a) per block.
-// Epilogue: butterfly sums over the warp; without split-K the scales and bias are applied and out
-// written here; with split-K (few rows, long K) each split writes its partial sums to its slice of
-// an f32 [splits, M, N] buffer and gemv_epilogue_kernel adds them in split order (deterministic:
-// no atomics) and applies scales and bias.
-//
 // Limits: VEC (16-byte loads of w) needs a 16-byte-aligned weight and row size (fp8 K % 16,
 // f16/bf16 K % 8, q8_0 K % 256); otherwise chunks are single elements (q8_0: 2-byte loads into
 // the stage), correct and slow. A_VEC: a chunk of a read with 16-byte loads (aligned rows).
-//
-// Measured on an H200 (NOTES.md, "Quantize and GEMV"): 1 x 4096 x 14336, bf16 a, e4m3 weights
-// 0.0222 ms (2648 GB/s, 62% of copy bandwidth; 1.35x torch._scaled_mm at its smallest M of 16),
-// q8_0 0.0238 ms (62%), bf16 weights 0.0306 ms (90%): at M <= 2 the fp8 decode's integer ops
-// (3 a value; bf16 needs 1) set the pace, from M = 4 the FMAs. The bit-trick decode beats a
+// It runs f32 and fp8 a, unaligned operands, and where it measured faster than the tensor-core
+// kernel: q8_0 at M <= 4 (1 x 4096 x 14336: 0.0239 ms, 61% of copy, against 0.0388) and 16-bit
+// weights at M <= 2 (bf16 0.0308 ms, 90%, against 0.0343). The bit-trick decode beat a
 // shared-memory table 1.68x at M = 1.
+//
+// Epilogue (both): without split-K the scales and bias are applied and out written by the
+// kernel; with split-K (few rows, long K) each split writes its partial sums to its slice of an
+// f32 [splits, M, N] buffer and gemv_epilogue_kernel adds them in split order (deterministic: no
+// atomics) and applies scales and bias.
 #pragma once
 
 #include "device/fp8.cuh"
+#include "device/mma.cuh"
 #include "device/numeric.cuh"
 #include "device/vec.cuh"
 #include "ops/matmul/kernels/params.cuh"
@@ -442,6 +454,331 @@ __global__ void gemv_epilogue_kernel(const __grid_constant__ GemvEpilogueParams 
   float v = sum * w_scale_of<WKIND>(p.w_scale, n) * a_scale_of<AKIND>(p.a_scale, m);
   if constexpr (BIAS) v += to_float(static_cast<const Tbias*>(p.bias)[n]);
   static_cast<Tout*>(p.out)[i] = from_float<Tout>(v);
+}
+
+// ---- the tensor-core GEMV: f16 / bf16 a; fp8, q8_0, or 16-bit weights of a's type ------------
+//
+// One block owns a tile of 16 weight rows n0 .. n0 + 15 ("swap AB": the rows are the 16-row A
+// operand of mma.m16n8k16, the tokens the n8 B operand, two B fragments for M = 9-16); its WARPS
+// warps split the block's K range into contiguous slices (k_per_split / WARPS, a multiple of 128)
+// and add their accumulators through shared memory in warp order at the end (deterministic).
+// Lane (group g = lane / 4, quad q = lane % 4) of a warp loads, per segment of 4 * E values of k,
+// the 16 bytes at k = seg + E q .. seg + E q + E - 1 of rows n0 + g and n0 + g + 8 (E = 16 fp8 or
+// 8 16-bit values: 64-byte coalesced runs of each row), U segments in flight, and converts them in
+// registers straight into A fragments: weights never touch shared memory. An A fragment's k slots
+// {2q, 2q + 1} and {2q + 8, 2q + 9} hold 4 consecutive k of the lane's 16 bytes (fp8: in the order
+// {0, 2}, {1, 3} that fp8x4_to_pairs produces; 16-bit: {0, 1}, {2, 3}), so one mma takes 4 k from
+// each quad; the B fragment of token g holds the same 4 k of a, read with 16-byte loads (fp8:
+// pairs permuted to match by two byte permutes, shared by the 16 rows).
+// fp8 codes that the bit trick would decode as finite (e4m3 NaN, e5m2 inf / NaN into bf16) are
+// found by one vote per step, which then decodes the whole step rule by rule (exact).
+// block128 scales: a fresh accumulator per 128-wide k-chunk (2 segments), scaled into the sum.
+// q8_0: gemv_mma_rows_q8_0 (segments of two blocks). Limits: a rows 16-byte aligned; fp8 /
+// 16-bit weights in 16-byte-aligned rows (fp8 K % 16, 16-bit K % 8), q8_0 4-byte aligned with
+// K % 64; K tails inside a segment are zero-filled chunks (never loaded).
+template <typename Ta, typename Tw, int E, int M, int F, bool EXACT>
+__device__ __forceinline__ void gemv_mma_segment(const GemvParams& p, long long k, long long k_end,
+                                                 const u32 (&raw)[2][4], float (&acc)[F][4]) {
+  constexpr int kSteps = E / 4;  // mma k16 steps of a segment
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  // B: token 8 f + g, the lane's E values of a (zero past M or past the range).
+  u32 b[F][E / 2];
+#pragma unroll
+  for (int f = 0; f < F; ++f) {
+    const int m = 8 * f + g;
+    if (m < M && k < k_end) {
+      const Ta* row = static_cast<const Ta*>(p.a) + m * p.a_stride + k;
+#pragma unroll
+      for (int c = 0; c < E / 8; ++c) {
+        const uint4 v = static_cast<const uint4*>(__builtin_assume_aligned(row, 16))[c];
+        b[f][4 * c] = v.x, b[f][4 * c + 1] = v.y, b[f][4 * c + 2] = v.z, b[f][4 * c + 3] = v.w;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < E / 2; ++i) b[f][i] = 0u;
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    u32 a[4];
+    u32 bs[F][2];
+    if constexpr (is_fp8_type<Tw>) {
+      // 4 codes of each row: a[0], a[1] = k {0, 2} of rows g, g + 8; a[2], a[3] = k {1, 3}.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if constexpr (EXACT) {
+          float v[4];
+          fp8_word_to_float_exact<Tw>(raw[r][s], v);
+          a[r] = pack_float2<Ta>(v[0], v[2]);
+          a[2 + r] = pack_float2<Ta>(v[1], v[3]);
+        } else {
+          fp8x4_to_pairs<Tw, Ta>(raw[r][s], a[r], a[2 + r]);
+        }
+      }
+#pragma unroll
+      for (int f = 0; f < F; ++f) {
+        bs[f][0] = __byte_perm(b[f][2 * s], b[f][2 * s + 1], 0x5410u);  // k 0, 2
+        bs[f][1] = __byte_perm(b[f][2 * s], b[f][2 * s + 1], 0x7632u);  // k 1, 3
+      }
+    } else {
+      a[0] = raw[0][2 * s], a[1] = raw[1][2 * s];
+      a[2] = raw[0][2 * s + 1], a[3] = raw[1][2 * s + 1];
+#pragma unroll
+      for (int f = 0; f < F; ++f) bs[f][0] = b[f][2 * s], bs[f][1] = b[f][2 * s + 1];
+    }
+#pragma unroll
+    for (int f = 0; f < F; ++f) mma_16x8x16<Ta>(acc[f], a, bs[f]);
+  }
+}
+
+// The U segments of one step of a warp (segment u at k0 + 4 E u) into acc; block128: a fresh
+// partial sum per 128-wide k-chunk, scaled into acc.
+template <typename Ta, typename Tw, int E, int M, int F, int U, int WKIND, bool EXACT>
+__device__ __forceinline__ void gemv_mma_step(const GemvParams& p, long long n0, long long k0,
+                                              long long k_end, const u32 (&raw)[U][2][4],
+                                              float (&acc)[F][4]) {
+  constexpr int kSeg = 4 * E;
+  constexpr int kBlock = 128;                                          // block128's k-chunk
+  constexpr int kGroup = WKIND == kScaleBlock128 ? kBlock / kSeg : U;  // segments a scale
+  static_assert(U % kGroup == 0, "scale chunks inside a step");
+  const int q = threadIdx.x % 4;
+  float part[F][4];
+#pragma unroll
+  for (int f = 0; f < F; ++f) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) part[f][j] = 0.f;
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const long long seg = k0 + kSeg * u;
+    if (seg < k_end) {  // warp-uniform
+      gemv_mma_segment<Ta, Tw, E, M, F, EXACT>(p, seg + E * q, k_end, raw[u],
+                                               WKIND == kScaleBlock128 ? part : acc);
+    }
+    if constexpr (WKIND == kScaleBlock128) {
+      if (u % kGroup == kGroup - 1) {
+        const long long chunk = min_i64((k0 + kSeg * (u + 1 - kGroup)) / kBlock, p.scale_cols - 1);
+        const float scale = p.w_scale[(n0 / kBlock) * p.scale_cols + chunk];
+#pragma unroll
+        for (int f = 0; f < F; ++f) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            acc[f][j] = fmaf(scale, part[f][j], acc[f][j]);
+            part[f][j] = 0.f;
+          }
+        }
+      }
+    }
+  }
+}
+
+// q8_0 weights: segments of two blocks (64 k, 68 bytes: 4-byte aligned where 16-byte chunks are
+// not), read with 4-byte loads through L1. Lane quad q takes qs[8 q .. 8 q + 7] of both blocks of
+// rows g and g + 8: block 0's are half a word off (funnel shifts of words 2q .. 2q + 2), block 1's
+// aligned (words 9 + 2q, 10 + 2q); d0, d1 are halves of words 0 and 8. One mma covers 4 qs of each
+// quad, so each block's 2 (x F) mma accumulate into a fresh sum scaled by the rows' d.
+template <typename Ta, int M, int F, int U>
+__device__ __forceinline__ void gemv_mma_rows_q8_0(const GemvParams& p, long long n0,
+                                                   long long k_warp, long long k_end,
+                                                   float (&acc)[F][4]) {
+  constexpr int kPair = 2 * kQ8Block;  // k of a segment
+  constexpr int kPairWords = 2 * kQ8BlockBytes / 4;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;
+  const u32* rows[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    rows[r] = reinterpret_cast<const u32*>(static_cast<const unsigned char*>(p.w) +
+                                           min_i64(n0 + g + 8 * r, p.n - 1) * p.w_row_bytes);
+  }
+  const int offsets[7] = {2 * q, 2 * q + 1, 2 * q + 2, 9 + 2 * q, 10 + 2 * q, 0, 8};
+  for (long long k0 = k_warp; k0 < k_end; k0 += U * kPair) {
+    // words[u][r]: words 2q, 2q + 1, 2q + 2, 9 + 2q, 10 + 2q, 0, 8 of segment u of row r.
+    u32 words[U][2][7];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long seg = k0 + kPair * u;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const u32* base = rows[r] + seg / kPair * kPairWords;
+#pragma unroll
+        for (int i = 0; i < 7; ++i) words[u][r][i] = seg < k_end ? __ldg(base + offsets[i]) : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long seg = k0 + kPair * u;
+      if (seg >= k_end) break;  // warp-uniform
+      // B: token 8 f + g, k = seg + 32 blk + 8 q .. + 7 (16-byte loads).
+      u32 b[F][2][4];
+#pragma unroll
+      for (int f = 0; f < F; ++f) {
+        const int m = 8 * f + g;
+#pragma unroll
+        for (int blk = 0; blk < 2; ++blk) {
+          uint4 v = {0u, 0u, 0u, 0u};
+          if (m < M) {
+            const Ta* row = static_cast<const Ta*>(p.a) + m * p.a_stride + seg + 32 * blk + 8 * q;
+            v = *static_cast<const uint4*>(__builtin_assume_aligned(row, 16));
+          }
+          b[f][blk][0] = v.x, b[f][blk][1] = v.y, b[f][blk][2] = v.z, b[f][blk][3] = v.w;
+        }
+      }
+#pragma unroll
+      for (int blk = 0; blk < 2; ++blk) {
+        u32 qs[2][2];
+        float d[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const u32* w = words[u][r];
+          qs[r][0] = blk == 0 ? __funnelshift_r(w[0], w[1], 16) : w[3];
+          qs[r][1] = blk == 0 ? __funnelshift_r(w[1], w[2], 16) : w[4];
+          d[r] = to_float(f16{static_cast<unsigned short>(blk == 0 ? w[5] : w[6] >> 16)});
+        }
+        float part[F][4];
+#pragma unroll
+        for (int f = 0; f < F; ++f) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) part[f][j] = 0.f;
+        }
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          u32 a[4];
+          int8x4_to_pairs<Ta>(qs[0][s], a[0], a[2]);
+          int8x4_to_pairs<Ta>(qs[1][s], a[1], a[3]);
+#pragma unroll
+          for (int f = 0; f < F; ++f) {
+            const u32 bs[2] = {__byte_perm(b[f][blk][2 * s], b[f][blk][2 * s + 1], 0x5410u),
+                               __byte_perm(b[f][blk][2 * s], b[f][blk][2 * s + 1], 0x7632u)};
+            mma_16x8x16<Ta>(part[f], a, bs);
+          }
+        }
+        // part[f][j] is row g + 8 (j / 2): scaled by that row's d.
+#pragma unroll
+        for (int f = 0; f < F; ++f) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[f][j] = fmaf(d[j / 2], part[f][j], acc[f][j]);
+        }
+      }
+    }
+  }
+}
+
+// fp8, f16 and bf16 weights: the loop of one warp over its K slice [k_warp, k_end).
+template <typename Ta, int WFMT, int M, int F, int U, int WKIND>
+__device__ __forceinline__ void gemv_mma_rows(const GemvParams& p, long long n0, long long k_warp,
+                                              long long k_end, float (&acc)[F][4]) {
+  using Tw = typename gemv_weight<WFMT>::type;
+  constexpr int E = gemv_weight<WFMT>::per_chunk;  // k values in a lane's 16 bytes of a row
+  constexpr int kSeg = 4 * E;                      // k of one segment (the 4 lanes of a group)
+  constexpr bool kVote = [] {                      // NaN / inf codes need the exact decoder
+    if constexpr (is_fp8_type<Tw>) return !fp8_pairs_exact_for_all_codes<Tw, Ta>;
+    return false;
+  }();
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;
+  // Rows n0 + g and n0 + g + 8 (rows past N read row N - 1; their sums are not stored).
+  const unsigned char* rows[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    rows[r] = static_cast<const unsigned char*>(p.w) +
+              min_i64(n0 + g + 8 * r, p.n - 1) * p.w_row_bytes + q * 16;
+  }
+  for (long long k0 = k_warp; k0 < k_end; k0 += U * kSeg) {
+    // All U x 2 loads first; a chunk past the range is zero (and its B fragment too).
+    u32 raw[U][2][4];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const long long k = k0 + kSeg * u + E * q;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        uint4 v = {0u, 0u, 0u, 0u};
+        if (k < k_end) v = load_weight_16(rows[r] + (k0 + kSeg * u) * (long long)sizeof(Tw));
+        raw[u][r][0] = v.x, raw[u][r][1] = v.y, raw[u][r][2] = v.z, raw[u][r][3] = v.w;
+      }
+    }
+    if constexpr (kVote) {
+      u32 special = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) special |= fp8_word_has_special<Tw>(raw[u][r][i]);
+        }
+      }
+      if (__any_sync(0xffffffffu, special != 0)) {
+        gemv_mma_step<Ta, Tw, E, M, F, U, WKIND, true>(p, n0, k0, k_end, raw, acc);
+        continue;
+      }
+    }
+    gemv_mma_step<Ta, Tw, E, M, F, U, WKIND, false>(p, n0, k0, k_end, raw, acc);
+  }
+}
+
+template <typename Ta, int WFMT, typename Tout, typename Tbias, int M, int WARPS, int U, int WKIND,
+          bool BIAS, bool SPLIT>
+__global__ void __launch_bounds__(WARPS * 32)
+    gemv_mma_kernel(const __grid_constant__ GemvParams p) {
+  constexpr int F = M > 8 ? 2 : 1;  // B fragments (tokens 0-7, 8-15)
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;
+  const long long n0 = blockIdx.x * 16LL;
+  const long long k_per_warp = p.k_per_split / WARPS;  // a multiple of 128 (launch_gemv.cpp)
+  const long long k_warp = blockIdx.y * p.k_per_split + warp * k_per_warp;
+  const long long k_end = min_i64(p.k, k_warp + k_per_warp);
+  float acc[F][4];
+#pragma unroll
+  for (int f = 0; f < F; ++f) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[f][j] = 0.f;
+  }
+  if constexpr (WFMT == kWeightQ8_0) {
+    gemv_mma_rows_q8_0<Ta, M, F, U>(p, n0, k_warp, k_end, acc);
+  } else {
+    gemv_mma_rows<Ta, WFMT, M, F, U, WKIND>(p, n0, k_warp, k_end, acc);
+  }
+  // The warps' sums in warp order: red[warp][fragment element][lane].
+  if constexpr (WARPS > 1) {
+    __shared__ float red[WARPS][F * 4][32];
+#pragma unroll
+    for (int f = 0; f < F; ++f) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) red[warp][4 * f + j][lane] = acc[f][j];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int f = 0; f < F; ++f) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float sum = red[0][4 * f + j][lane];
+#pragma unroll
+        for (int w = 1; w < WARPS; ++w) sum += red[w][4 * f + j][lane];
+        acc[f][j] = sum;
+      }
+    }
+  }
+  // acc[f][j] = D[row g + 8 (j / 2)][token 8 f + 2 q + j % 2].
+#pragma unroll
+  for (int f = 0; f < F; ++f) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const long long n = n0 + g + 8 * (j / 2);
+      const int m = 8 * f + 2 * q + j % 2;
+      if (m < M && n < p.n) {
+        if constexpr (SPLIT) {
+          p.partial[(blockIdx.y * (long long)M + m) * p.n + n] = acc[f][j];
+        } else {
+          float v = acc[f][j] * w_scale_of<WKIND>(p.w_scale, n);
+          if constexpr (BIAS) v += to_float(static_cast<const Tbias*>(p.bias)[n]);
+          static_cast<Tout*>(p.out)[m * p.n + n] = from_float<Tout>(v);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace kiln

@@ -33,7 +33,7 @@ struct GemvParams {
   const float* a_scale;  // tensor [1] or row [M]
   const void* bias;      // [N]
   void* out;             // [M, N] contiguous
-  float* partial;        // split-K: f32 [M, N] zeroed, summed with atomics; else nullptr
+  float* partial;        // split-K: f32 [splits, M, N], one slice a split; else nullptr
   long long n;
   long long k;
   long long a_stride;  // elements
