@@ -31,8 +31,7 @@ struct Plan {
   int warps_n = 1;  // warps splitting a KV tile
   int block_n = 64;
   int stages = 2;
-  int splits = 1;     // KV chunks per row tile (> 1: partials, combined by each tile's last block)
-  bool bulk = false;  // K/V rows by bulk copies (TMA) and mbarriers: sm_90a decode
+  int splits = 1;  // KV chunks per row tile (> 1: partials, combined by each tile's last block)
 
   int block_m() const { return 16 * warps_m; }
   int threads() const { return 32 * warps_m * warps_n; }
@@ -41,12 +40,11 @@ struct Plan {
 
 // The tile configuration for a problem: decode (rows of a KV head <= 16) splits every KV tile
 // between 4 warps, fills one block's shared memory with the K/V ring and splits the keys across
-// blocks (size_splits), with bulk copies on sm_90a; prefill uses 16 rows per warp and tiles
-// sized by D. `sm_count`, `smem_per_sm` (bytes of shared memory an SM has) and `sm90` (an sm_90a
-// device) describe the device.
+// blocks (size_splits); prefill uses 16 rows per warp and tiles sized by D. `sm_count` and
+// `smem_per_sm` (bytes of shared memory an SM has) describe the device.
 Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int group, bool causal,
                int mask, int kv_len, bool softcap, long long batch_kv_heads, long long lq,
-               long long lk, int sm_count, int smem_per_sm, bool sm90);
+               long long lk, int sm_count, int smem_per_sm);
 // Blocks of the plan's kernel an SM holds at once (by shared memory, registers and threads).
 int resident_blocks(const Plan& plan, int smem_per_sm);
 // Sets plan.splits for its tiles. Decode: the count whose busiest SM streams the fewest KV tiles

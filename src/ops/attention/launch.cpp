@@ -12,7 +12,6 @@
 #include "core/cuda.hpp"
 #include "core/log.hpp"
 #include "jit/kernel_cache.hpp"
-#include "kiln/device.hpp"
 #include "ops/attention/attention.hpp"
 #include "ops/attention/kernels/params.cuh"
 
@@ -172,28 +171,26 @@ int kv_len_kind(const AttentionOptions& options) {
   return options.kv_len->dtype() == DType::i32 ? kKvLenI32 : kKvLenI64;
 }
 
-// KILN_ATTENTION_TILE="warps_m,warps_n,block_n,stages[,bulk]" replaces the launcher's tile
-// choice (for tuning sweeps and for testing the cp.async path on sm_90a; see NOTES.md); a
-// malformed value is an error, not ignored. Returns whether it did.
-bool apply_tile_override(Plan& plan, bool sm90) {
+// KILN_ATTENTION_TILE="warps_m,warps_n,block_n,stages" replaces the launcher's tile choice (for
+// tuning sweeps; see NOTES.md); a malformed value is an error, not ignored. Returns whether it did.
+bool apply_tile_override(Plan& plan) {
   const char* text = std::getenv("KILN_ATTENTION_TILE");
   if (text == nullptr || *text == '\0') return false;
-  int wm = 0, wn = 0, bn = 0, st = 0, bulk = plan.bulk ? 1 : 0;
+  int wm = 0, wn = 0, bn = 0, st = 0;
   char tail = 0;
-  const int got = std::sscanf(text, "%d,%d,%d,%d,%d%c", &wm, &wn, &bn, &st, &bulk, &tail);
-  const bool ok = (got == 4 || got == 5) && (wm == 1 || wm == 2 || wm == 4 || wm == 8) &&
+  const int got = std::sscanf(text, "%d,%d,%d,%d%c", &wm, &wn, &bn, &st, &tail);
+  const bool ok = got == 4 && (wm == 1 || wm == 2 || wm == 4 || wm == 8) &&
                   (wn == 1 || wn == 2 || wn == 4 || wn == 8) && bn % (16 * wn) == 0 && bn > 0 &&
-                  bn <= 256 && st >= 2 && st <= 6 && (bulk == 0 || (bulk == 1 && sm90));
+                  bn <= 256 && st >= 2 && st <= 6;
   if (!ok) {
     check::fail(kOp, ErrorCode::invalid_argument,
                 std::string("KILN_ATTENTION_TILE is '") + text +
-                    "', expected 'warps_m,warps_n,block_n,stages[,bulk]' with warps in {1, 2, 4, "
-                    "8}, block_n a multiple of 16 * warps_n up to 256, 2 to 6 stages and bulk 0, "
-                    "or 1 on an sm_90a device");
+                    "', expected 'warps_m,warps_n,block_n,stages' with warps in {1, 2, 4, 8}, "
+                    "block_n a multiple of 16 * warps_n up to 256 and 2 to 6 stages");
   }
   log::warning_once(std::string("attention_tile_") + text,
                     std::string("attention: tile from KILN_ATTENTION_TILE=") + text);
-  plan.warps_m = wm, plan.warps_n = wn, plan.block_n = bn, plan.stages = st, plan.bulk = bulk == 1;
+  plan.warps_m = wm, plan.warps_n = wn, plan.block_n = bn, plan.stages = st;
   return true;
 }
 
@@ -227,11 +224,10 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
   }
   const int device = q.device().index;
   const int sms = cuda::sm_count(kOp, device), smem = smem_per_sm(device);
-  const bool sm90 = cuda_arch(device) == "sm_90a";
   Plan plan = make_plan(q.dtype(), k.dtype(), out.dtype(), int(q.size(3)), int(v.size(3)), group,
                         options.causal, mask_kind(options), kv_len_kind(options),
-                        bool(options.softcap), N * Hkv, Lq, Lk, sms, smem, sm90);
-  if (apply_tile_override(plan, sm90)) size_splits(plan, N * Hkv, Lq, Lk, sms, smem);
+                        bool(options.softcap), N * Hkv, Lq, Lk, sms, smem);
+  if (apply_tile_override(plan)) size_splits(plan, N * Hkv, Lq, Lk, sms, smem);
 
   AttentionParams params{};
   params.q = q.data();
@@ -328,12 +324,12 @@ void size_splits(Plan& plan, long long batch_kv_heads, long long lq, long long l
 }
 
 int Plan::smem_bytes() const {
-  return attention_smem_bytes(head_dim, head_dim_v, warps_m, warps_n, block_n, stages, bulk);
+  return attention_smem_bytes(head_dim, head_dim_v, warps_m, warps_n, block_n, stages);
 }
 
 Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int group, bool causal,
                int mask, int kv_len, bool softcap, long long batch_kv_heads, long long lq,
-               long long lk, int sm_count, int smem_per_sm, bool sm90) {
+               long long lk, int sm_count, int smem_per_sm) {
   Plan plan;
   plan.kv = kv;
   plan.q = q;
@@ -356,7 +352,6 @@ Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int g
     // 5 x 64 (the same bytes in flight) and 4.10 with two blocks of 2 x 64 an SM.
     plan.warps_m = 1, plan.warps_n = 4, plan.block_n = widest <= 128 ? 128 : 64;
     plan.stages = 2;
-    plan.bulk = sm90;
     while (plan.stages < 4) {
       Plan deeper = plan;
       ++deeper.stages;
@@ -375,26 +370,23 @@ Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int g
 }
 
 jit::KernelSpec kernel_spec(const Plan& plan) {
-  jit::KernelSpec spec{kKernelSource,
-                       "kiln::attention_kernel",
-                       {{"T", jit::cpp_type(kOp, plan.kv)},
-                        {"TQ", jit::cpp_type(kOp, plan.q)},
-                        {"TO", jit::cpp_type(kOp, plan.out)},
-                        {"D", std::to_string(plan.head_dim)},
-                        {"DV", std::to_string(plan.head_dim_v)},
-                        {"WARPS_M", std::to_string(plan.warps_m)},
-                        {"WARPS_N", std::to_string(plan.warps_n)},
-                        {"BLOCK_N", std::to_string(plan.block_n)},
-                        {"STAGES", std::to_string(plan.stages)},
-                        {"G", std::to_string(plan.group)},
-                        {"CAUSAL", jit::cpp_bool(plan.causal)},
-                        {"MASK", mask_name(plan.mask)},
-                        {"KV_LEN", kv_len_name(plan.kv_len)},
-                        {"SOFTCAP", jit::cpp_bool(plan.softcap)},
-                        {"SPLIT", jit::cpp_bool(plan.splits > 1)},
-                        {"BULK", jit::cpp_bool(plan.bulk)}}};
-  if (plan.bulk) spec.archs = {"sm_90a"};
-  return spec;
+  return {kKernelSource,
+          "kiln::attention_kernel",
+          {{"T", jit::cpp_type(kOp, plan.kv)},
+           {"TQ", jit::cpp_type(kOp, plan.q)},
+           {"TO", jit::cpp_type(kOp, plan.out)},
+           {"D", std::to_string(plan.head_dim)},
+           {"DV", std::to_string(plan.head_dim_v)},
+           {"WARPS_M", std::to_string(plan.warps_m)},
+           {"WARPS_N", std::to_string(plan.warps_n)},
+           {"BLOCK_N", std::to_string(plan.block_n)},
+           {"STAGES", std::to_string(plan.stages)},
+           {"G", std::to_string(plan.group)},
+           {"CAUSAL", jit::cpp_bool(plan.causal)},
+           {"MASK", mask_name(plan.mask)},
+           {"KV_LEN", kv_len_name(plan.kv_len)},
+           {"SOFTCAP", jit::cpp_bool(plan.softcap)},
+           {"SPLIT", jit::cpp_bool(plan.splits > 1)}}};
 }
 
 std::vector<jit::KernelSpec> variants(const std::string& workload) {
@@ -402,15 +394,8 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
   // H100 / H200: 132 SMs, 228 KB of shared memory each; the plan is made again on each device.
   constexpr int kSms = 132;
   constexpr int kSmem = 228 * 1024;
-  // Each problem's plan for an sm_80 and an sm_90a device (decode differs: bulk copies on sm_90a).
   const auto add = [&](auto... problem) {
-    for (bool sm90 : {false, true}) {
-      jit::KernelSpec spec = kernel_spec(make_plan(problem..., kSms, kSmem, sm90));
-      const bool known = std::any_of(specs.begin(), specs.end(), [&](const jit::KernelSpec& s) {
-        return s.key() == spec.key() && s.archs == spec.archs;
-      });
-      if (!known) specs.push_back(std::move(spec));
-    }
+    specs.push_back(kernel_spec(make_plan(problem..., kSms, kSmem)));
   };
   const DType bf = DType::bf16;
   if (workload == "flux") {

@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -542,35 +541,6 @@ TEST_P(AttentionSanitize, CudaMatchesCpu) {
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionSanitize, ::testing::ValuesIn(sanitizer_cases()),
                          [](const auto& param_info) { return param_info.param.name(); });
 
-// The cp.async decode path (sm_80's; sm_90a decode takes bulk copies) on any device, through
-// KILN_ATTENTION_TILE with bulk 0 (a 2-deep ring of 128-key tiles fits an sm_80 SM too).
-std::vector<Case> cp_async_decode_cases() {
-  const DType bf = DType::bf16, hf = DType::f16, f32 = DType::f32;
-  return {
-      {3, 8, 2, 1, 9000, 128, 128, bf, bf, bf, false, MaskKind::none, KvLen::i32, 0, 0, 1,
-       Layout::contiguous, true},
-      {3, 8, 2, 1, 1000, 128, 128, bf, f32, bf, false, MaskKind::none, KvLen::i32, 0, 0, 1,
-       Layout::kv_cache, true, 100},
-      {3, 4, 4, 7, 129, 64, 64, bf, bf, bf, true},
-      {2, 4, 1, 1, 129, 72, 72, hf, hf, hf, false, MaskKind::bf16_padding},
-  };
-}
-
-class AttentionCpAsyncDecode : public ::testing::TestWithParam<Case> {
- protected:
-  void SetUp() override { ::setenv("KILN_ATTENTION_TILE", "1,4,128,2,0", 1); }
-  void TearDown() override { ::unsetenv("KILN_ATTENTION_TILE"); }
-};
-
-TEST_P(AttentionCpAsyncDecode, CudaMatchesCpu) {
-  KILN_REQUIRE_GPU();
-  check_gpu(GetParam());
-}
-
-INSTANTIATE_TEST_SUITE_P(Cases, AttentionCpAsyncDecode,
-                         ::testing::ValuesIn(cp_async_decode_cases()),
-                         [](const auto& param_info) { return param_info.param.name(); });
-
 // CPU reference against closed forms: with q = 0 every visible key has the same score, so the
 // output is the mean of the visible values and the LSE is log(count) (causal, kv_len and GQA
 // decide which values and how many).
@@ -668,49 +638,46 @@ TEST(AttentionPlan, DecodeSplitsPrefillDoesNot) {
   // Decode, B1 H32 D128, 32768 keys on 132 SMs: 32 keys a warp, a 3-deep ring of 128-key tiles
   // (208 KB: one block an SM), 4 splits of 64 tiles = 128 blocks in one wave.
   const auto decode = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1,
-                                32768, 132, kH200Smem, true);
+                                32768, 132, kH200Smem);
   EXPECT_EQ(decode.warps_m, 1);
   EXPECT_EQ(decode.block_n / decode.warps_n, 32);
   EXPECT_EQ(decode.stages, 3);
-  EXPECT_TRUE(decode.bulk);  // sm_90a: bulk copies
   EXPECT_EQ(resident_blocks(decode, kH200Smem), 1);
   EXPECT_EQ(decode.splits, 4);
   // On an sm_80 SM (164 KB) the ring is 2 deep.
   const auto a100 = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1,
-                              32768, 108, kA100Smem, false);
+                              32768, 108, kA100Smem);
   EXPECT_EQ(a100.stages, 2);
-  EXPECT_FALSE(a100.bulk);
   // 10 splits: 320 blocks in 3 waves of 108, 26 tiles each (84), against 3 splits in one (88).
   EXPECT_EQ(a100.splits, 10);
   // GQA 8:1 decode packs the group into one row tile: 4 KV heads, 32 splits.
   const auto gqa = make_plan(bf, bf, bf, 128, 128, 8, false, kMaskNone, kKvLenI32, false, 4, 1,
-                             32768, 132, kH200Smem, true);
+                             32768, 132, kH200Smem);
   EXPECT_EQ(gqa.warps_m, 1);
   EXPECT_EQ(gqa.splits, 32);
   // Batch 8 fills two waves without splitting (2 splits: 4 waves of 32 tiles).
   const auto batch = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 256, 1,
-                               8192, 132, kH200Smem, true);
+                               8192, 132, kH200Smem);
   EXPECT_EQ(batch.splits, 1);
   // Few keys: at most one split per KV tile.
   const auto short_kv = make_plan(bf, bf, bf, 64, 64, 1, false, kMaskNone, kKvLenNone, false, 8, 1,
-                                  200, 132, kH200Smem, true);
+                                  200, 132, kH200Smem);
   EXPECT_EQ(short_kv.splits, 2);  // 2 tiles of 128 keys
   // Splits that do not divide the tiles: 71 tiles in 18 chunks.
   const auto uneven = make_plan(bf, bf, bf, 128, 128, 4, false, kMaskNone, kKvLenI32, false, 6, 1,
-                                9000, 132, kH200Smem, true);
+                                9000, 132, kH200Smem);
   EXPECT_EQ(uneven.splits, 18);
   // Flux at 1024^2: 24 heads x 36 row tiles fill the GPU without splitting.
   const auto flux = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24,
-                              4608, 4608, 132, kH200Smem, true);
+                              4608, 4608, 132, kH200Smem);
   EXPECT_EQ(flux.splits, 1);
   EXPECT_EQ(flux.warps_n, 1);
-  EXPECT_FALSE(flux.bulk);
   // Every plan fits the shared memory a block may opt in to (the SM's less 1 KB).
   for (int smem : {kH200Smem, kA100Smem}) {
     for (int d = 8; d <= 256; d += 8) {
       for (long long lq : {1LL, 4096LL}) {
         const auto plan = make_plan(bf, bf, bf, d, d, 1, true, kMaskNone, kKvLenNone, false, 1, lq,
-                                    4096, 132, smem, smem == kH200Smem);
+                                    4096, 132, smem);
         EXPECT_LE(plan.smem_bytes(), smem - 1024) << "D " << d << " Lq " << lq;
         EXPECT_GE(resident_blocks(plan, smem), 1);
       }
@@ -721,16 +688,14 @@ TEST(AttentionPlan, DecodeSplitsPrefillDoesNot) {
 TEST(AttentionPlan, JitKeyNamesTheSpecialization) {
   const auto plan =
       attention_detail::make_plan(DType::f32, DType::f16, DType::bf16, 72, 40, 4, true, kMaskF16,
-                                  kKvLenI64, true, 6, 1, 5000, 132, kH200Smem, true);
+                                  kKvLenI64, true, 6, 1, 5000, 132, kH200Smem);
   const std::string key = attention_detail::kernel_spec(plan).key();
   for (const char* part :
        {"T=kiln::f16", "TQ=float", "TO=kiln::bf16", "D=72", "DV=40", "G=4", "CAUSAL=true",
-        "MASK=kiln::kMaskF16", "KV_LEN=kiln::kKvLenI64", "SOFTCAP=true", "SPLIT=true", "BULK=true",
+        "MASK=kiln::kMaskF16", "KV_LEN=kiln::kKvLenI64", "SOFTCAP=true", "SPLIT=true",
         "WARPS_M=", "WARPS_N=", "BLOCK_N=", "STAGES="}) {
     EXPECT_NE(key.find(part), std::string::npos) << part << " not in " << key;
   }
-  // The bulk-copy kernel is built for sm_90a only.
-  EXPECT_EQ(attention_detail::kernel_spec(plan).archs, std::vector<std::string>{"sm_90a"});
 }
 
 // Argument checks: each names the op, the argument, what was expected and what came.

@@ -11,9 +11,7 @@
 // (decode with 8 heads to a group fills 8 of a warp's 16 rows instead of 1). Each warp owns 16
 // rows; WARPS_N warps share those rows and split each KV tile of BLOCK_N keys between them
 // (decode: one row tile, 4 warps along the keys), combined through shared memory at the end.
-// K/V tiles stream through a STAGES-deep ring, by cp.async, or with BULK (sm_90a, the decode
-// plan there) by one bulk copy (TMA) a row issued by warp 0 and an mbarrier a slot; Q stays in
-// registers for D <= 128 and
+// K/V tiles stream through a STAGES-deep cp.async ring; Q stays in registers for D <= 128 and
 // is re-read from shared memory above that. Shared-memory rows are padded to an odd number of
 // 16-byte chunks (attention_pitch), which makes every ldmatrix conflict-free for any D.
 // gridDim = (row tiles, N * Hkv, splits); with SPLIT each z-slice covers one KV chunk (the tiles
@@ -31,10 +29,8 @@
 // iterations) and 3.5 TB/s for v1's plan.
 #pragma once
 
-#include "device/bulk_copy.cuh"
 #include "device/mma.cuh"
 #include "device/numeric.cuh"
-#include "device/sm90.cuh"
 #include "device/vec.cuh"
 #include "ops/attention/kernels/combine.cuh"
 #include "ops/attention/kernels/params.cuh"
@@ -60,7 +56,7 @@ __device__ __forceinline__ float load_mask(const void* mask, long long i) {
 
 template <typename T, typename TQ, typename TO, int D, int DV, int WARPS_M, int WARPS_N,
           int BLOCK_N, int STAGES, int G, bool CAUSAL, int MASK, int KV_LEN, bool SOFTCAP,
-          bool SPLIT, bool BULK>
+          bool SPLIT>
 __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     attention_kernel(const __grid_constant__ AttentionParams p) {
   constexpr int kThreads = 32 * WARPS_M * WARPS_N;
@@ -86,9 +82,6 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   T* s_q = reinterpret_cast<T*>(smem);         // (kBlockM, kQkPitch)
   T* s_k = s_q + kBlockM * kQkPitch;           // (STAGES, BLOCK_N, kQkPitch)
   T* s_v = s_k + STAGES * BLOCK_N * kQkPitch;  // (STAGES, BLOCK_N, kVPitch)
-  // BULK: one mbarrier a ring slot, after the tiles (and the epilogue, which reuses them).
-  u64* full = reinterpret_cast<u64*>(
-      smem + attention_tiles_bytes(D, DV, WARPS_M, WARPS_N, BLOCK_N, STAGES));  // (STAGES)
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -186,57 +179,11 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     }
   };
 
-  // BULK (sm_90a): the valid rows of a tile, one bulk copy a K row and a V row issued by the
-  // lanes of warp 0, completing on the slot's barrier. Rows past the visible keys are not loaded:
-  // their scores are set to -inf (an edge tile) and their V rows zeroed here, so that masked keys
-  // contribute 0 * 0 as with load_kv.
-  const auto load_kv_bulk = [&](i64 tile, int slot) {
-    const i64 key0 = tile * BLOCK_N;
-    const int valid = keys - key0 < BLOCK_N ? int(keys - key0) : BLOCK_N;
-    T* k_dst = s_k + slot * BLOCK_N * kQkPitch;
-    T* v_dst = s_v + slot * BLOCK_N * kVPitch;
-    if (lane == 0) mbarrier_arrive_expect_tx(full + slot, u32(valid * (D + DV) * int(sizeof(T))));
-    __syncwarp();
-    for (int r = lane; r < valid; r += 32) {
-      bulk_copy_g2s(k_dst + r * kQkPitch, k_head + (key0 + r) * p.k_stride[2], u32(D * sizeof(T)),
-                    full + slot);
-      bulk_copy_g2s(v_dst + r * kVPitch, v_head + (key0 + r) * p.v_stride[2], u32(DV * sizeof(T)),
-                    full + slot);
-    }
-    for (int i = valid * kVChunks + lane; i < BLOCK_N * kVChunks; i += 32) {
-      *reinterpret_cast<uint4*>(v_dst + (i / kVChunks) * kVPitch + (i % kVChunks) * 8) =
-          make_uint4(0, 0, 0, 0);
-    }
-  };
-
-  // Prologue: Q and the first STAGES - 1 tiles. cp.async: one commit group per tile (Q rides in
-  // the first). BULK: Q in its own group; the barriers initialized, the K pad columns (D % 16 = 8:
-  // never written by the copies) zeroed, then warp 0 issues the tiles.
-  if constexpr (BULK) {
+  // Prologue: Q and the first STAGES - 1 tiles, one commit group per tile (Q rides in the first).
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (t_begin + s < t_end) load_kv(t_begin + s, s);
     cp_async_commit();
-    if (tid == 0) {
-#pragma unroll
-      for (int s = 0; s < STAGES; ++s) mbarrier_init(full + s, 1);
-      mbarrier_init_fence();
-    }
-    if constexpr (kKChunks > kDChunks) {
-      for (int r = tid; r < STAGES * BLOCK_N; r += kThreads) {
-        *reinterpret_cast<uint4*>(s_k + r * kQkPitch + kDChunks * 8) = make_uint4(0, 0, 0, 0);
-      }
-    }
-    __syncthreads();
-    if (warp == 0) {
-#pragma unroll
-      for (int s = 0; s < STAGES - 1; ++s) {
-        if (t_begin + s < t_end) load_kv_bulk(t_begin + s, s);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (t_begin + s < t_end) load_kv(t_begin + s, s);
-      cp_async_commit();
-    }
   }
 
   // This thread's two rows (fragment rows group and group + 8) of the warp's 16.
@@ -262,22 +209,12 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   const T* q_warp = s_q + (warp_m * 16 + lane % 16) * kQkPitch + (lane / 16) * 8;
 
   for (i64 t = t_begin; t < t_end; ++t) {
-    const int slot = int((t - t_begin) % STAGES);
-    if constexpr (BULK) {
-      cp_async_wait<0>();  // the Q tile
-      mbarrier_wait(full + slot, u32((t - t_begin) / STAGES) & 1u);
-    } else {
-      cp_async_wait<STAGES - 2>();
-    }
+    cp_async_wait<STAGES - 2>();
     __syncthreads();
     {
       const i64 next = t + STAGES - 1;
-      if constexpr (BULK) {
-        if (warp == 0 && next < t_end) load_kv_bulk(next, int((next - t_begin) % STAGES));
-      } else {
-        if (next < t_end) load_kv(next, int((next - t_begin) % STAGES));
-        cp_async_commit();
-      }
+      if (next < t_end) load_kv(next, int((next - t_begin) % STAGES));
+      cp_async_commit();
     }
     if constexpr (kQInRegisters) {
       if (t == t_begin) {
@@ -285,6 +222,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
         for (int ks = 0; ks < kDk / 16; ++ks) ldmatrix_x4(q_frag[ks], q_warp + ks * 16);
       }
     }
+    const int slot = int((t - t_begin) % STAGES);
     const T* k_tile = s_k + slot * BLOCK_N * kQkPitch + warp_n * kKeys * kQkPitch;
     const T* v_tile = s_v + slot * BLOCK_N * kVPitch + warp_n * kKeys * kVPitch;
 

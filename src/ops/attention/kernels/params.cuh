@@ -58,23 +58,17 @@ KILN_ATTENTION_HD constexpr int attention_pitch(int cols) {
 // D rounded up to a whole number of 16-wide k-steps of mma.m16n8k16 (the pad reads as zeros).
 KILN_ATTENTION_HD constexpr int attention_k_dim(int d) { return (d + 15) / 16 * 16; }
 
-// Dynamic shared memory of attention_kernel before its barriers: the Q tile and STAGES K/V tiles
-// of 16-bit elements, reused after the main loop by the f32 epilogue (WARPS_N partial outputs,
-// their row statistics and the rows' LSE).
-KILN_ATTENTION_HD constexpr int attention_tiles_bytes(int d, int dv, int warps_m, int warps_n,
-                                                      int block_n, int stages) {
+// Dynamic shared memory of attention_kernel: the Q tile and STAGES K/V tiles of 16-bit elements,
+// reused after the main loop by the f32 epilogue (WARPS_N partial outputs, their row statistics
+// and the rows' LSE).
+KILN_ATTENTION_HD constexpr int attention_smem_bytes(int d, int dv, int warps_m, int warps_n,
+                                                     int block_n, int stages) {
   const int block_m = 16 * warps_m;
   const int qk_pitch = attention_pitch(attention_k_dim(d));
   const int pipeline =
       2 * (block_m * qk_pitch + stages * block_n * (qk_pitch + attention_pitch(dv)));
   const int epilogue = 4 * (warps_n * block_m * (dv + 8) + warps_n * block_m * 2 + block_m);
   return pipeline > epilogue ? pipeline : epilogue;
-}
-
-// All of it: with bulk copies (BULK), one 8-byte mbarrier a ring slot follows the tiles.
-KILN_ATTENTION_HD constexpr int attention_smem_bytes(int d, int dv, int warps_m, int warps_n,
-                                                     int block_n, int stages, bool bulk) {
-  return attention_tiles_bytes(d, dv, warps_m, warps_n, block_n, stages) + (bulk ? 8 * stages : 0);
 }
 
 }  // namespace kiln
