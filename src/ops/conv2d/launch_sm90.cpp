@@ -95,8 +95,7 @@ namespace {
 
 // Launches conv2d_x_nhwc or conv2d_w_ohwi: src [N, C, H, W] (any strides) into dst, contiguous
 // [N, H, W, C].
-void copy_channels_last(bool weight, const TensorView& src, void* dst, int sm_count,
-                        Stream stream) {
+void copy_channels_last(bool weight, const TensorView& src, void* dst, Stream stream) {
   Conv2dCopyParams params{};
   params.src = src.data();
   params.dst = dst;
@@ -110,8 +109,7 @@ void copy_channels_last(bool weight, const TensorView& src, void* dst, int sm_co
   const auto kernel =
       jit::process_cache().kernel(sm90_copy_spec(src.dtype(), weight, vec), src.device().index);
   void* args[] = {&params};
-  const dim3 grid = weight ? dim3(unsigned(std::min<std::int64_t>((src.numel() + 255) / 256,
-                                                                  16 * std::int64_t(sm_count))))
+  const dim3 grid = weight ? dim3(unsigned(src.size(0)))
                            : dim3(unsigned((src.size(3) + 63) / 64), unsigned(src.size(2)),
                                   unsigned(src.size(0) * ((src.size(1) + 63) / 64)));
   jit::launch(kOp, kernel, grid, dim3(256), 0, stream, args);
@@ -137,7 +135,7 @@ void launch_sm90(const Sm90Layout& layout, const Problem& p, const TensorView& x
     std::uint64_t strides[3] = {x.stride(3) * bytes, x.stride(2) * bytes, x.stride(0) * bytes};
     if (layout.x_copy) {
       x_copy.emplace(kOp, device, std::size_t(p.N * p.H * p.W * p.C) * bytes, stream);
-      copy_channels_last(false, x, x_copy->get(), sm_count, stream);
+      copy_channels_last(false, x, x_copy->get(), stream);
       base = x_copy->get();
       strides[0] = std::uint64_t(p.C) * bytes;
       strides[1] = std::uint64_t(p.W * p.C) * bytes;
@@ -165,7 +163,7 @@ void launch_sm90(const Sm90Layout& layout, const Problem& p, const TensorView& x
     std::uint64_t row_stride = w.stride(0) * bytes;
     if (layout.w_copy) {
       w_copy.emplace(kOp, device, std::size_t(p.OC * k) * bytes, stream);
-      copy_channels_last(true, w, w_copy->get(), sm_count, stream);
+      copy_channels_last(true, w, w_copy->get(), stream);
       base = w_copy->get();
       row_stride = std::uint64_t(k) * bytes;
     }

@@ -246,19 +246,17 @@ __global__ void __launch_bounds__(256) conv2d_x_nhwc(const __grid_constant__ Con
 }
 
 // The OHWI copy of a w stored otherwise: out [OC, KH, KW, C] contiguous from w [OC, C, KH, KW] in
-// any strides, one thread an element (grid-stride). Writes are coalesced; OIHW reads are KH KW
-// elements apart, their lines reused from L1 by the other taps.
+// any strides, a block an output channel (KH KW C < 2^31 elements), 32-bit index math. Writes are
+// coalesced; OIHW reads are KH KW elements apart, their lines reused from L1 by the other taps.
 template <typename T>
 __global__ void __launch_bounds__(256) conv2d_w_ohwi(const __grid_constant__ Conv2dCopyParams p) {
-  const T* w = static_cast<const T*>(p.src);
-  T* out = static_cast<T*>(p.dst);
-  const i64 total = static_cast<i64>(p.N) * p.H * p.W * p.C;  // N = OC, H = KH, W = KW
-  for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<i64>(gridDim.x) * blockDim.x) {
-    const i64 c = i % p.C, kw = i / p.C % p.W, kh = i / (static_cast<i64>(p.C) * p.W) % p.H;
-    const i64 oc = i / (static_cast<i64>(p.C) * p.W * p.H);
-    out[i] =
-        w[oc * p.src_stride[0] + c * p.src_stride[1] + kh * p.src_stride[2] + kw * p.src_stride[3]];
+  const int oc = blockIdx.x;  // N = OC, H = KH, W = KW
+  const T* w = static_cast<const T*>(p.src) + oc * p.src_stride[0];
+  T* out = static_cast<T*>(p.dst) + static_cast<i64>(oc) * p.H * p.W * p.C;
+  const int count = p.H * p.W * p.C;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const int c = i % p.C, tap = i / p.C, kh = tap / p.W, kw = tap % p.W;
+    out[i] = w[c * p.src_stride[1] + kh * p.src_stride[2] + kw * p.src_stride[3]];
   }
 }
 
