@@ -18,6 +18,11 @@ namespace {
 
 constexpr const char* kOp = "conv2d";
 constexpr const char* kSource = "ops/conv2d/kernels/implicit_gemm.cuh";
+// The direct kernel for few output channels (direct.cuh): up to 16 of them, 8 input channels a
+// chunk, 128 threads of 4 output pixels a block.
+constexpr const char* kDirectSource = "ops/conv2d/kernels/direct.cuh";
+constexpr std::int64_t kDirectMaxOc = 16;
+constexpr std::int64_t kDirectChannels = 8;
 // The largest kernel the CUDA path is instantiated for (KH and KW are template parameters).
 constexpr std::int64_t kMaxKernel = 7;
 
@@ -280,6 +285,57 @@ jit::KernelSpec kernel_spec(const Plan& plan) {
            {"HAS_BIAS", jit::cpp_bool(plan.has_bias)}}};
 }
 
+bool direct_takes(const Problem& p) {
+  const Conv2dOptions& o = p.options;
+  return p.OC <= kDirectMaxOc && o.stride[0] == 1 && o.stride[1] == 1 && o.dilation[0] == 1 &&
+         o.dilation[1] == 1 && p.OH <= 65535 && p.N <= 65535;
+}
+
+jit::KernelSpec direct_spec(DType x, DType w, DType bias, DType out, int oc, int kh, int kw,
+                            int channels, bool x_nhwc, bool out_nhwc, bool has_bias) {
+  return {kDirectSource,
+          "kiln::conv2d_direct",
+          {{"Tx", jit::cpp_type(kOp, x)},
+           {"Tw", jit::cpp_type(kOp, w)},
+           {"Tb", jit::cpp_type(kOp, bias)},
+           {"Tout", jit::cpp_type(kOp, out)},
+           {"OC", std::to_string(oc)},
+           {"KH", std::to_string(kh)},
+           {"KW", std::to_string(kw)},
+           {"CC", std::to_string(channels)},
+           {"X_NHWC", jit::cpp_bool(x_nhwc)},
+           {"OUT_NHWC", jit::cpp_bool(out_nhwc)},
+           {"HAS_BIAS", jit::cpp_bool(has_bias)}}};
+}
+
+void launch_direct(const Problem& p, const TensorView& x, const TensorView& w,
+                   const std::optional<TensorView>& bias, const TensorView& out, Stream stream) {
+  Conv2dParams params{};
+  params.x = x.data();
+  params.w = w.data();
+  params.bias = bias ? bias->data() : nullptr;
+  params.out = out.data();
+  std::copy_n(x.strides().begin(), 4, params.x_stride);
+  std::copy_n(w.strides().begin(), 4, params.w_stride);
+  params.bias_stride = bias ? bias->stride(0) : 0;
+  params.N = int(p.N), params.C = int(p.C), params.H = int(p.H), params.W = int(p.W);
+  params.OC = int(p.OC), params.OH = int(p.OH), params.OW = int(p.OW);
+  params.pad_h = int(p.options.padding[0]), params.pad_w = int(p.options.padding[1]);
+  const int channels = int(std::min<std::int64_t>(p.C, kDirectChannels));
+  const bool x_nhwc = p.C > 1 && x.stride(1) == 1;
+  const bool out_nhwc = !has_strides(out, nchw_strides(p.OC, p.OH, p.OW));
+  const jit::KernelSpec spec =
+      direct_spec(x.dtype(), w.dtype(), bias ? bias->dtype() : DType::f32, out.dtype(), int(p.OC),
+                  int(p.KH), int(p.KW), channels, x_nhwc, out_nhwc, bias.has_value());
+  const auto kernel = jit::process_cache().kernel(spec, x.device().index);
+  void* args[] = {&params};
+  const dim3 grid(unsigned((p.OW + kConv2dDirectPixels - 1) / kConv2dDirectPixels), unsigned(p.OH),
+                  unsigned(p.N));
+  jit::launch(kOp, kernel, grid, dim3(kConv2dDirectThreads),
+              std::size_t(conv2d_direct_smem_bytes(int(p.OC), int(p.KH), int(p.KW), channels)),
+              stream, args);
+}
+
 void launch(const Plan& plan, const Problem& p, const TensorView& x, const TensorView& w,
             const std::optional<TensorView>& bias, const TensorView& out, Stream stream) {
   Conv2dParams params{};
@@ -331,6 +387,11 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
       p.N = 1, p.C = c.C, p.H = c.HW, p.W = c.HW, p.OC = c.OC, p.KH = c.K, p.KW = c.K;
       p.OH = c.HW, p.OW = c.HW;
       p.options.padding = {c.K / 2, c.K / 2};
+      if (direct_takes(p)) {
+        specs.push_back(direct_spec(DType::bf16, DType::bf16, DType::bf16, DType::bf16, int(c.OC),
+                                    int(c.K), int(c.K), int(kDirectChannels), nhwc, nhwc, true));
+        continue;
+      }
       Plan plan;
       plan.kh = plan.kw = int(c.K);
       plan.bias = DType::bf16;
@@ -382,6 +443,10 @@ void conv2d(const TensorView& x, const TensorView& w, const std::optional<Tensor
   cuda::DeviceGuard guard(kOp, device.index);
   if (const auto layout = sm90_layout(problem, x, w, out)) {
     launch_sm90(*layout, problem, x, w, bias, out, cuda::sm_count(kOp, device.index), stream);
+    return;
+  }
+  if (direct_takes(problem)) {
+    launch_direct(problem, x, w, bias, out, stream);
     return;
   }
   const TileConfig tile = choose_tile(problem, cuda::sm_count(kOp, device.index));

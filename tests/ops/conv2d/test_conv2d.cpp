@@ -355,6 +355,21 @@ std::vector<Case> cases() {
       }
     }
   }
+  // Shapes the direct kernel takes (OC <= 16, stride 1, dilation 1) beyond the seeds' small ones:
+  // rows of 600 and 520 pixels (a second, partial 512-pixel block), C not a multiple of its
+  // 8-channel chunks, 5x5 and 7x7 windows (two and three 16-byte groups a thread), 1x1, N = 2, a
+  // channel slice; f32 throughout too (the kernel computes in f32).
+  Case direct_sliced{1, 20, 6, 520, 4, 3, 1, 1};
+  direct_sliced.sliced = true;
+  for (Case c : {Case{1, 40, 9, 600, 3, 3, 1, 1}, Case{2, 12, 7, 70, 16, 5, 1, 2},
+                 Case{1, 9, 11, 33, 5, 7, 1, 3}, Case{1, 24, 6, 520, 3, 1}, direct_sliced}) {
+    for (bool nhwc : {false, true}) {
+      for (DType t : {DType::bf16, DType::f32}) {
+        c.nhwc = nhwc, c.x = c.w = c.out = t;
+        all.push_back(c);
+      }
+    }
+  }
   // The f32 weights of seed case 17 with bf16 activations.
   Case f32w{1, 16, 8, 8, 16, 3, 1, 1};
   f32w.w = DType::f32;
@@ -412,14 +427,15 @@ INSTANTIATE_TEST_SUITE_P(Cases, Conv2d, ::testing::ValuesIn(cases()),
                          [](const auto& param_info) { return param_info.param.name(); });
 
 // The subset compute-sanitizer runs (scripts/gpu_check.sh leaves out Cases/ and Conv2dLarge):
-// both layouts of the async and register paths, 1x1, stride 2, 7x7, an OC tail, a slice and the
-// sm_90a kernel.
+// both layouts of the async and register paths, 1x1, stride 2, 7x7, an OC tail, a slice, the
+// direct kernel and the sm_90a kernel.
 std::vector<Case> sanitize_cases() {
   std::vector<Case> all;
   for (bool nhwc : {false, true}) {
     for (Case c : {Case{1, 32, 16, 16, 32, 3, 1, 1}, Case{2, 24, 13, 11, 40, 3, 1, 1},
                    Case{1, 32, 8, 8, 32, 1, 2, 1}, Case{1, 16, 16, 16, 3, 1},
-                   Case{1, 3, 37, 29, 64, 7, 2, 3}, Case{1, 64, 16, 16, 48, 3, 1, 1}}) {
+                   Case{1, 3, 37, 29, 64, 7, 2, 3}, Case{1, 64, 16, 16, 48, 3, 1, 1},
+                   Case{1, 40, 9, 600, 3, 3, 1, 1}}) {
       c.nhwc = nhwc;
       all.push_back(c);
     }

@@ -2,12 +2,7 @@
 // plain structs of pointers and 64-bit integers, passed by value as __grid_constant__.
 #pragma once
 
-// The shared-memory plan below is evaluated by the launcher (g++) and by the kernel (NVRTC).
-#if defined(__CUDACC__)
-#define KILN_ATTENTION_HD __host__ __device__
-#else
-#define KILN_ATTENTION_HD
-#endif
+#include "device/host_device.cuh"  // the shared-memory plan below is evaluated by both
 
 namespace kiln {
 
@@ -51,18 +46,16 @@ struct AttentionParams {
 // Row pitch, in elements, of a shared-memory tile whose rows hold `cols` 16-bit elements (a
 // multiple of 8): an odd number of 16-byte chunks, so that the 8 rows one ldmatrix reads fall in
 // 8 different bank groups.
-KILN_ATTENTION_HD constexpr int attention_pitch(int cols) {
-  return (cols / 8) % 2 == 1 ? cols : cols + 8;
-}
+KILN_HD constexpr int attention_pitch(int cols) { return (cols / 8) % 2 == 1 ? cols : cols + 8; }
 
 // D rounded up to a whole number of 16-wide k-steps of mma.m16n8k16 (the pad reads as zeros).
-KILN_ATTENTION_HD constexpr int attention_k_dim(int d) { return (d + 15) / 16 * 16; }
+KILN_HD constexpr int attention_k_dim(int d) { return (d + 15) / 16 * 16; }
 
 // Dynamic shared memory of attention_kernel: the Q tile and STAGES K/V tiles of 16-bit elements,
 // reused after the main loop by the f32 epilogue (WARPS_N partial outputs, their row statistics
 // and the rows' LSE).
-KILN_ATTENTION_HD constexpr int attention_smem_bytes(int d, int dv, int warps_m, int warps_n,
-                                                     int block_n, int stages) {
+KILN_HD constexpr int attention_smem_bytes(int d, int dv, int warps_m, int warps_n, int block_n,
+                                           int stages) {
   const int block_m = 16 * warps_m;
   const int qk_pitch = attention_pitch(attention_k_dim(d));
   const int pipeline =

@@ -2,6 +2,8 @@
 // struct of pointers and integers, passed by value as __grid_constant__.
 #pragma once
 
+#include "device/host_device.cuh"
+
 namespace kiln {
 
 // implicit_gemm_conv2d (implicit_gemm.cuh). Strides are in elements; offsets are 64-bit.
@@ -29,5 +31,21 @@ struct Conv2dParams {
 // Padding (elements of T) of a shared-memory row of an A or B tile: 16 bytes, which put the 8
 // rows an ldmatrix phase reads in 8 different 16-byte bank groups.
 constexpr int kConv2dSmemPad = 8;
+
+// conv2d_direct (direct.cuh): 128 threads of 4 output pixels a block, one row of 512 pixels. Its
+// shared memory for a KH x KW window, OC output channels and CC input channels a chunk: KH rows
+// of CC channels of input pixels, then the chunk's weights, all f32. A staged row holds the
+// 16-byte groups its threads read (4 + KW - 1 pixels each, from pixel 4 tid) and is 4 words past
+// a multiple of 32 long, so the channels-last stores (8 channels x 4 pixels a warp) hit 32
+// different banks.
+constexpr int kConv2dDirectThreads = 128;
+constexpr int kConv2dDirectPixels = 4 * kConv2dDirectThreads;
+KILN_HD constexpr int conv2d_direct_groups(int kw) { return (kw + 6) / 4; }
+KILN_HD constexpr int conv2d_direct_pitch(int kw) {
+  return (kConv2dDirectPixels + 4 * conv2d_direct_groups(kw) + 31) / 32 * 32 + 4;
+}
+KILN_HD constexpr int conv2d_direct_smem_bytes(int oc, int kh, int kw, int cc) {
+  return (kh * cc * conv2d_direct_pitch(kw) + cc * kh * kw * oc) * 4;
+}
 
 }  // namespace kiln
