@@ -75,7 +75,7 @@ bool direct_takes(const Problem& problem);
 void launch_direct(const Problem& problem, const TensorView& x, const TensorView& w,
                    const std::optional<TensorView>& bias, const TensorView& out, Stream stream);
 jit::KernelSpec direct_spec(DType x, DType w, DType bias, DType out, int oc, int kh, int kw,
-                            int channels, bool x_nhwc, bool out_nhwc, bool has_bias);
+                            int channels, bool x_nhwc, bool vec, bool out_nhwc, bool has_bias);
 
 // The sm_90a kernel (implicit_gemm_sm90.cuh, launch_sm90.cpp): TMA im2col loads and wgmma. It
 // takes a call on Hopper when x and w are both bf16 or both f16, C % 8 == 0, OC % 128 == 0, the

@@ -292,7 +292,7 @@ bool direct_takes(const Problem& p) {
 }
 
 jit::KernelSpec direct_spec(DType x, DType w, DType bias, DType out, int oc, int kh, int kw,
-                            int channels, bool x_nhwc, bool out_nhwc, bool has_bias) {
+                            int channels, bool x_nhwc, bool vec, bool out_nhwc, bool has_bias) {
   return {kDirectSource,
           "kiln::conv2d_direct",
           {{"Tx", jit::cpp_type(kOp, x)},
@@ -304,6 +304,7 @@ jit::KernelSpec direct_spec(DType x, DType w, DType bias, DType out, int oc, int
            {"KW", std::to_string(kw)},
            {"CC", std::to_string(channels)},
            {"X_NHWC", jit::cpp_bool(x_nhwc)},
+           {"VEC", jit::cpp_bool(vec)},
            {"OUT_NHWC", jit::cpp_bool(out_nhwc)},
            {"HAS_BIAS", jit::cpp_bool(has_bias)}}};
 }
@@ -324,9 +325,16 @@ void launch_direct(const Problem& p, const TensorView& x, const TensorView& w,
   const int channels = int(std::min<std::int64_t>(p.C, kDirectChannels));
   const bool x_nhwc = p.C > 1 && x.stride(1) == 1;
   const bool out_nhwc = !has_strides(out, nchw_strides(p.OC, p.OH, p.OW));
+  // 16-byte loads: along the channels (channels-last, whole chunks of channels) or along a row
+  // (NCHW), from 16-byte-aligned rows.
+  const std::int64_t vec = 16 / std::int64_t(dtype_size(x.dtype()));
+  const bool vec_rows = x.stride(0) % vec == 0 && x.stride(2) % vec == 0 && aligned(x.data(), 16);
+  const bool vec_loads =
+      vec_rows && (x_nhwc ? channels % vec == 0 && p.C % vec == 0 && x.stride(3) % vec == 0
+                          : x.stride(3) == 1 && p.W % vec == 0 && x.stride(1) % vec == 0);
   const jit::KernelSpec spec =
       direct_spec(x.dtype(), w.dtype(), bias ? bias->dtype() : DType::f32, out.dtype(), int(p.OC),
-                  int(p.KH), int(p.KW), channels, x_nhwc, out_nhwc, bias.has_value());
+                  int(p.KH), int(p.KW), channels, x_nhwc, vec_loads, out_nhwc, bias.has_value());
   const auto kernel = jit::process_cache().kernel(spec, x.device().index);
   void* args[] = {&params};
   const dim3 grid(unsigned((p.OW + kConv2dDirectPixels - 1) / kConv2dDirectPixels), unsigned(p.OH),
@@ -389,7 +397,8 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
       p.options.padding = {c.K / 2, c.K / 2};
       if (direct_takes(p)) {
         specs.push_back(direct_spec(DType::bf16, DType::bf16, DType::bf16, DType::bf16, int(c.OC),
-                                    int(c.K), int(c.K), int(kDirectChannels), nhwc, nhwc, true));
+                                    int(c.K), int(c.K), int(kDirectChannels), nhwc, true, nhwc,
+                                    true));
         continue;
       }
       Plan plan;

@@ -62,6 +62,13 @@ DType compute_type(DType x, DType w) {
   return DType::bf16;
 }
 
+// The arithmetic of the CUDA kernel a case runs: f32 in the direct kernel (OC <= 16, stride 1,
+// dilation 1), else the mma.sync / wgmma operand type.
+DType cuda_compute_type(const Case& c) {
+  if (c.OC <= 16 && c.stride == 1 && c.dilation == 1) return DType::f32;
+  return compute_type(c.x, c.w);
+}
+
 float round_to(DType dtype, float v) {
   if (dtype == DType::bf16) return numeric::bf16_to_float(numeric::float_to_bf16(v));
   if (dtype == DType::f16) return numeric::f16_to_float(numeric::float_to_f16(v));
@@ -151,7 +158,7 @@ using Element = std::function<float(std::int64_t, std::int64_t, std::int64_t, st
 
 Expected direct(const Case& c, const std::vector<Pixel>& pixels, const Element& x_at,
                 const Element& w_at, const std::function<float(std::int64_t)>& bias_at) {
-  const DType t = compute_type(c.x, c.w);
+  const DType t = cuda_compute_type(c);
   Expected e;
   for (const Pixel& p : pixels) {
     for (std::int64_t oc = 0; oc < c.OC; ++oc) {

@@ -8,8 +8,8 @@
 // the KH input rows the row needs (511 + KW pixels each, zero outside x) and the chunk's weights
 // are staged in shared memory as f32 ([row][channel][pixel], [channel][tap][oc]); a thread then
 // reads its 3 + KW pixels of a row with 16-byte loads once per (channel, row) and each weight (a
-// broadcast) once per 4 pixels. Loads follow x's layout (channels fastest for channels-last, so
-// both are coalesced), any strides.
+// 16-byte broadcast) once per 4 pixels. Loads follow x's layout (16 bytes of a pixel's channels for
+// channels-last, 16 bytes along a row for NCHW; 2-byte gathers for other strides).
 //
 // Measured on an H200: NOTES.md ("conv_out: a direct kernel").
 #pragma once
@@ -20,9 +20,11 @@
 namespace kiln {
 
 // Tx, Tw, Tb, Tout: element types of x, w, bias and out; OUT_NHWC: out channels-last (else NCHW,
-// both contiguous); X_NHWC: x channels-last in memory (the load order only).
+// both contiguous); X_NHWC: x channels-last in memory (the load order only); VEC: x read with
+// 16-byte loads (channels-last: C a multiple of 16 bytes; NCHW: W a multiple of 16 bytes, unit W
+// stride; both: 16-byte-aligned start and strides).
 template <typename Tx, typename Tw, typename Tb, typename Tout, int OC, int KH, int KW, int CC,
-          bool X_NHWC, bool OUT_NHWC, bool HAS_BIAS>
+          bool X_NHWC, bool VEC, bool OUT_NHWC, bool HAS_BIAS>
 __global__ void __launch_bounds__(kConv2dDirectThreads)
     conv2d_direct(const __grid_constant__ Conv2dParams p) {
   constexpr int kThreads = kConv2dDirectThreads, kPixels = kConv2dDirectPixels;
@@ -31,6 +33,9 @@ __global__ void __launch_bounds__(kConv2dDirectThreads)
   constexpr int kSpan = kPixels - kPixelsPerThread + 4 * conv2d_direct_groups(KW);
   constexpr int kPitch = conv2d_direct_pitch(KW);
   static_assert(kPixelsPerThread == 4, "a thread's pixels are one 16-byte group");
+  constexpr int kWRow = conv2d_direct_weight_row(KW, OC);  // floats of a (channel, row) of w
+  constexpr int kVec = 16 / static_cast<int>(sizeof(Tx));  // elements of x a 16-byte load
+  static_assert(!VEC || CC % kVec == 0 || !X_NHWC, "channels-last loads take whole groups");
   extern __shared__ float4 smem_raw[];              // 16-byte aligned
   float* s_x = reinterpret_cast<float*>(smem_raw);  // [KH][CC][kPitch]
   float* s_w = s_x + KH * CC * kPitch;              // [CC][KH * KW][OC]
@@ -52,13 +57,47 @@ __global__ void __launch_bounds__(kConv2dDirectThreads)
     for (int r = 0; r < KH; ++r) {
       const int ih = ih0 + r;
       const bool row_in = ih >= 0 && ih < p.H;
-      if constexpr (X_NHWC) {  // channels fastest: coalesced along a pixel's channels
+      const Tx* x_row = x + ih * p.x_stride[2];
+      if constexpr (VEC && X_NHWC) {  // 16 bytes of a pixel's channels a load
+        for (int i = tid; i < kSpan * (CC / kVec); i += kThreads) {
+          const int g = i % (CC / kVec), j = i / (CC / kVec), iw = iw0 + j;
+          const int c = c0 + g * kVec;  // C % kVec == 0: a group is all in or all out
+          alignas(16) Tx v[kVec];
+          if (row_in && iw >= 0 && iw < p.W && c < p.C) {
+            *reinterpret_cast<uint4*>(v) =
+                *reinterpret_cast<const uint4*>(x_row + iw * p.x_stride[3] + c);
+          } else {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) v[e] = from_float<Tx>(0.f);
+          }
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) s_x[(r * CC + g * kVec + e) * kPitch + j] = to_float(v[e]);
+        }
+      } else if constexpr (VEC) {  // 16 bytes along a row a load, from a kVec-aligned pixel
+        const int a0 = (iw0 >= 0 ? iw0 : iw0 - (kVec - 1)) / kVec * kVec;
+        const int groups = (iw0 + kSpan - a0 + kVec - 1) / kVec;
+        for (int i = tid; i < CC * groups; i += kThreads) {
+          const int c = i / groups, a = a0 + i % groups * kVec;  // W % kVec == 0
+          alignas(16) Tx v[kVec];
+          if (row_in && a >= 0 && a < p.W && c0 + c < p.C) {
+            *reinterpret_cast<uint4*>(v) =
+                *reinterpret_cast<const uint4*>(x_row + (c0 + c) * p.x_stride[1] + a);
+          } else {
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) v[e] = from_float<Tx>(0.f);
+          }
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const int j = a + e - iw0;
+            if (j >= 0 && j < kSpan) s_x[(r * CC + c) * kPitch + j] = to_float(v[e]);
+          }
+        }
+      } else if constexpr (X_NHWC) {  // channels fastest: coalesced along a pixel's channels
         for (int i = tid; i < kSpan * CC; i += kThreads) {
           const int c = i % CC, j = i / CC, iw = iw0 + j;
           const bool in = row_in && iw >= 0 && iw < p.W && c0 + c < p.C;
           s_x[(r * CC + c) * kPitch + j] =
-              in ? to_float(x[ih * p.x_stride[2] + iw * p.x_stride[3] + (c0 + c) * p.x_stride[1]])
-                 : 0.f;
+              in ? to_float(x_row[iw * p.x_stride[3] + (c0 + c) * p.x_stride[1]]) : 0.f;
         }
       } else {  // pixels fastest: coalesced along a row
         for (int c = 0; c < CC; ++c) {
@@ -66,17 +105,18 @@ __global__ void __launch_bounds__(kConv2dDirectThreads)
             const int iw = iw0 + j;
             const bool in = row_in && iw >= 0 && iw < p.W && c0 + c < p.C;
             s_x[(r * CC + c) * kPitch + j] =
-                in ? to_float(x[ih * p.x_stride[2] + iw * p.x_stride[3] + (c0 + c) * p.x_stride[1]])
-                   : 0.f;
+                in ? to_float(x_row[iw * p.x_stride[3] + (c0 + c) * p.x_stride[1]]) : 0.f;
           }
         }
       }
     }
-    for (int i = tid; i < CC * KH * KW * OC; i += kThreads) {
-      const int oc = i % OC, tap = i / OC % (KH * KW), c = i / (OC * KH * KW);
-      s_w[i] = c0 + c < p.C ? to_float(w[oc * p.w_stride[0] + (c0 + c) * p.w_stride[1] +
-                                         tap / KW * p.w_stride[2] + tap % KW * p.w_stride[3]])
-                            : 0.f;
+    for (int i = tid; i < CC * KH * kWRow; i += kThreads) {  // [c][r][kw * OC + oc], padded
+      const int k = i % kWRow, r = i / kWRow % KH, c = i / (kWRow * KH);
+      const int kw = k / OC, oc = k % OC;
+      s_w[i] = k < KW * OC && c0 + c < p.C
+                   ? to_float(w[oc * p.w_stride[0] + (c0 + c) * p.w_stride[1] + r * p.w_stride[2] +
+                                kw * p.w_stride[3]])
+                   : 0.f;
     }
     __syncthreads();
 
@@ -91,13 +131,19 @@ __global__ void __launch_bounds__(kConv2dDirectThreads)
           const float4 v = reinterpret_cast<const float4*>(row)[g];
           xs[4 * g] = v.x, xs[4 * g + 1] = v.y, xs[4 * g + 2] = v.z, xs[4 * g + 3] = v.w;
         }
+        float ws[kWRow];  // row r's weights of channel c: (kw, oc), broadcast 16-byte reads
+        const float4* w_row = reinterpret_cast<const float4*>(s_w + (c * KH + r) * kWRow);
+#pragma unroll
+        for (int g = 0; g < kWRow / 4; ++g) {
+          const float4 v = w_row[g];
+          ws[4 * g] = v.x, ws[4 * g + 1] = v.y, ws[4 * g + 2] = v.z, ws[4 * g + 3] = v.w;
+        }
 #pragma unroll
         for (int kw = 0; kw < KW; ++kw) {
 #pragma unroll
           for (int oc = 0; oc < OC; ++oc) {
-            const float wv = s_w[(c * KH * KW + r * KW + kw) * OC + oc];
 #pragma unroll
-            for (int i = 0; i < kPixelsPerThread; ++i) acc[i][oc] += xs[i + kw] * wv;
+            for (int i = 0; i < kPixelsPerThread; ++i) acc[i][oc] += xs[i + kw] * ws[kw * OC + oc];
           }
         }
       }

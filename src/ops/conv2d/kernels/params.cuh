@@ -44,8 +44,10 @@ KILN_HD constexpr int conv2d_direct_groups(int kw) { return (kw + 6) / 4; }
 KILN_HD constexpr int conv2d_direct_pitch(int kw) {
   return (kConv2dDirectPixels + 4 * conv2d_direct_groups(kw) + 31) / 32 * 32 + 4;
 }
+// A (channel, window row) of staged weights: KW x OC floats padded to 16 bytes.
+KILN_HD constexpr int conv2d_direct_weight_row(int kw, int oc) { return (kw * oc + 3) / 4 * 4; }
 KILN_HD constexpr int conv2d_direct_smem_bytes(int oc, int kh, int kw, int cc) {
-  return (kh * cc * conv2d_direct_pitch(kw) + cc * kh * kw * oc) * 4;
+  return (kh * cc * conv2d_direct_pitch(kw) + cc * kh * conv2d_direct_weight_row(kw, oc)) * 4;
 }
 
 }  // namespace kiln
