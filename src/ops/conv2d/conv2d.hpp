@@ -68,14 +68,14 @@ void launch(const Plan& plan, const Problem& problem, const TensorView& x, const
 TileConfig choose_tile(const Problem& problem, int sm_count);
 jit::KernelSpec kernel_spec(const Plan& plan);
 
-// The direct kernel for few output channels (direct.cuh): OC <= 16, stride 1, dilation 1, any
-// window up to 7x7, padding, dtypes and layouts, f32 arithmetic on CUDA cores; taken before the
-// mma.sync kernel on every architecture.
-bool direct_takes(const Problem& problem);
+// The direct kernel for few output channels (direct.cuh): OC <= 16, stride 1, dilation 1, x not
+// channels-last (x_nhwc false); any window up to 7x7, padding and dtypes, f32 arithmetic on CUDA
+// cores; taken before the mma.sync kernel on every architecture.
+bool direct_takes(const Problem& problem, bool x_nhwc);
 void launch_direct(const Problem& problem, const TensorView& x, const TensorView& w,
                    const std::optional<TensorView>& bias, const TensorView& out, Stream stream);
 jit::KernelSpec direct_spec(DType x, DType w, DType bias, DType out, int oc, int kh, int kw,
-                            int channels, bool x_nhwc, bool vec, bool out_nhwc, bool has_bias);
+                            int channels, bool vec, bool out_nhwc, bool has_bias);
 
 // The sm_90a kernel (implicit_gemm_sm90.cuh, launch_sm90.cpp): TMA im2col loads and wgmma. It
 // takes a call on Hopper when x and w are both bf16 or both f16, C % 8 == 0, OC % 128 == 0, the

@@ -285,14 +285,14 @@ jit::KernelSpec kernel_spec(const Plan& plan) {
            {"HAS_BIAS", jit::cpp_bool(plan.has_bias)}}};
 }
 
-bool direct_takes(const Problem& p) {
+bool direct_takes(const Problem& p, bool x_nhwc) {
   const Conv2dOptions& o = p.options;
-  return p.OC <= kDirectMaxOc && o.stride[0] == 1 && o.stride[1] == 1 && o.dilation[0] == 1 &&
-         o.dilation[1] == 1 && p.OH <= 65535 && p.N <= 65535;
+  return !x_nhwc && p.OC <= kDirectMaxOc && o.stride[0] == 1 && o.stride[1] == 1 &&
+         o.dilation[0] == 1 && o.dilation[1] == 1 && p.OH <= 65535 && p.N <= 65535;
 }
 
 jit::KernelSpec direct_spec(DType x, DType w, DType bias, DType out, int oc, int kh, int kw,
-                            int channels, bool x_nhwc, bool vec, bool out_nhwc, bool has_bias) {
+                            int channels, bool vec, bool out_nhwc, bool has_bias) {
   return {kDirectSource,
           "kiln::conv2d_direct",
           {{"Tx", jit::cpp_type(kOp, x)},
@@ -303,7 +303,6 @@ jit::KernelSpec direct_spec(DType x, DType w, DType bias, DType out, int oc, int
            {"KH", std::to_string(kh)},
            {"KW", std::to_string(kw)},
            {"CC", std::to_string(channels)},
-           {"X_NHWC", jit::cpp_bool(x_nhwc)},
            {"VEC", jit::cpp_bool(vec)},
            {"OUT_NHWC", jit::cpp_bool(out_nhwc)},
            {"HAS_BIAS", jit::cpp_bool(has_bias)}}};
@@ -323,18 +322,14 @@ void launch_direct(const Problem& p, const TensorView& x, const TensorView& w,
   params.OC = int(p.OC), params.OH = int(p.OH), params.OW = int(p.OW);
   params.pad_h = int(p.options.padding[0]), params.pad_w = int(p.options.padding[1]);
   const int channels = int(std::min<std::int64_t>(p.C, kDirectChannels));
-  const bool x_nhwc = p.C > 1 && x.stride(1) == 1;
   const bool out_nhwc = !has_strides(out, nchw_strides(p.OC, p.OH, p.OW));
-  // 16-byte loads: along the channels (channels-last, whole chunks of channels) or along a row
-  // (NCHW), from 16-byte-aligned rows.
+  // 16-byte loads along x's rows: unit W stride, W and the other strides whole 16-byte groups.
   const std::int64_t vec = 16 / std::int64_t(dtype_size(x.dtype()));
-  const bool vec_rows = x.stride(0) % vec == 0 && x.stride(2) % vec == 0 && aligned(x.data(), 16);
-  const bool vec_loads =
-      vec_rows && (x_nhwc ? channels % vec == 0 && p.C % vec == 0 && x.stride(3) % vec == 0
-                          : x.stride(3) == 1 && p.W % vec == 0 && x.stride(1) % vec == 0);
+  const bool vec_loads = x.stride(3) == 1 && p.W % vec == 0 && x.stride(0) % vec == 0 &&
+                         x.stride(1) % vec == 0 && x.stride(2) % vec == 0 && aligned(x.data(), 16);
   const jit::KernelSpec spec =
       direct_spec(x.dtype(), w.dtype(), bias ? bias->dtype() : DType::f32, out.dtype(), int(p.OC),
-                  int(p.KH), int(p.KW), channels, x_nhwc, vec_loads, out_nhwc, bias.has_value());
+                  int(p.KH), int(p.KW), channels, vec_loads, out_nhwc, bias.has_value());
   const auto kernel = jit::process_cache().kernel(spec, x.device().index);
   void* args[] = {&params};
   const dim3 grid(unsigned((p.OW + kConv2dDirectPixels - 1) / kConv2dDirectPixels), unsigned(p.OH),
@@ -395,10 +390,9 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
       p.N = 1, p.C = c.C, p.H = c.HW, p.W = c.HW, p.OC = c.OC, p.KH = c.K, p.KW = c.K;
       p.OH = c.HW, p.OW = c.HW;
       p.options.padding = {c.K / 2, c.K / 2};
-      if (direct_takes(p)) {
+      if (direct_takes(p, nhwc)) {
         specs.push_back(direct_spec(DType::bf16, DType::bf16, DType::bf16, DType::bf16, int(c.OC),
-                                    int(c.K), int(c.K), int(kDirectChannels), nhwc, true, nhwc,
-                                    true));
+                                    int(c.K), int(c.K), int(kDirectChannels), true, false, true));
         continue;
       }
       Plan plan;
@@ -454,7 +448,7 @@ void conv2d(const TensorView& x, const TensorView& w, const std::optional<Tensor
     launch_sm90(*layout, problem, x, w, bias, out, cuda::sm_count(kOp, device.index), stream);
     return;
   }
-  if (direct_takes(problem)) {
+  if (direct_takes(problem, problem.C > 1 && x.stride(1) == 1)) {
     launch_direct(problem, x, w, bias, out, stream);
     return;
   }

@@ -63,9 +63,10 @@ DType compute_type(DType x, DType w) {
 }
 
 // The arithmetic of the CUDA kernel a case runs: f32 in the direct kernel (OC <= 16, stride 1,
-// dilation 1), else the mma.sync / wgmma operand type.
+// dilation 1, x not channels-last), else the mma.sync / wgmma operand type.
 DType cuda_compute_type(const Case& c) {
-  if (c.OC <= 16 && c.stride == 1 && c.dilation == 1) return DType::f32;
+  const bool x_nhwc = c.nhwc && c.C > 1;
+  if (!x_nhwc && c.OC <= 16 && c.stride == 1 && c.dilation == 1) return DType::f32;
   return compute_type(c.x, c.w);
 }
 
@@ -362,7 +363,7 @@ std::vector<Case> cases() {
       }
     }
   }
-  // Shapes the direct kernel takes (OC <= 16, stride 1, dilation 1) beyond the seeds' small ones:
+  // Shapes the direct kernel takes (OC <= 16, stride 1, dilation 1; NCHW x) beyond the seeds' ones:
   // rows of 600 and 520 pixels (a second, partial 512-pixel block), C not a multiple of its
   // 8-channel chunks, 5x5 and 7x7 windows (two and three 16-byte groups a thread), 1x1, N = 2, a
   // channel slice; f32 throughout too (the kernel computes in f32).

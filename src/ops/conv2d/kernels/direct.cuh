@@ -1,17 +1,20 @@
-// conv2d with few output channels (OC <= 16, stride 1, dilation 1: a VAE's conv_out, 128 -> 3):
-// a direct convolution on CUDA cores in f32. Such a conv is memory-bound (x is read once, the
-// output is OC / C of its size), while an implicit GEMM re-reads x once per tap through L2 for a
-// GEMM N of 3 (the mma.sync kernel: 14 TFLOP/s channels-last, 5 NCHW on an H200).
+// conv2d with few output channels (OC <= 16, stride 1, dilation 1) of an x that is not
+// channels-last (NCHW: a VAE's conv_out, 128 -> 3): a direct convolution on CUDA cores in f32.
+// Such a conv is memory-bound (x is read once, the output is OC / C of its size), while an
+// implicit GEMM re-reads x once per tap through L2 for a GEMM N of 3, and the mma.sync kernel
+// gathers NCHW x a pixel column at a time (5 TFLOP/s on an H200).
 //
 // A block of 128 threads computes 512 output pixels of one row (ow0 .. ow0 + 511 of row oh of
 // image n), 4 adjacent pixels a thread, all OC channels. It walks C in chunks of CC channels:
 // the KH input rows the row needs (511 + KW pixels each, zero outside x) and the chunk's weights
-// are staged in shared memory as f32 ([row][channel][pixel], [channel][tap][oc]); a thread then
-// reads its 3 + KW pixels of a row with 16-byte loads once per (channel, row) and each weight (a
-// 16-byte broadcast) once per 4 pixels. Loads follow x's layout (16 bytes of a pixel's channels for
-// channels-last, 16 bytes along a row for NCHW; 2-byte gathers for other strides).
+// are staged in shared memory as f32 ([row][channel][pixel], [channel][row][kw, oc]); a thread
+// then reads its 3 + KW pixels of a row with 16-byte loads once per (channel, row) and its
+// weights with 16-byte broadcasts once per 4 pixels. x is read along its rows (16 bytes a load
+// with VEC, else 2-byte gathers for any strides).
 //
-// Measured on an H200: NOTES.md ("conv_out: a direct kernel").
+// Measured on an H200 (conv_out at 1024^2, NCHW): 10 TFLOP/s, 0.80x cuDNN, against the mma.sync
+// kernel's 5; on channels-last x it ran 10 against the mma.sync kernel's 14, which keeps those
+// (NOTES.md, "conv_out: a direct kernel").
 #pragma once
 
 #include "device/numeric.cuh"
@@ -20,11 +23,10 @@
 namespace kiln {
 
 // Tx, Tw, Tb, Tout: element types of x, w, bias and out; OUT_NHWC: out channels-last (else NCHW,
-// both contiguous); X_NHWC: x channels-last in memory (the load order only); VEC: x read with
-// 16-byte loads (channels-last: C a multiple of 16 bytes; NCHW: W a multiple of 16 bytes, unit W
-// stride; both: 16-byte-aligned start and strides).
+// both contiguous); VEC: x read with 16-byte loads (unit W stride, W a multiple of 16 bytes,
+// 16-byte-aligned start and strides).
 template <typename Tx, typename Tw, typename Tb, typename Tout, int OC, int KH, int KW, int CC,
-          bool X_NHWC, bool VEC, bool OUT_NHWC, bool HAS_BIAS>
+          bool VEC, bool OUT_NHWC, bool HAS_BIAS>
 __global__ void __launch_bounds__(kConv2dDirectThreads)
     conv2d_direct(const __grid_constant__ Conv2dParams p) {
   constexpr int kThreads = kConv2dDirectThreads, kPixels = kConv2dDirectPixels;
@@ -35,10 +37,9 @@ __global__ void __launch_bounds__(kConv2dDirectThreads)
   static_assert(kPixelsPerThread == 4, "a thread's pixels are one 16-byte group");
   constexpr int kWRow = conv2d_direct_weight_row(KW, OC);  // floats of a (channel, row) of w
   constexpr int kVec = 16 / static_cast<int>(sizeof(Tx));  // elements of x a 16-byte load
-  static_assert(!VEC || CC % kVec == 0 || !X_NHWC, "channels-last loads take whole groups");
-  extern __shared__ float4 smem_raw[];              // 16-byte aligned
-  float* s_x = reinterpret_cast<float*>(smem_raw);  // [KH][CC][kPitch]
-  float* s_w = s_x + KH * CC * kPitch;              // [CC][KH * KW][OC]
+  extern __shared__ float4 smem_raw[];                     // 16-byte aligned
+  float* s_x = reinterpret_cast<float*>(smem_raw);         // [KH][CC][kPitch]
+  float* s_w = s_x + KH * CC * kPitch;                     // [CC][KH * KW][OC]
 
   const int ow0 = blockIdx.x * kPixels, oh = blockIdx.y, n = blockIdx.z;
   const int iw0 = ow0 - p.pad_w, ih0 = oh - p.pad_h;
@@ -58,22 +59,7 @@ __global__ void __launch_bounds__(kConv2dDirectThreads)
       const int ih = ih0 + r;
       const bool row_in = ih >= 0 && ih < p.H;
       const Tx* x_row = x + ih * p.x_stride[2];
-      if constexpr (VEC && X_NHWC) {  // 16 bytes of a pixel's channels a load
-        for (int i = tid; i < kSpan * (CC / kVec); i += kThreads) {
-          const int g = i % (CC / kVec), j = i / (CC / kVec), iw = iw0 + j;
-          const int c = c0 + g * kVec;  // C % kVec == 0: a group is all in or all out
-          alignas(16) Tx v[kVec];
-          if (row_in && iw >= 0 && iw < p.W && c < p.C) {
-            *reinterpret_cast<uint4*>(v) =
-                *reinterpret_cast<const uint4*>(x_row + iw * p.x_stride[3] + c);
-          } else {
-#pragma unroll
-            for (int e = 0; e < kVec; ++e) v[e] = from_float<Tx>(0.f);
-          }
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) s_x[(r * CC + g * kVec + e) * kPitch + j] = to_float(v[e]);
-        }
-      } else if constexpr (VEC) {  // 16 bytes along a row a load, from a kVec-aligned pixel
+      if constexpr (VEC) {  // 16 bytes along a row a load, from a kVec-aligned pixel
         const int a0 = (iw0 >= 0 ? iw0 : iw0 - (kVec - 1)) / kVec * kVec;
         const int groups = (iw0 + kSpan - a0 + kVec - 1) / kVec;
         for (int i = tid; i < CC * groups; i += kThreads) {
@@ -91,13 +77,6 @@ __global__ void __launch_bounds__(kConv2dDirectThreads)
             const int j = a + e - iw0;
             if (j >= 0 && j < kSpan) s_x[(r * CC + c) * kPitch + j] = to_float(v[e]);
           }
-        }
-      } else if constexpr (X_NHWC) {  // channels fastest: coalesced along a pixel's channels
-        for (int i = tid; i < kSpan * CC; i += kThreads) {
-          const int c = i % CC, j = i / CC, iw = iw0 + j;
-          const bool in = row_in && iw >= 0 && iw < p.W && c0 + c < p.C;
-          s_x[(r * CC + c) * kPitch + j] =
-              in ? to_float(x_row[iw * p.x_stride[3] + (c0 + c) * p.x_stride[1]]) : 0.f;
         }
       } else {  // pixels fastest: coalesced along a row
         for (int c = 0; c < CC; ++c) {
