@@ -285,6 +285,32 @@ jit::KernelSpec kernel_spec(const Plan& plan) {
            {"HAS_BIAS", jit::cpp_bool(plan.has_bias)}}};
 }
 
+namespace {
+
+// The kernel parameters both CUDA kernels (implicit_gemm.cuh, direct.cuh) read: pointers,
+// strides, sizes and the options.
+Conv2dParams params_of(const Problem& p, const TensorView& x, const TensorView& w,
+                       const std::optional<TensorView>& bias, const TensorView& out) {
+  Conv2dParams params{};
+  params.x = x.data();
+  params.w = w.data();
+  params.bias = bias ? bias->data() : nullptr;
+  params.out = out.data();
+  std::copy_n(x.strides().begin(), 4, params.x_stride);
+  std::copy_n(w.strides().begin(), 4, params.w_stride);
+  params.bias_stride = bias ? bias->stride(0) : 0;
+  params.N = int(p.N), params.C = int(p.C), params.H = int(p.H), params.W = int(p.W);
+  params.OC = int(p.OC), params.OH = int(p.OH), params.OW = int(p.OW);
+  params.stride_h = int(p.options.stride[0]), params.stride_w = int(p.options.stride[1]);
+  params.pad_h = int(p.options.padding[0]), params.pad_w = int(p.options.padding[1]);
+  params.dilation_h = int(p.options.dilation[0]), params.dilation_w = int(p.options.dilation[1]);
+  params.M = int(p.N * p.OH * p.OW);
+  params.K = int(p.C * p.KH * p.KW);
+  return params;
+}
+
+}  // namespace
+
 bool direct_takes(const Problem& p, bool x_nhwc) {
   const Conv2dOptions& o = p.options;
   return !x_nhwc && p.OC <= kDirectMaxOc && o.stride[0] == 1 && o.stride[1] == 1 &&
@@ -310,17 +336,7 @@ jit::KernelSpec direct_spec(DType x, DType w, DType bias, DType out, int oc, int
 
 void launch_direct(const Problem& p, const TensorView& x, const TensorView& w,
                    const std::optional<TensorView>& bias, const TensorView& out, Stream stream) {
-  Conv2dParams params{};
-  params.x = x.data();
-  params.w = w.data();
-  params.bias = bias ? bias->data() : nullptr;
-  params.out = out.data();
-  std::copy_n(x.strides().begin(), 4, params.x_stride);
-  std::copy_n(w.strides().begin(), 4, params.w_stride);
-  params.bias_stride = bias ? bias->stride(0) : 0;
-  params.N = int(p.N), params.C = int(p.C), params.H = int(p.H), params.W = int(p.W);
-  params.OC = int(p.OC), params.OH = int(p.OH), params.OW = int(p.OW);
-  params.pad_h = int(p.options.padding[0]), params.pad_w = int(p.options.padding[1]);
+  Conv2dParams params = params_of(p, x, w, bias, out);
   const int channels = int(std::min<std::int64_t>(p.C, kDirectChannels));
   const bool out_nhwc = !has_strides(out, nchw_strides(p.OC, p.OH, p.OW));
   // 16-byte loads along x's rows: unit W stride, W and the other strides whole 16-byte groups.
@@ -341,21 +357,7 @@ void launch_direct(const Problem& p, const TensorView& x, const TensorView& w,
 
 void launch(const Plan& plan, const Problem& p, const TensorView& x, const TensorView& w,
             const std::optional<TensorView>& bias, const TensorView& out, Stream stream) {
-  Conv2dParams params{};
-  params.x = x.data();
-  params.w = w.data();
-  params.bias = bias ? bias->data() : nullptr;
-  params.out = out.data();
-  std::copy_n(x.strides().begin(), 4, params.x_stride);
-  std::copy_n(w.strides().begin(), 4, params.w_stride);
-  params.bias_stride = bias ? bias->stride(0) : 0;
-  params.N = int(p.N), params.C = int(p.C), params.H = int(p.H), params.W = int(p.W);
-  params.OC = int(p.OC), params.OH = int(p.OH), params.OW = int(p.OW);
-  params.stride_h = int(p.options.stride[0]), params.stride_w = int(p.options.stride[1]);
-  params.pad_h = int(p.options.padding[0]), params.pad_w = int(p.options.padding[1]);
-  params.dilation_h = int(p.options.dilation[0]), params.dilation_w = int(p.options.dilation[1]);
-  params.M = int(p.N * p.OH * p.OW);
-  params.K = int(p.C * p.KH * p.KW);
+  Conv2dParams params = params_of(p, x, w, bias, out);
   params.k_tile_taps = p.C > 0 ? plan.tile.bk / int(p.C) : 0;  // C = 0: K = 0, bias only
   params.k_tile_channels = p.C > 0 ? plan.tile.bk % int(p.C) : 0;
 
