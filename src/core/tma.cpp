@@ -36,8 +36,12 @@ void* driver_entry(const char* op, const char* symbol) {
 CUtensorMapDataType data_type(const char* op, const char* arg, DType dtype) {
   if (dtype == DType::bf16) return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   if (dtype == DType::f16) return CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  if (dtype == DType::u8 || dtype == DType::f8_e4m3fn || dtype == DType::f8_e5m2) {
+    return CU_TENSOR_MAP_DATA_TYPE_UINT8;
+  }
   check::fail(op, ErrorCode::unsupported,
-              std::string(arg) + " has dtype " + dtype_name(dtype) + ", TMA maps take f16 or bf16");
+              std::string(arg) + " has dtype " + dtype_name(dtype) +
+                  ", TMA maps take f16, bf16 or bytes (u8, fp8)");
 }
 
 void check_result(const char* op, const char* arg, CUresult r, const char* what) {
@@ -57,14 +61,22 @@ TensorMapBytes tiled(const char* op, const char* arg, DType dtype, const void* b
       reinterpret_cast<EncodeTiled>(driver_entry(op, "cuTensorMapEncodeTiled"));
   const std::size_t rank = dims.size();
   cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  const std::size_t row_bytes = box[0] * dtype_size(dtype);
+  if (row_bytes != 128 && row_bytes != 64 && row_bytes != 32) {
+    check::fail(op, ErrorCode::invalid_argument,
+                std::string("a TMA box row of ") + arg + " has " + std::to_string(row_bytes) +
+                    " bytes, expected 32, 64 or 128 (the swizzle span)");
+  }
+  const CUtensorMapSwizzle swizzle = row_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : row_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                       : CU_TENSOR_MAP_SWIZZLE_32B;
   TensorMapBytes map{};
-  check_result(
-      op, arg,
-      encode(reinterpret_cast<CUtensorMap*>(&map), data_type(op, arg, dtype), cuuint32_t(rank),
-             const_cast<void*>(base), dims.data(), strides.data(), box.data(), element_strides,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
-      "cuTensorMapEncodeTiled");
+  check_result(op, arg,
+               encode(reinterpret_cast<CUtensorMap*>(&map), data_type(op, arg, dtype),
+                      cuuint32_t(rank), const_cast<void*>(base), dims.data(), strides.data(),
+                      box.data(), element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+               "cuTensorMapEncodeTiled");
   return map;
 }
 

@@ -11,9 +11,10 @@
 
 namespace kiln::tma {
 
-// A tiled map of an f16/bf16 tensor: dims innermost first, strides (in bytes) of every dim but the
-// innermost, which is contiguous; boxes of `box` elements, 128-byte swizzle (box[0] * 2 <= 128),
-// out-of-bounds elements read as zeros. Throws kiln::Error (invalid_argument) naming op and arg
+// A tiled map of an f16/bf16 or byte (u8, fp8) tensor: dims innermost first, strides (in bytes) of
+// every dim but the innermost, which is contiguous; boxes of `box` elements, swizzled by the box's
+// row of box[0] elements (128, 64 or 32 bytes: the 128-, 64- or 32-byte swizzle), out-of-bounds
+// elements read as zeros. Throws kiln::Error (invalid_argument) naming op and arg
 // when the driver rejects the layout, and (unsupported) when the driver has no TMA.
 TensorMapBytes tiled(const char* op, const char* arg, DType dtype, const void* base,
                      std::span<const std::uint64_t> dims, std::span<const std::uint64_t> strides,

@@ -180,35 +180,36 @@ inline constexpr bool is_f16_type = false;
 template <>
 inline constexpr bool is_f16_type<f16> = true;
 
+// Two codes at the top bytes of the 16-bit lanes of `x` (bits 8..15 and 24..31; the rest ignored)
+// -> one pair of T, lane order kept.
+template <typename Tw, typename T>
+__device__ __forceinline__ u32 fp8_lanes_to_pair(u32 x) {
+  u32 pair;
+  if constexpr (!fp8_traits<Tw>::is_e4m3 && is_f16_type<T>) {
+    pair = x & 0xFF00FF00u;
+  } else if constexpr (!fp8_traits<Tw>::is_e4m3) {
+    const u32 bits = (x & 0x80008000u) | ((x >> 3) & 0x0FE00FE0u);
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;"
+        : "=r"(pair)
+        : "r"(bits), "r"(0x77807780u),
+          "r"(0x80008000u));  // * 2^112 (+ -0: sm_80 has no bf16 multiply)
+  } else if constexpr (is_f16_type<T>) {
+    const u32 bits = (x & 0x80008000u) | ((x >> 1) & 0x3F803F80u);
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(pair) : "r"(bits), "r"(0x5C005C00u));  // * 2^8
+  } else {
+    const u32 bits = (x & 0x80008000u) | ((x >> 4) & 0x07F007F0u);
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;"
+        : "=r"(pair)
+        : "r"(bits), "r"(0x7B807B80u),
+          "r"(0x80008000u));  // * 2^120
+  }
+  return pair;
+}
+
 template <typename Tw, typename T>
 __device__ __forceinline__ void fp8x4_to_pairs(u32 word, u32& even, u32& odd) {
-  constexpr bool kF16 = is_f16_type<T>;
-  const u32 lanes[2] = {word << 8, word};
-  u32 pair[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const u32 x = lanes[i];
-    if constexpr (!fp8_traits<Tw>::is_e4m3 && kF16) {
-      pair[i] = x & 0xFF00FF00u;
-    } else if constexpr (!fp8_traits<Tw>::is_e4m3) {
-      const u32 bits = (x & 0x80008000u) | ((x >> 3) & 0x0FE00FE0u);
-      asm("fma.rn.bf16x2 %0, %1, %2, %3;"
-          : "=r"(pair[i])
-          : "r"(bits), "r"(0x77807780u),
-            "r"(0x80008000u));  // * 2^112 (+ -0: sm_80 has no bf16 multiply)
-    } else if constexpr (kF16) {
-      const u32 bits = (x & 0x80008000u) | ((x >> 1) & 0x3F803F80u);
-      asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(pair[i]) : "r"(bits), "r"(0x5C005C00u));  // * 2^8
-    } else {
-      const u32 bits = (x & 0x80008000u) | ((x >> 4) & 0x07F007F0u);
-      asm("fma.rn.bf16x2 %0, %1, %2, %3;"
-          : "=r"(pair[i])
-          : "r"(bits), "r"(0x7B807B80u),
-            "r"(0x80008000u));  // * 2^120
-    }
-  }
-  even = pair[0];
-  odd = pair[1];
+  even = fp8_lanes_to_pair<Tw, T>(word << 8);
+  odd = fp8_lanes_to_pair<Tw, T>(word);
 }
 
 // True when fp8x4_to_pairs<Tw, T> can decode every code (no NaN / inf test needed).

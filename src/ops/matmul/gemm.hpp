@@ -49,6 +49,20 @@ void launch_gemm_plan(const MatmulProblem& problem, const GemmPlan& plan);
 // the mma.sync kernel.
 bool gemm_runs_cublaslt(const MatmulProblem& problem);
 
+// The Hopper weight-only GEMM (kernels/gemm_sm90.cuh): f16 / bf16 a, fp8 weights, on sm_90a;
+// launch_gemm runs it wherever gemm_sm90_unsupported is "".
+struct GemmSm90Plan {
+  int bt = 256;             // tokens per block (64, 128 or 256); the ring depth follows from it
+  int splits = 1;           // split-K slices (blockIdx.z); > 1 adds the split epilogue
+  int tiles_per_split = 0;  // 64-wide k-tiles per slice
+  std::int64_t units = 0;   // work units: weight tiles x token tiles x slices
+  int blocks = 0;           // the persistent grid: min(units, SMs)
+};
+std::string gemm_sm90_unsupported(const MatmulProblem& problem);
+GemmSm90Plan plan_gemm_sm90(const MatmulProblem& problem);
+jit::KernelSpec gemm_sm90_spec(const MatmulProblem& problem, const GemmSm90Plan& plan);
+void launch_gemm_sm90(const MatmulProblem& problem);
+
 // The packed layout (prepare_weight for the gemm path): rows of the weight's own elements padded
 // to 16 bytes, zero-filled; for q8_0 an int8 [N, K] matrix, then (at a 16-byte boundary) the f16
 // block scales as f32 [ceil(K/64)][2][round_up(N, 4)] (k-tile, 32-block in it, row).

@@ -276,6 +276,18 @@ void launch_gemm(const MatmulProblem& problem) {
     lt_matmul(kOp, lt);
     return;
   }
+  const std::string hopper = gemm_sm90_unsupported(problem);
+  if (hopper.empty()) {
+    launch_gemm_sm90(problem);
+    return;
+  }
+  if (problem.arch == "sm_90a" && is_fp8(problem.w_format) &&
+      problem.w_layout != WeightLayout::dequantized &&
+      (problem.a_dtype == DType::f16 || problem.a_dtype == DType::bf16)) {
+    log::warning_once("gemm_sm90_refused",
+                      "matmul: the Hopper fp8 GEMM cannot run this call (" + hopper +
+                          "); the mma.sync GEMM runs it, several times slower");
+  }
   launch_gemm_plan(problem, plan_gemm(problem));
 }
 
@@ -317,6 +329,25 @@ std::vector<jit::KernelSpec> gemm_variants(const std::string& workload) {
       }
     }
   }
+  // The Hopper kernel for the fp8 weights: 128 and 256 tokens a block, per-tensor and per-channel
+  // scales, with and without a bias; and the split-K form (M = 128 at N = 4096 on 132 SMs).
+  p.w_format = WeightFormat::f8_e4m3fn;
+  p.w_layout = WeightLayout::row_major;
+  for (ScaleKind scale : {ScaleKind::tensor, ScaleKind::row}) {
+    p.w_scale_kind = scale;
+    for (int bt : {128, 256}) {
+      for (bool bias : {false, true}) {
+        p.bias = bias ? kAligned : nullptr;
+        GemmSm90Plan plan;
+        plan.bt = bt;
+        specs.push_back(gemm_sm90_spec(p, plan));
+      }
+    }
+  }
+  GemmSm90Plan split;
+  split.bt = 128;
+  split.splits = 4;
+  specs.push_back(gemm_sm90_spec(p, split));
   return specs;
 }
 

@@ -197,7 +197,9 @@ class Partial {
   Stream stream_;
 };
 
-void launch_epilogue(const MatmulProblem& p, const float* partial, std::int64_t splits) {
+}  // namespace
+
+void launch_split_epilogue(const MatmulProblem& p, const float* partial, std::int64_t splits) {
   GemvEpilogueParams e{};
   e.partial = partial;
   e.splits = splits;
@@ -213,8 +215,6 @@ void launch_epilogue(const MatmulProblem& p, const float* partial, std::int64_t 
   jit::launch(kOp, kernel, dim3(unsigned(ceil_div(p.m * p.n, kThreads))), dim3(kThreads), 0,
               p.stream, args);
 }
-
-}  // namespace
 
 std::string gemv_unsupported(const MatmulProblem& p) {
   if (p.m > kGemvMaxM) {
@@ -244,7 +244,7 @@ jit::KernelSpec gemv_spec_for(const MatmulProblem& problem) {
 void launch_gemv(const MatmulProblem& p) {
   if (p.k == 0) {
     // out = bias (or 0), any M and layout: the split-K epilogue over no splits.
-    launch_epilogue(p, nullptr, 0);
+    launch_split_epilogue(p, nullptr, 0);
     return;
   }
   const std::string why = gemv_unsupported(p);
@@ -286,7 +286,7 @@ void launch_gemv(const MatmulProblem& p) {
   Partial partial(std::size_t(plan.splits * p.m * p.n) * sizeof(float), p.stream);
   g.partial = partial.get();
   jit::launch(kOp, kernel, grid, block, 0, p.stream, args);
-  launch_epilogue(p, partial.get(), plan.splits);
+  launch_split_epilogue(p, partial.get(), plan.splits);
 }
 
 }  // namespace kiln::matmul_detail

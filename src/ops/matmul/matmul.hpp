@@ -109,6 +109,10 @@ void launch_gemv(const MatmulProblem& problem);
 // Why gemv cannot run this problem ("" when it can): M too large, prepared layout.
 std::string gemv_unsupported(const MatmulProblem& problem);
 
+// Split-K: out = (the f32 partial sums [splits, M, N] added in split order) * tensor / row scales
+// + bias (launch_gemv.cpp); splits = 0 writes out = bias (or 0).
+void launch_split_epilogue(const MatmulProblem& problem, const float* partial, std::int64_t splits);
+
 // The tensor-core GEMM (G, launch_gemm.cpp): any M, row-major or gemm_packed weights.
 void launch_gemm(const MatmulProblem& problem);
 // Why the GEMM cannot run this problem ("" when it can).

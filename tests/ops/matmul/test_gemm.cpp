@@ -399,6 +399,11 @@ std::vector<GemmCase> gemm_cases() {
   cases.push_back(base.nk(131, 200));  // K % 16 != 0: fp8 rows not 16-byte aligned, gathered
   cases.push_back(base.fmt(WeightFormat::bf16).ws(Scale::none).nk(33, 77));
   cases.push_back(q8.ad(DType::f32).nk(65, 32));
+  // Split-K on sm_90a (few weight tiles, long K): 4 slices of 17 k-tiles (the last 14), with
+  // per-channel scales and a bias; block128 scales over slices of whole 128-wide chunks; f16.
+  cases.push_back(base.bd(DType::bf16).nk(200, 4160));
+  cases.push_back(base.ws(Scale::block128).od(DType::f32).bd(DType::f32).nk(130, 4200));
+  cases.push_back(base.ws(Scale::tensor).ad(DType::f16).od(DType::f16).bd(DType::f16).nk(96, 2112));
   // fp8 a (decoded exactly by the GEMM) with tensor and per-row a scales.
   cases.push_back(base.ad(DType::f8_e4m3fn).as(Scale::row).od(DType::f32).bd(DType::f32));
   cases.push_back(base.fmt(WeightFormat::f8_e5m2).ad(DType::f8_e4m3fn).as(Scale::tensor));
@@ -437,6 +442,7 @@ std::vector<GemmCase> large_cases() {
           base.ad(DType::f32).bd(DType::bf16),
           base.fmt(WeightFormat::f8_e5m2).ad(DType::f16).od(DType::f16),
           base.fmt(WeightFormat::bf16).ws(Scale::none),
+          base.nk(256, 8192),  // sm_90a: 6 tiles, split-K into 8 slices
           base.ad(DType::f8_e4m3fn)
               .as(Scale::row)
               .ws(Scale::row)

@@ -548,7 +548,7 @@ TEST_P(MatmulGemvCuda, MatchesReference) {
 INSTANTIATE_TEST_SUITE_P(Cases, MatmulGemvCuda, ::testing::ValuesIn(gemv_cases()),
                          [](const auto& param_info) { return param_info.param.name(); });
 
-TEST(MatmulGemvCudaEdges, NanAndInfWeightCodesPropagate) {
+TEST(MatmulCudaEdges, NanAndInfWeightCodesPropagate) {
   KILN_REQUIRE_GPU();
   Rng rng;
   // Both tensor-core operand types (bf16, f16) for each fp8 format.
@@ -556,83 +556,91 @@ TEST(MatmulGemvCudaEdges, NanAndInfWeightCodesPropagate) {
   for (const auto& [a_dtype, f] :
        {Formats{DType::bf16, WeightFormat::f8_e4m3fn}, Formats{DType::bf16, WeightFormat::f8_e5m2},
         Formats{DType::f16, WeightFormat::f8_e4m3fn}, Formats{DType::f16, WeightFormat::f8_e5m2}}) {
-    SCOPED_TRACE(std::string("a ") + dtype_name(a_dtype) + ", w " + weight_format_name(f));
-    GemvCase c{f, Scale::none, a_dtype, Scale::none, DType::f32, std::nullopt, 20, 512};
-    Problem p(c, 2, rng);
-    // Row 3 gets a NaN code, row 7 (e5m2) an inf code; the rest stays finite.
-    Weight w = p.weight(true);
-    const std::uint8_t nan_code = 0x7F, inf_code = 0x7C;
-    ASSERT_EQ(cudaMemcpy(static_cast<std::uint8_t*>(w.data.data()) + 3 * 512 + 100, &nan_code, 1,
-                         cudaMemcpyHostToDevice),
-              cudaSuccess);
-    if (f == WeightFormat::f8_e5m2) {
-      ASSERT_EQ(cudaMemcpy(static_cast<std::uint8_t*>(w.data.data()) + 7 * 512 + 5, &inf_code, 1,
+    for (MatmulPath path : {MatmulPath::gemv, MatmulPath::gemm}) {
+      SCOPED_TRACE(std::string("a ") + dtype_name(a_dtype) + ", w " + weight_format_name(f) +
+                   ", path " + matmul_path_name(path));
+      GemvCase c{f, Scale::none, a_dtype, Scale::none, DType::f32, std::nullopt, 20, 512};
+      Problem p(c, 2, rng);
+      // Row 3 gets a NaN code, row 7 (e5m2) an inf code; the rest stays finite.
+      Weight w = p.weight(true);
+      const std::uint8_t nan_code = 0x7F, inf_code = 0x7C;
+      ASSERT_EQ(cudaMemcpy(static_cast<std::uint8_t*>(w.data.data()) + 3 * 512 + 100, &nan_code, 1,
                            cudaMemcpyHostToDevice),
                 cudaSuccess);
-    }
-    matmul(p.a(true), w, p.out(true), p.options(true, MatmulPath::gemv));
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<float> got = p.download_out();
-    for (std::int64_t i = 0; i < 2; ++i) {
-      for (std::int64_t n = 0; n < 20; ++n) {
-        const float v = got[std::size_t(i * 20 + n)];
-        if (n == 3) {
-          EXPECT_TRUE(std::isnan(v)) << n;
-        } else if (n == 7 && f == WeightFormat::f8_e5m2) {
-          EXPECT_TRUE(std::isinf(v) || std::isnan(v)) << n;  // +-inf * a, NaN when a is 0
-        } else {
-          EXPECT_TRUE(std::isfinite(v)) << n;
+      if (f == WeightFormat::f8_e5m2) {
+        ASSERT_EQ(cudaMemcpy(static_cast<std::uint8_t*>(w.data.data()) + 7 * 512 + 5, &inf_code, 1,
+                             cudaMemcpyHostToDevice),
+                  cudaSuccess);
+      }
+      matmul(p.a(true), w, p.out(true), p.options(true, path));
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> got = p.download_out();
+      for (std::int64_t i = 0; i < 2; ++i) {
+        for (std::int64_t n = 0; n < 20; ++n) {
+          const float v = got[std::size_t(i * 20 + n)];
+          if (n == 3) {
+            EXPECT_TRUE(std::isnan(v)) << n;
+          } else if (n == 7 && f == WeightFormat::f8_e5m2) {
+            EXPECT_TRUE(std::isinf(v) || std::isnan(v)) << n;  // +-inf * a, NaN when a is 0
+          } else {
+            EXPECT_TRUE(std::isfinite(v)) << n;
+          }
         }
       }
     }
   }
 }
 
-TEST(MatmulGemvCudaEdges, EveryFp8CodeDecodesExactly) {
+TEST(MatmulCudaEdges, EveryFp8CodeDecodesExactly) {
   KILN_REQUIRE_GPU();
   // Row n of a [256, 16] weight holds code n then zeros; a = [1, 0, ..., 0]: out[n] is the decoded
-  // code, exactly, through the bit-trick decoder (and the exact one for the NaN / inf rows).
+  // code, exactly, through the GEMV's bit-trick decoder (and the exact one for the NaN / inf
+  // rows) and the GEMM's (on sm_90a: cvt to f16, bit tricks and the specials' fixup to bf16).
   // Both tensor-core operand types (bf16, f16) for each fp8 format.
   using Formats = std::pair<DType, WeightFormat>;
   for (const auto& [a_dtype, f] :
        {Formats{DType::bf16, WeightFormat::f8_e4m3fn}, Formats{DType::bf16, WeightFormat::f8_e5m2},
         Formats{DType::f16, WeightFormat::f8_e4m3fn}, Formats{DType::f16, WeightFormat::f8_e5m2}}) {
-    const DType dt = matmul_detail::storage_dtype(f);
-    std::vector<std::uint8_t> w(256 * 16, 0);
-    for (int n = 0; n < 256; ++n) w[std::size_t(n * 16)] = std::uint8_t(n);
-    std::vector<std::uint16_t> a(16, 0);
-    a[0] = a_dtype == DType::bf16 ? numeric::float_to_bf16(1.f) : numeric::float_to_f16(1.f);
-    DeviceBuffer wd(w.size()), ad(a.size() * 2), od(256 * 4);
-    wd.upload(w.data(), w.size());
-    ad.upload(a.data(), a.size() * 2);
-    Weight weight;
-    weight.format = f;
-    weight.n = 256;
-    weight.k = 16;
-    weight.data = TensorView(wd.data(), dt, {256, 16}, Device::cuda(0));
-    MatmulOptions o;
-    o.path = MatmulPath::gemv;
-    matmul(TensorView(ad.data(), a_dtype, {1, 16}, Device::cuda(0)), weight,
-           TensorView(od.data(), DType::f32, {1, 256}, Device::cuda(0)), o);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<float> got(256);
-    od.download(got.data(), 256 * 4);
-    for (int n = 0; n < 256; ++n) {
-      const float want = fp8_to_float(std::uint8_t(n), dt);
-      if (std::isnan(want)) {
-        EXPECT_TRUE(std::isnan(got[std::size_t(n)]))
-            << weight_format_name(f) << " code " << n << ", a " << dtype_name(a_dtype);
-      } else {
-        // +-0 codes: 1 * (+-0) + 0 * 0 + ... is +0 either way.
-        EXPECT_EQ(got[std::size_t(n)], want)
-            << weight_format_name(f) << " code " << n << ", a " << dtype_name(a_dtype);
+    for (MatmulPath path : {MatmulPath::gemv, MatmulPath::gemm}) {
+      const DType dt = matmul_detail::storage_dtype(f);
+      std::vector<std::uint8_t> w(256 * 16, 0);
+      for (int n = 0; n < 256; ++n) w[std::size_t(n * 16)] = std::uint8_t(n);
+      std::vector<std::uint16_t> a(16, 0);
+      a[0] = a_dtype == DType::bf16 ? numeric::float_to_bf16(1.f) : numeric::float_to_f16(1.f);
+      DeviceBuffer wd(w.size()), ad(a.size() * 2), od(256 * 4);
+      wd.upload(w.data(), w.size());
+      ad.upload(a.data(), a.size() * 2);
+      Weight weight;
+      weight.format = f;
+      weight.n = 256;
+      weight.k = 16;
+      weight.data = TensorView(wd.data(), dt, {256, 16}, Device::cuda(0));
+      MatmulOptions o;
+      o.path = path;
+      matmul(TensorView(ad.data(), a_dtype, {1, 16}, Device::cuda(0)), weight,
+             TensorView(od.data(), DType::f32, {1, 256}, Device::cuda(0)), o);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<float> got(256);
+      od.download(got.data(), 256 * 4);
+      for (int n = 0; n < 256; ++n) {
+        const float want = fp8_to_float(std::uint8_t(n), dt);
+        if (std::isnan(want)) {
+          EXPECT_TRUE(std::isnan(got[std::size_t(n)]))
+              << weight_format_name(f) << " code " << n << ", a " << dtype_name(a_dtype) << ", "
+              << matmul_path_name(path);
+        } else {
+          // +-0 codes: 1 * (+-0) + 0 * 0 + ... is +0 either way.
+          EXPECT_EQ(got[std::size_t(n)], want)
+              << weight_format_name(f) << " code " << n << ", a " << dtype_name(a_dtype) << ", "
+              << matmul_path_name(path);
+        }
       }
+      EXPECT_TRUE(od.guards_intact());
     }
-    EXPECT_TRUE(od.guards_intact());
   }
 }
 
-TEST(MatmulGemvCudaEdges, EmptyAndBiasOnly) {
+TEST(MatmulCudaEdges, EmptyAndBiasOnly) {
   KILN_REQUIRE_GPU();
   Rng rng;
   // K = 0 on CUDA: out = bias, for a GEMV-sized and a GEMM-sized M.

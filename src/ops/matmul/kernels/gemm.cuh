@@ -1,5 +1,5 @@
-// Tensor-core GEMM with the weight dequantized in registers on the way to mma.sync (sm_80+, the
-// same kernel on sm_90):
+// Tensor-core GEMM with the weight dequantized in registers on the way to mma.sync (sm_80+; on
+// sm_90a the fp8 weights with f16 / bf16 a and aligned rows go to gemm_sm90.cuh instead):
 //   out[m, n] = (sum_k a[m, k] * w[n, k]) * a_scale * w_scale + bias[n]
 // a: f32 / f16 / bf16 / fp8 [M, K] (row stride free), w: f16 / bf16 / fp8 e4m3fn or e5m2 / Q8_0
 // [N, K], f32 accumulation, scales and bias in f32 in the epilogue (128x128 block scales and Q8_0
@@ -30,9 +30,8 @@
 //
 // Measured on an H200 (NOTES.md has every version and the tile sweep): e4m3fn weight with
 // per-channel scales, bf16 a and out, 128 x 128 tiles of 8 warps: 158-169 TFLOP/s at Flux.2's
-// M = 4608 linears, 0.22x cuBLAS bf16 (705-741 TFLOP/s with a bf16 weight). What bounds it is not
-// settled (NOTES.md lists the suspects); prepare_weight's dequantized copy + cuBLASLt is the fast
-// large-M form on sm_90 (select.cpp).
+// M = 4608 linears, 0.22x cuBLAS bf16 (705-741 TFLOP/s with a bf16 weight): mma.sync on Hopper
+// has no path to wgmma's rate, which is why gemm_sm90.cuh takes those problems there.
 #pragma once
 
 #include "device/fp8.cuh"

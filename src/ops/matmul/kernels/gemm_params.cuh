@@ -4,6 +4,8 @@
 // __grid_constant__.
 #pragma once
 
+#include "device/tensor_map.cuh"
+
 namespace kiln {
 
 // Element kinds of the GEMM's operands (template arguments AK and WK of gemm_kernel).
@@ -51,6 +53,23 @@ struct GemmParams {
   int k;
   int n_pad;       // q8_0 packed: row count of w_d's [2][n_pad] slabs (N rounded up to 4)
   int scale_cols;  // block128: ceil(K/128)
+};
+
+// gemm_sm90.cuh: the Hopper weight-only GEMM (f16 / bf16 a, fp8 w).
+struct GemmSm90Params {
+  TensorMapBytes
+      map_w;  // w as bytes [N, K] (rows w_stride apart): boxes of 64 x 128, 64-byte swizzle
+  TensorMapBytes map_a;  // a [M, K]: boxes of 64 x BT, 128-byte swizzle
+  const float* w_scale;  // tensor [1], row [N] or block128 [ceil(N/128), ceil(K/128)]; else null
+  const void* bias;      // [N] or null
+  void* out;             // [M, N] contiguous; SPLIT: f32 partial sums [splits, M, N]
+  int m;
+  int n;
+  int k;
+  int splits;           // k slices (SPLIT: the slices of the partial sums)
+  int tiles_per_split;  // 64-wide k-tiles of one slice (even with block128 scales)
+  int scale_cols;       // block128: ceil(K / 128)
+  int out_vec;          // outputs stored in pairs (N even, out aligned to a pair)
 };
 
 // scale_vectors (fp8_native.cuh): the f32 vectors of cuBLASLt's outer-vector fp8 scaling.
