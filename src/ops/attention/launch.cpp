@@ -11,7 +11,9 @@
 #include "core/check.hpp"
 #include "core/cuda.hpp"
 #include "core/log.hpp"
+#include "core/tma.hpp"
 #include "jit/kernel_cache.hpp"
+#include "kiln/device.hpp"
 #include "ops/attention/attention.hpp"
 #include "ops/attention/kernels/params.cuh"
 
@@ -171,27 +173,50 @@ int kv_len_kind(const AttentionOptions& options) {
   return options.kv_len->dtype() == DType::i32 ? kKvLenI32 : kKvLenI64;
 }
 
-// KILN_ATTENTION_TILE="warps_m,warps_n,block_n,stages" replaces the launcher's tile choice (for
-// tuning sweeps; see NOTES.md); a malformed value is an error, not ignored. Returns whether it did.
-bool apply_tile_override(Plan& plan) {
+// KILN_ATTENTION_TILE="warps_m,warps_n,block_n,stages[,splits]" replaces the launcher's tile
+// choice and, with a fifth field, its split count (for tuning sweeps; see NOTES.md); a malformed
+// value is an error, not ignored. The splits are sized again for the new tile unless given.
+void apply_tile_override(Plan& plan, long long batch_kv_heads, long long lq, long long lk,
+                         int sm_count, int smem_per_sm) {
   const char* text = std::getenv("KILN_ATTENTION_TILE");
-  if (text == nullptr || *text == '\0') return false;
-  int wm = 0, wn = 0, bn = 0, st = 0;
+  if (text == nullptr || *text == '\0') return;
+  int wm = 0, wn = 0, bn = 0, st = 0, splits = 0;
   char tail = 0;
-  const int got = std::sscanf(text, "%d,%d,%d,%d%c", &wm, &wn, &bn, &st, &tail);
-  const bool ok = got == 4 && (wm == 1 || wm == 2 || wm == 4 || wm == 8) &&
+  const int got = std::sscanf(text, "%d,%d,%d,%d,%d%c", &wm, &wn, &bn, &st, &splits, &tail);
+  const bool ok = (got == 4 || (got == 5 && splits >= 1 && splits <= kMaxSplits)) &&
+                  (wm == 1 || wm == 2 || wm == 4 || wm == 8) &&
                   (wn == 1 || wn == 2 || wn == 4 || wn == 8) && bn % (16 * wn) == 0 && bn > 0 &&
                   bn <= 256 && st >= 2 && st <= 6;
   if (!ok) {
     check::fail(kOp, ErrorCode::invalid_argument,
                 std::string("KILN_ATTENTION_TILE is '") + text +
-                    "', expected 'warps_m,warps_n,block_n,stages' with warps in {1, 2, 4, 8}, "
-                    "block_n a multiple of 16 * warps_n up to 256 and 2 to 6 stages");
+                    "', expected 'warps_m,warps_n,block_n,stages[,splits]' with warps in {1, 2, 4, "
+                    "8}, block_n a multiple of 16 * warps_n up to 256, 2 to 6 stages and 1 to " +
+                    std::to_string(kMaxSplits) + " splits");
   }
   log::warning_once(std::string("attention_tile_") + text,
                     std::string("attention: tile from KILN_ATTENTION_TILE=") + text);
   plan.warps_m = wm, plan.warps_n = wn, plan.block_n = bn, plan.stages = st;
-  return true;
+  size_splits(plan, batch_kv_heads, lq, lk, sm_count, smem_per_sm);
+  if (got == 5) plan.splits = splits;
+}
+
+// KILN_ATTENTION_LOADS picks how decode loads K/V on sm_90a: "tma" (the default where the call
+// allows it: D and Dv multiples of 64, views a tensor map can describe; an error where it does
+// not) or "cp.async" (the sm_80 path, for tests and comparisons); unset or empty: the default.
+enum class Loads { automatic, cp_async, tma };
+
+Loads requested_loads() {
+  const char* text = std::getenv("KILN_ATTENTION_LOADS");
+  if (text == nullptr || *text == '\0') return Loads::automatic;
+  const std::string value = text;
+  if (value != "tma" && value != "cp.async") {
+    check::fail(kOp, ErrorCode::invalid_argument,
+                "KILN_ATTENTION_LOADS is '" + value + "', expected 'tma' or 'cp.async'");
+  }
+  log::warning_once("attention_loads_" + value,
+                    "attention: decode K/V loads from KILN_ATTENTION_LOADS=" + value);
+  return value == "tma" ? Loads::tma : Loads::cp_async;
 }
 
 int smem_per_sm(int device) {
@@ -224,10 +249,21 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
   }
   const int device = q.device().index;
   const int sms = cuda::sm_count(kOp, device), smem = smem_per_sm(device);
+  const Loads loads = requested_loads();
+  const bool has_tma = loads != Loads::cp_async && cuda_arch(device) == "sm_90a" &&
+                       tma::compatible(k, 3) && tma::compatible(v, 3) && Lk <= INT_MAX;
   Plan plan = make_plan(q.dtype(), k.dtype(), out.dtype(), int(q.size(3)), int(v.size(3)), group,
                         options.causal, mask_kind(options), kv_len_kind(options),
-                        bool(options.softcap), N * Hkv, Lq, Lk, sms, smem);
-  if (apply_tile_override(plan)) size_splits(plan, N * Hkv, Lq, Lk, sms, smem);
+                        bool(options.softcap), N * Hkv, Lq, Lk, sms, smem, has_tma);
+  if (loads == Loads::tma && Lq * group <= 16 && !plan.tma) {
+    check::fail(kOp, ErrorCode::unsupported,
+                "KILN_ATTENTION_LOADS=tma, but this decode call cannot load K/V by TMA (it needs "
+                "an sm_90a device, D and Dv multiples of 64 and K/V views with 16-byte-multiple "
+                "strides); got " +
+                    cuda_arch(device) + ", D = " + std::to_string(q.size(3)) +
+                    ", Dv = " + std::to_string(v.size(3)));
+  }
+  apply_tile_override(plan, N * Hkv, Lq, Lk, sms, smem);
 
   AttentionParams params{};
   params.q = q.data();
@@ -260,6 +296,7 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
     params.scale_over_softcap = scale / *options.softcap;
   }
   params.splits = plan.splits;
+  if (plan.tma) decode_tma_maps(k, v, plan.block_n, params);
 
   const std::int64_t rows = N * Hq * Lq;
   const dim3 grid(unsigned((Lq * group + plan.block_m() - 1) / plan.block_m()), unsigned(N * Hkv),
@@ -324,12 +361,12 @@ void size_splits(Plan& plan, long long batch_kv_heads, long long lq, long long l
 }
 
 int Plan::smem_bytes() const {
-  return attention_smem_bytes(head_dim, head_dim_v, warps_m, warps_n, block_n, stages);
+  return attention_smem_bytes(head_dim, head_dim_v, warps_m, warps_n, block_n, stages, tma);
 }
 
 Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int group, bool causal,
                int mask, int kv_len, bool softcap, long long batch_kv_heads, long long lq,
-               long long lk, int sm_count, int smem_per_sm) {
+               long long lk, int sm_count, int smem_per_sm, bool has_tma) {
   Plan plan;
   plan.kv = kv;
   plan.q = q;
@@ -346,17 +383,24 @@ Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int g
   // instead of 3. Head dims above 128 keep 32-key tiles (registers).
   const int widest = std::max(head_dim, head_dim_v);
   if (lq * group <= 16) {
-    // Decode: one row tile; 4 warps split each KV tile, 32 keys a warp (16 above D 128, for
-    // registers), and the ring as deep as one block's shared memory allows, up to 4 tiles. H200,
-    // B1 H32 D128 KV 131072 (NOTES.md, Decode v2): 4.13 TB/s with 3 x 128 keys against 3.11 with
-    // 5 x 64 (the same bytes in flight) and 4.10 with two blocks of 2 x 64 an SM.
+    // Decode: one row tile; 4 warps split each KV tile. cp.async: 32 keys a warp (16 above
+    // D 128, for registers) and the ring as deep as one block's shared memory allows, up to 4
+    // tiles. H200, B1 H32 D128 KV 131072 (NOTES.md, Decode v2): 4.13 TB/s with 3 x 128 keys
+    // against 3.11 with 5 x 64 (the same bytes in flight) and 4.10 with two blocks of 2 x 64 an
+    // SM. TMA (NOTES.md, Decode v4): 2 x 64 keys, 16 a warp, 4.34 TB/s against 4.11-4.18 with
+    // 3 x 128, 6 x 64 or 3 x 64 (above D 128: the cp.async rule's tiles, not measured).
     plan.warps_m = 1, plan.warps_n = 4, plan.block_n = widest <= 128 ? 128 : 64;
+    plan.tma = has_tma && head_dim % 64 == 0 && head_dim_v % 64 == 0;
     plan.stages = 2;
-    while (plan.stages < 4) {
-      Plan deeper = plan;
-      ++deeper.stages;
-      if (deeper.smem_bytes() + 1024 > smem_per_sm) break;
-      plan = deeper;
+    if (plan.tma && widest <= 128) {
+      plan.block_n = 64;
+    } else {
+      while (plan.stages < 4) {
+        Plan deeper = plan;
+        ++deeper.stages;
+        if (deeper.smem_bytes() + 1024 > smem_per_sm) break;
+        plan = deeper;
+      }
     }
   } else if (widest <= 64) {
     plan.warps_m = 4, plan.warps_n = 1, plan.block_n = 64, plan.stages = 2;
@@ -370,23 +414,26 @@ Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int g
 }
 
 jit::KernelSpec kernel_spec(const Plan& plan) {
-  return {kKernelSource,
-          "kiln::attention_kernel",
-          {{"T", jit::cpp_type(kOp, plan.kv)},
-           {"TQ", jit::cpp_type(kOp, plan.q)},
-           {"TO", jit::cpp_type(kOp, plan.out)},
-           {"D", std::to_string(plan.head_dim)},
-           {"DV", std::to_string(plan.head_dim_v)},
-           {"WARPS_M", std::to_string(plan.warps_m)},
-           {"WARPS_N", std::to_string(plan.warps_n)},
-           {"BLOCK_N", std::to_string(plan.block_n)},
-           {"STAGES", std::to_string(plan.stages)},
-           {"G", std::to_string(plan.group)},
-           {"CAUSAL", jit::cpp_bool(plan.causal)},
-           {"MASK", mask_name(plan.mask)},
-           {"KV_LEN", kv_len_name(plan.kv_len)},
-           {"SOFTCAP", jit::cpp_bool(plan.softcap)},
-           {"SPLIT", jit::cpp_bool(plan.splits > 1)}}};
+  jit::KernelSpec spec{kKernelSource,
+                       "kiln::attention_kernel",
+                       {{"T", jit::cpp_type(kOp, plan.kv)},
+                        {"TQ", jit::cpp_type(kOp, plan.q)},
+                        {"TO", jit::cpp_type(kOp, plan.out)},
+                        {"D", std::to_string(plan.head_dim)},
+                        {"DV", std::to_string(plan.head_dim_v)},
+                        {"WARPS_M", std::to_string(plan.warps_m)},
+                        {"WARPS_N", std::to_string(plan.warps_n)},
+                        {"BLOCK_N", std::to_string(plan.block_n)},
+                        {"STAGES", std::to_string(plan.stages)},
+                        {"G", std::to_string(plan.group)},
+                        {"CAUSAL", jit::cpp_bool(plan.causal)},
+                        {"MASK", mask_name(plan.mask)},
+                        {"KV_LEN", kv_len_name(plan.kv_len)},
+                        {"SOFTCAP", jit::cpp_bool(plan.softcap)},
+                        {"SPLIT", jit::cpp_bool(plan.splits > 1)},
+                        {"TMA", jit::cpp_bool(plan.tma)}}};
+  if (plan.tma) spec.archs = {"sm_90a"};
+  return spec;
 }
 
 std::vector<jit::KernelSpec> variants(const std::string& workload) {
@@ -394,8 +441,11 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
   // H100 / H200: 132 SMs, 228 KB of shared memory each; the plan is made again on each device.
   constexpr int kSms = 132;
   constexpr int kSmem = 228 * 1024;
+  // Decode shapes also get their TMA variant (sm_90a only).
   const auto add = [&](auto... problem) {
-    specs.push_back(kernel_spec(make_plan(problem..., kSms, kSmem)));
+    specs.push_back(kernel_spec(make_plan(problem..., kSms, kSmem, false)));
+    const Plan hopper = make_plan(problem..., kSms, kSmem, true);
+    if (hopper.tma) specs.push_back(kernel_spec(hopper));
   };
   const DType bf = DType::bf16;
   if (workload == "flux") {

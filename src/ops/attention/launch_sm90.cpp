@@ -1,5 +1,5 @@
 // attention on Hopper: the sm_90a prefill kernel (prefill_sm90.cuh), its TMA tensor maps, its
-// specializations and when it takes a call.
+// specializations and when it takes a call; the tensor maps of the TMA decode (attention.cuh).
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
@@ -32,10 +32,10 @@ int smem_bytes(int d) {
   return kBlockM * tile + 2 * kStages * kBlockN * tile + 1024 + 8 * (1 + 3 * kStages);
 }
 
-// A 4-D map of a [N, H, L, D] view with boxes of 64 (D) x 128 rows (L): dims (D, L, H, N), or
+// A 4-D map of a [N, H, L, D] view with boxes of 64 (D) x `rows` (L): dims (D, L, H, N), or
 // (D, H, L, N) when the H stride is the smaller (the slices of a packed QKV), so that the map's
 // strides grow outwards. Returns whether L is the second dim (the kernel's coordinate order).
-TensorMapBytes tensor_map(const char* arg, const TensorView& t, bool& l_inner) {
+TensorMapBytes tensor_map(const char* arg, const TensorView& t, std::uint32_t rows, bool& l_inner) {
   const std::uint64_t bytes = dtype_size(t.dtype());
   // A size-1 dim's stride is never stepped along; give it the largest stride so the order holds.
   std::uint64_t stride[3];  // of N, H, L in bytes
@@ -49,12 +49,12 @@ TensorMapBytes tensor_map(const char* arg, const TensorView& t, bool& l_inner) {
   if (l_inner) {
     const std::uint64_t dims[4] = {d, l, h, n};
     const std::uint64_t strides[3] = {stride[2], stride[1], stride[0]};
-    const std::uint32_t box[4] = {64, kBlockRows, 1, 1};
+    const std::uint32_t box[4] = {64, rows, 1, 1};
     return tma::tiled(kOp, arg, t.dtype(), t.data(), dims, strides, box);
   }
   const std::uint64_t dims[4] = {d, h, l, n};
   const std::uint64_t strides[3] = {stride[1], stride[2], stride[0]};
-  const std::uint32_t box[4] = {64, 1, kBlockRows, 1};
+  const std::uint32_t box[4] = {64, 1, rows, 1};
   return tma::tiled(kOp, arg, t.dtype(), t.data(), dims, strides, box);
 }
 
@@ -90,9 +90,9 @@ void run_prefill_sm90(const TensorView& q, const TensorView& k, const TensorView
   const int d = int(q.size(3));
   AttentionSm90Params params{};
   bool l_inner[3];
-  params.map_q = tensor_map("q", q, l_inner[0]);
-  params.map_k = tensor_map("k", k, l_inner[1]);
-  params.map_v = tensor_map("v", v, l_inner[2]);
+  params.map_q = tensor_map("q", q, kBlockRows, l_inner[0]);
+  params.map_k = tensor_map("k", k, kBlockRows, l_inner[1]);
+  params.map_v = tensor_map("v", v, kBlockRows, l_inner[2]);
   params.q_l_inner = l_inner[0];
   params.k_l_inner = l_inner[1];
   params.v_l_inner = l_inner[2];
@@ -120,6 +120,15 @@ void run_prefill_sm90(const TensorView& q, const TensorView& k, const TensorView
   const dim3 grid(unsigned((q.size(2) + kBlockM - 1) / kBlockM), unsigned(q.size(1)),
                   unsigned(q.size(0)));
   jit::launch(kOp, kernel, grid, dim3(kThreads), std::size_t(smem_bytes(d)), stream, args);
+}
+
+void decode_tma_maps(const TensorView& k, const TensorView& v, int block_n,
+                     AttentionParams& params) {
+  bool l_inner[2];
+  params.map_k = tensor_map("k", k, std::uint32_t(block_n), l_inner[0]);
+  params.map_v = tensor_map("v", v, std::uint32_t(block_n), l_inner[1]);
+  params.k_l_inner = l_inner[0];
+  params.v_l_inner = l_inner[1];
 }
 
 }  // namespace kiln::attention_detail

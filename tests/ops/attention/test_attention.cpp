@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -541,6 +542,83 @@ TEST_P(AttentionSanitize, CudaMatchesCpu) {
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionSanitize, ::testing::ValuesIn(sanitizer_cases()),
                          [](const auto& param_info) { return param_info.param.name(); });
 
+// Sets an environment variable for a scope, then restores it (the launcher reads it on every
+// call).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    ::setenv(name, value, 1);
+  }
+  ~ScopedEnv() { old_ ? ::setenv(name_, old_->c_str(), 1) : ::unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+// On sm_90a, decode with head dims of whole 64-element panels loads K/V by TMA (the case table
+// above runs that); this suite runs the table's decode cases (Lq * Hq / Hkv <= 16) again through
+// the cp.async loads that sm_80 uses, selected by KILN_ATTENTION_LOADS.
+std::vector<Case> decode_cases() {
+  std::vector<Case> decode;
+  for (const Case& c : cases()) {
+    if (c.Lq * (c.Hq / c.Hkv) <= 16) decode.push_back(c);
+  }
+  return decode;
+}
+
+class AttentionDecodeCpAsync : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionDecodeCpAsync, CudaMatchesCpu) {
+  KILN_REQUIRE_GPU();
+  if (cuda_arch(0) != "sm_90a")
+    GTEST_SKIP() << "cp.async is the only decode path on " << cuda_arch(0);
+  const ScopedEnv loads("KILN_ATTENTION_LOADS", "cp.async");
+  check_gpu(GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, AttentionDecodeCpAsync, ::testing::ValuesIn(decode_cases()),
+                         [](const auto& param_info) { return param_info.param.name(); });
+
+// KILN_ATTENTION_LOADS=tma where TMA cannot serve the call is an error, not a silent fallback.
+TEST(AttentionSm90Cuda, TmaLoadsRequestedForHeadDim80) {
+  KILN_REQUIRE_GPU();
+  if (cuda_arch(0) != "sm_90a") GTEST_SKIP() << "not an sm_90a device: " << cuda_arch(0);
+  DeviceBuffer buffer(std::size_t(4) * 2 * 256 * 80 * 2);
+  const auto view = [&](std::int64_t l, int i) {
+    return TensorView(static_cast<char*>(buffer.data()) + std::size_t(i) * 2 * 256 * 80 * 2,
+                      DType::bf16, {1, 2, l, 80}, Device::cuda(0));
+  };
+  const ScopedEnv loads("KILN_ATTENTION_LOADS", "tma");
+  test::expect_error("kiln::attention",
+                     [&] { attention(view(1, 0), view(256, 1), view(256, 2), view(1, 3)); },
+                     ErrorCode::unsupported, {"KILN_ATTENTION_LOADS=tma", "D = 80", "Dv = 80"});
+}
+
+// KILN_ATTENTION_TILE's optional fifth field sets the split count: 47 tiles of 64 keys in 7
+// chunks; batch 0 sees no key, batch 1 at most 900 (most of its chunks see none), batch 2 all.
+// Out-of-range values are errors.
+TEST(AttentionTileOverrideCuda, FifthFieldSetsTheSplits) {
+  KILN_REQUIRE_GPU();
+  {
+    const ScopedEnv tile("KILN_ATTENTION_TILE", "1,4,64,3,7");
+    check_gpu({3, 8, 2, 1, 3000, 128, 128, DType::bf16, DType::bf16, DType::bf16, false,
+               MaskKind::none, KvLen::i32, 0, 0, 1, Layout::kv_cache, true, 900});
+  }
+  DeviceBuffer buffer(std::size_t(4) * 64 * 64 * 2);
+  const auto view = [&](std::int64_t l, int i) {
+    return TensorView(static_cast<char*>(buffer.data()) + std::size_t(i) * 64 * 64 * 2, DType::bf16,
+                      {1, 1, l, 64}, Device::cuda(0));
+  };
+  const ScopedEnv tile("KILN_ATTENTION_TILE", "1,4,64,3,0");
+  test::expect_error(
+      "kiln::attention", [&] { attention(view(1, 0), view(64, 1), view(64, 2), view(1, 3)); },
+      ErrorCode::invalid_argument, {"KILN_ATTENTION_TILE is '1,4,64,3,0'", "splits"});
+}
+
 // CPU reference against closed forms: with q = 0 every visible key has the same score, so the
 // output is the mean of the visible values and the LSE is log(count) (causal, kv_len and GQA
 // decide which values and how many).
@@ -638,7 +716,7 @@ TEST(AttentionPlan, DecodeSplitsPrefillDoesNot) {
   // Decode, B1 H32 D128, 32768 keys on 132 SMs: 32 keys a warp, a 3-deep ring of 128-key tiles
   // (208 KB: one block an SM), 4 splits of 64 tiles = 128 blocks in one wave.
   const auto decode = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1,
-                                32768, 132, kH200Smem);
+                                32768, 132, kH200Smem, false);
   EXPECT_EQ(decode.warps_m, 1);
   EXPECT_EQ(decode.block_n / decode.warps_n, 32);
   EXPECT_EQ(decode.stages, 3);
@@ -646,53 +724,99 @@ TEST(AttentionPlan, DecodeSplitsPrefillDoesNot) {
   EXPECT_EQ(decode.splits, 4);
   // On an sm_80 SM (164 KB) the ring is 2 deep.
   const auto a100 = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1,
-                              32768, 108, kA100Smem);
+                              32768, 108, kA100Smem, false);
   EXPECT_EQ(a100.stages, 2);
   // 10 splits: 320 blocks in 3 waves of 108, 26 tiles each (84), against 3 splits in one (88).
   EXPECT_EQ(a100.splits, 10);
   // GQA 8:1 decode packs the group into one row tile: 4 KV heads, 32 splits.
   const auto gqa = make_plan(bf, bf, bf, 128, 128, 8, false, kMaskNone, kKvLenI32, false, 4, 1,
-                             32768, 132, kH200Smem);
+                             32768, 132, kH200Smem, false);
   EXPECT_EQ(gqa.warps_m, 1);
   EXPECT_EQ(gqa.splits, 32);
   // Batch 8 fills two waves without splitting (2 splits: 4 waves of 32 tiles).
   const auto batch = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 256, 1,
-                               8192, 132, kH200Smem);
+                               8192, 132, kH200Smem, false);
   EXPECT_EQ(batch.splits, 1);
   // Few keys: at most one split per KV tile.
   const auto short_kv = make_plan(bf, bf, bf, 64, 64, 1, false, kMaskNone, kKvLenNone, false, 8, 1,
-                                  200, 132, kH200Smem);
+                                  200, 132, kH200Smem, false);
   EXPECT_EQ(short_kv.splits, 2);  // 2 tiles of 128 keys
   // Splits that do not divide the tiles: 71 tiles in 18 chunks.
   const auto uneven = make_plan(bf, bf, bf, 128, 128, 4, false, kMaskNone, kKvLenI32, false, 6, 1,
-                                9000, 132, kH200Smem);
+                                9000, 132, kH200Smem, false);
   EXPECT_EQ(uneven.splits, 18);
   // Flux at 1024^2: 24 heads x 36 row tiles fill the GPU without splitting.
   const auto flux = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 24,
-                              4608, 4608, 132, kH200Smem);
+                              4608, 4608, 132, kH200Smem, false);
   EXPECT_EQ(flux.splits, 1);
   EXPECT_EQ(flux.warps_n, 1);
   // Every plan fits the shared memory a block may opt in to (the SM's less 1 KB).
   for (int smem : {kH200Smem, kA100Smem}) {
     for (int d = 8; d <= 256; d += 8) {
       for (long long lq : {1LL, 4096LL}) {
-        const auto plan = make_plan(bf, bf, bf, d, d, 1, true, kMaskNone, kKvLenNone, false, 1, lq,
-                                    4096, 132, smem);
-        EXPECT_LE(plan.smem_bytes(), smem - 1024) << "D " << d << " Lq " << lq;
-        EXPECT_GE(resident_blocks(plan, smem), 1);
+        for (bool has_tma : {false, true}) {
+          const auto plan = make_plan(bf, bf, bf, d, d, 1, true, kMaskNone, kKvLenNone, false, 1,
+                                      lq, 4096, 132, smem, has_tma);
+          EXPECT_LE(plan.smem_bytes(), smem - 1024) << "D " << d << " Lq " << lq;
+          EXPECT_GE(resident_blocks(plan, smem), 1);
+        }
       }
     }
   }
 }
 
+TEST(AttentionPlan, HopperDecodeLoadsByTmaAtWholePanels) {
+  using attention_detail::make_plan;
+  const DType bf = DType::bf16;
+  // B1 H32 D128 KV 32768 on an H200: 2 x 64-key tiles (the measured best), 4 math warps and the
+  // producer; registers count one block an SM, so 4 splits: 128 blocks in one wave.
+  const auto decode = make_plan(bf, bf, bf, 128, 128, 1, false, kMaskNone, kKvLenNone, false, 32, 1,
+                                32768, 132, kH200Smem, true);
+  EXPECT_TRUE(decode.tma);
+  EXPECT_EQ(decode.threads(), 5 * 32);
+  EXPECT_EQ(decode.block_n, 64);
+  EXPECT_EQ(decode.stages, 2);
+  EXPECT_EQ(decode.splits, 4);
+  EXPECT_EQ(attention_detail::resident_blocks(decode, kH200Smem), 1);
+  // Above D 128 the tiles follow the cp.async rule: 64 keys, the ring as deep as fits.
+  const auto wide = make_plan(bf, bf, bf, 256, 256, 1, false, kMaskNone, kKvLenNone, false, 32, 1,
+                              32768, 132, kH200Smem, true);
+  EXPECT_TRUE(wide.tma);
+  EXPECT_EQ(wide.block_n, 64);
+  EXPECT_EQ(wide.stages, 3);
+  // Head dims of whole 64-element panels take TMA (D 192 with Dv 128 too); others keep cp.async,
+  // and so does prefill.
+  for (int d : {64, 128, 192, 256}) {
+    EXPECT_TRUE(make_plan(bf, bf, bf, d, d, 4, false, kMaskNone, kKvLenI32, false, 8, 1, 4096, 132,
+                          kH200Smem, true)
+                    .tma)
+        << "D " << d;
+  }
+  EXPECT_TRUE(make_plan(bf, bf, bf, 192, 128, 1, false, kMaskNone, kKvLenNone, false, 8, 1, 200,
+                        132, kH200Smem, true)
+                  .tma);
+  for (int d : {40, 80, 96}) {
+    EXPECT_FALSE(make_plan(bf, bf, bf, d, d, 1, false, kMaskNone, kKvLenNone, false, 8, 1, 4096,
+                           132, kH200Smem, true)
+                     .tma)
+        << "D " << d;
+  }
+  EXPECT_FALSE(make_plan(bf, bf, bf, 128, 128, 1, true, kMaskNone, kKvLenNone, false, 32, 8192,
+                         8192, 132, kH200Smem, true)
+                   .tma);
+  const std::string key = attention_detail::kernel_spec(decode).key();
+  EXPECT_NE(key.find("TMA=true"), std::string::npos) << key;
+  EXPECT_EQ(attention_detail::kernel_spec(decode).archs, std::vector<std::string>{"sm_90a"});
+}
+
 TEST(AttentionPlan, JitKeyNamesTheSpecialization) {
   const auto plan =
       attention_detail::make_plan(DType::f32, DType::f16, DType::bf16, 72, 40, 4, true, kMaskF16,
-                                  kKvLenI64, true, 6, 1, 5000, 132, kH200Smem);
+                                  kKvLenI64, true, 6, 1, 5000, 132, kH200Smem, false);
   const std::string key = attention_detail::kernel_spec(plan).key();
   for (const char* part :
        {"T=kiln::f16", "TQ=float", "TO=kiln::bf16", "D=72", "DV=40", "G=4", "CAUSAL=true",
-        "MASK=kiln::kMaskF16", "KV_LEN=kiln::kKvLenI64", "SOFTCAP=true", "SPLIT=true",
+        "MASK=kiln::kMaskF16", "KV_LEN=kiln::kKvLenI64", "SOFTCAP=true", "SPLIT=true", "TMA=false",
         "WARPS_M=", "WARPS_N=", "BLOCK_N=", "STAGES="}) {
     EXPECT_NE(key.find(part), std::string::npos) << part << " not in " << key;
   }

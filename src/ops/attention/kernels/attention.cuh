@@ -14,23 +14,30 @@
 // K/V tiles stream through a STAGES-deep cp.async ring; Q stays in registers for D <= 128 and
 // is re-read from shared memory above that. Shared-memory rows are padded to an odd number of
 // 16-byte chunks (attention_pitch), which makes every ldmatrix conflict-free for any D.
+// With TMA (sm_90a decode, D and DV multiples of 64) a fifth warp, the producer, loads whole K/V
+// tiles instead: one tiled TMA load per 64-element panel into the ring, handed over by full and
+// empty mbarriers; the tiles are unpadded and 128-byte swizzled, which the ldmatrix addresses
+// undo, and the math warps sync among themselves with named barrier 1.
 // gridDim = (row tiles, N * Hkv, splits); with SPLIT each z-slice covers one KV chunk (the tiles
 // spread evenly) and writes an f32 partial output and its LSE, then counts its arrival on the
 // row tile's counter; the last block to arrive combines the partials (combine.cuh).
 //
-// Limits: D, DV multiples of 8 up to 256; q/k/v rows contiguous and 16-byte aligned (the
-// launcher checks); out contiguous. A row with no visible key writes zeros and LSE -inf.
+// Limits: D, DV multiples of 8 up to 256 (TMA: multiples of 64); q/k/v rows contiguous and
+// 16-byte aligned (the launcher checks); out contiguous. A row with no visible key writes zeros
+// and LSE -inf.
 //
 // Measured on an H200 (v1, bf16; every version in ../NOTES.md): Flux B1 H24 L4608 D128 207 TFLOP/s
 // with 8 warps of rows (0.63x SDPA's FA2, 0.33x cuDNN: mma.sync with 16 rows a warp feeds each
 // ldmatrix'd K/V fragment to one MMA). Decode (v2): B1 H32 KV131072 4.1 TB/s of K+V with 128-key
 // tiles, 32 keys a warp, a 3-deep ring (208 KB, one block an SM) and 4 splits (128 blocks, one
 // wave), against 3.1 TB/s for 64-key tiles 5 deep (the same bytes in flight, twice the
-// iterations) and 3.5 TB/s for v1's plan.
+// iterations) and 3.5 TB/s for v1's plan. Decode with TMA (v4, sm_90a): 4.34 TB/s with 2 x 64-key
+// tiles (0.95x SDPA cuDNN), against 4.17 for v2's cp.async loads in the same run.
 #pragma once
 
 #include "device/mma.cuh"
 #include "device/numeric.cuh"
+#include "device/sm90.cuh"
 #include "device/vec.cuh"
 #include "ops/attention/kernels/combine.cuh"
 #include "ops/attention/kernels/params.cuh"
@@ -54,12 +61,40 @@ __device__ __forceinline__ float load_mask(const void* mask, long long i) {
   }
 }
 
+// Barrier of the THREADS math threads: the whole block, or named barrier 1 when a TMA producer
+// warp (which leaves after its loads) is not part of it.
+template <int THREADS, bool NAMED>
+__device__ __forceinline__ void math_sync() {
+  if constexpr (NAMED) {
+    asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory");
+  } else {
+    __syncthreads();
+  }
+}
+
+// math_sync that also returns whether `pred` held in any of the threads.
+template <int THREADS, bool NAMED>
+__device__ __forceinline__ bool math_sync_or(bool pred) {
+  if constexpr (NAMED) {
+    int any;
+    asm volatile(
+        "{\n.reg .pred p, q;\nsetp.ne.s32 q, %1, 0;\nbar.red.or.pred p, 1, %2, q;\n"
+        "selp.s32 %0, 1, 0, p;\n}"
+        : "=r"(any)
+        : "r"(int(pred)), "n"(THREADS)
+        : "memory");
+    return any != 0;
+  } else {
+    return __syncthreads_or(pred) != 0;
+  }
+}
+
 template <typename T, typename TQ, typename TO, int D, int DV, int WARPS_M, int WARPS_N,
           int BLOCK_N, int STAGES, int G, bool CAUSAL, int MASK, int KV_LEN, bool SOFTCAP,
-          bool SPLIT>
-__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
+          bool SPLIT, bool TMA>
+__global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ? 1 : 0)
     attention_kernel(const __grid_constant__ AttentionParams p) {
-  constexpr int kThreads = 32 * WARPS_M * WARPS_N;
+  constexpr int kThreads = 32 * WARPS_M * WARPS_N;  // the math warps (TMA adds a producer warp)
   constexpr int kBlockM = 16 * WARPS_M;
   constexpr int kKeys = BLOCK_N / WARPS_N;  // keys of a tile one warp multiplies
   constexpr int kDk = attention_k_dim(D);   // D padded to whole k-steps
@@ -77,11 +112,21 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   constexpr float kLog2e = 1.4426950408889634f;
   static_assert(D % 8 == 0 && DV % 8 == 0 && D <= 256 && DV <= 256, "head dims: multiples of 8");
   static_assert(kKeys % 16 == 0, "a warp multiplies whole 16-key steps");
+  static_assert(!TMA || (D % 64 == 0 && DV % 64 == 0), "TMA tiles: whole 64-element panels");
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* s_q = reinterpret_cast<T*>(smem);         // (kBlockM, kQkPitch)
-  T* s_k = s_q + kBlockM * kQkPitch;           // (STAGES, BLOCK_N, kQkPitch)
-  T* s_v = s_k + STAGES * BLOCK_N * kQkPitch;  // (STAGES, BLOCK_N, kVPitch)
+  // cp.async: Q | K ring | V ring, rows padded to kQkPitch / kVPitch.
+  // TMA: K ring | V ring | Q | full and empty mbarriers, from a 1024-byte boundary; a ring tile is
+  // D / 64 (or DV / 64) panels of (BLOCK_N, 64) with 128-byte rows, swizzled as TMA writes them
+  // (16-byte chunk c of row r at chunk c ^ (r % 8)).
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* const smem =
+      TMA ? reinterpret_cast<unsigned char*>((reinterpret_cast<u64>(smem_raw) + 1023) & ~u64(1023))
+          : smem_raw;
+  T* const s_k = reinterpret_cast<T*>(smem) + (TMA ? 0 : kBlockM * kQkPitch);
+  T* const s_v = s_k + STAGES * BLOCK_N * (TMA ? D : kQkPitch);
+  T* const s_q = TMA ? s_v + STAGES * BLOCK_N * DV : reinterpret_cast<T*>(smem);
+  u64* const full = reinterpret_cast<u64*>(s_q + kBlockM * kQkPitch);  // TMA: a tile landed
+  u64* const empty = full + STAGES;  // TMA: every math warp is done with the slot
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -119,6 +164,42 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   // chunk may be empty when the visible keys are few).
   const i64 t_begin = blockIdx.z * tiles / p.splits;
   const i64 t_end = (blockIdx.z + 1) * tiles / p.splits;
+
+  if constexpr (TMA) {
+    // The producer warp's lane 0 streams this chunk's tiles through the ring: a slot is refilled
+    // once each math warp has released it; one transaction count covers K and V. Keys past Lk
+    // arrive as zeros (TMA's out-of-bounds fill).
+    if (tid == 0) {
+      for (int s = 0; s < STAGES; ++s) {
+        mbarrier_init(full + s, 1);
+        mbarrier_init(empty + s, kThreads / 32);
+      }
+      mbarrier_init_fence();
+    }
+    __syncthreads();
+    if (warp == kThreads / 32) {
+      if (lane == 0) {
+        const int head = int(kv_head), batch = int(n);
+        for (i64 t = t_begin; t < t_end; ++t) {
+          const int i = int(t - t_begin), slot = i % STAGES;
+          const int key0 = int(t * BLOCK_N);
+          mbarrier_wait(empty + slot, u32(i / STAGES & 1) ^ 1);  // a fresh barrier passes parity 1
+          mbarrier_arrive_expect_tx(full + slot, BLOCK_N * (D + DV) * 2);
+#pragma unroll
+          for (int pn = 0; pn < D / 64; ++pn) {
+            tma_load_4d(s_k + (slot * (D / 64) + pn) * BLOCK_N * 64, &p.map_k, full + slot, 64 * pn,
+                        p.k_l_inner ? key0 : head, p.k_l_inner ? head : key0, batch);
+          }
+#pragma unroll
+          for (int pn = 0; pn < DV / 64; ++pn) {
+            tma_load_4d(s_v + (slot * (DV / 64) + pn) * BLOCK_N * 64, &p.map_v, full + slot,
+                        64 * pn, p.v_l_inner ? key0 : head, p.v_l_inner ? head : key0, batch);
+          }
+        }
+      }
+      return;
+    }
+  }
 
   // Global offset of packed row r (clamped into range: rows past the end load row 0's data).
   const auto row_coords = [&](i64 r, i64& query, i64& head) {
@@ -179,11 +260,19 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     }
   };
 
-  // Prologue: Q and the first STAGES - 1 tiles, one commit group per tile (Q rides in the first).
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (t_begin + s < t_end) load_kv(t_begin + s, s);
+  if constexpr (TMA) {
+    // Q lands before the loop; the producer fills the ring.
     cp_async_commit();
+    cp_async_wait<0>();
+    math_sync<kThreads, TMA>();
+  } else {
+    // Prologue: Q and the first STAGES - 1 tiles, one commit group per tile (Q rides in the
+    // first).
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (t_begin + s < t_end) load_kv(t_begin + s, s);
+      cp_async_commit();
+    }
   }
 
   // This thread's two rows (fragment rows group and group + 8) of the warp's 16.
@@ -209,9 +298,28 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   const T* q_warp = s_q + (warp_m * 16 + lane % 16) * kQkPitch + (lane / 16) * 8;
 
   for (i64 t = t_begin; t < t_end; ++t) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    {
+    const int slot = int((t - t_begin) % STAGES);
+    const i64 key0 = t * BLOCK_N + warp_n * kKeys;  // first key of this warp's part of the tile
+    if constexpr (TMA) {
+      mbarrier_wait(full + slot, u32((t - t_begin) / STAGES & 1));
+      if (t * BLOCK_N + BLOCK_N > keys) {
+        // The last tile: V rows of keys in [keys, Lk) hold whatever the cache holds (NaN, say)
+        // and would meet P = 0; zero this warp's rows (K needs nothing: those scores are set to
+        // -inf). No later TMA write targets this slot, so no proxy fence is needed.
+        T* v_warp = s_v + slot * BLOCK_N * DV + warp_n * kKeys * 64;
+        for (int r = lane; r < kKeys; r += 32) {
+          if (key0 + r < keys) continue;
+#pragma unroll
+          for (int c = 0; c < kVChunks; ++c) {  // the whole row: the swizzle does not matter
+            *reinterpret_cast<uint4*>(v_warp + (c / 8) * BLOCK_N * 64 + r * 64 + c % 8 * 8) =
+                make_uint4(0, 0, 0, 0);
+          }
+        }
+        __syncwarp();
+      }
+    } else {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
       const i64 next = t + STAGES - 1;
       if (next < t_end) load_kv(next, int((next - t_begin) % STAGES));
       cp_async_commit();
@@ -222,16 +330,28 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
         for (int ks = 0; ks < kDk / 16; ++ks) ldmatrix_x4(q_frag[ks], q_warp + ks * 16);
       }
     }
-    const int slot = int((t - t_begin) % STAGES);
-    const T* k_tile = s_k + slot * BLOCK_N * kQkPitch + warp_n * kKeys * kQkPitch;
-    const T* v_tile = s_v + slot * BLOCK_N * kVPitch + warp_n * kKeys * kVPitch;
+    // This warp's kKeys rows of the slot's K and V tiles.
+    const T* k_tile =
+        s_k + slot * BLOCK_N * (TMA ? D : kQkPitch) + warp_n * kKeys * (TMA ? 64 : kQkPitch);
+    const T* v_tile =
+        s_v + slot * BLOCK_N * (TMA ? DV : kVPitch) + warp_n * kKeys * (TMA ? 64 : kVPitch);
 
     // S = Q K^T: (16, kKeys) per warp.
     float s[kSTiles][4];
 #pragma unroll
     for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
     // ldmatrix.x4 of K: matrices (keys 0-7 | 8-15) x (k 0-7 | 8-15) give two n-tiles' B.
-    const T* k_lane = k_tile + ((lane / 16) * 8 + lane % 8) * kQkPitch + ((lane / 8) % 2) * 8;
+    // Lane l reads row 8 (l / 16) + l % 8 (+ 8 j), chunk 2 ks + (l / 8) % 2: with TMA's swizzle
+    // in panel ks / 4 at chunk (2 (ks % 4)) ^ ((l / 8) % 2) ^ (l % 8).
+    const int k_row = (lane / 16) * 8 + lane % 8;
+    const auto k_address = [&](int ks, int j) {
+      if constexpr (TMA) {
+        return k_tile + (ks / 4) * BLOCK_N * 64 + (k_row + j * 8) * 64 +
+               ((2 * (ks % 4)) ^ ((lane / 8) % 2) ^ (lane % 8)) * 8;
+      } else {
+        return k_tile + (k_row + j * 8) * kQkPitch + ks * 16 + ((lane / 8) % 2) * 8;
+      }
+    };
 #pragma unroll
     for (int ks = 0; ks < kDk / 16; ++ks) {
       u32 a[4];
@@ -244,7 +364,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 #pragma unroll
       for (int j = 0; j < kSTiles; j += 2) {
         u32 b[4];
-        ldmatrix_x4(b, k_lane + j * 8 * kQkPitch + ks * 16);
+        ldmatrix_x4(b, k_address(ks, j));
         const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
         mma_16x8x16<T>(s[j], a, b0);
         mma_16x8x16<T>(s[j + 1], a, b1);
@@ -252,7 +372,6 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     }
 
     // Scores to softmax units; hide keys past the end and above the causal diagonal.
-    const i64 key0 = t * BLOCK_N + warp_n * kKeys;
     const bool edge = t * BLOCK_N + BLOCK_N > keys ||
                       (CAUSAL && t * BLOCK_N + BLOCK_N - 1 > first_query + diagonal);
 #pragma unroll
@@ -306,7 +425,17 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 
     // O += P V: P's accumulator fragments of keys 16kk..16kk+15 are the A fragment of step kk.
     // ldmatrix.x4.trans of V: matrices (keys 0-7 | 8-15) x (dv 0-7 | 8-15) give two n-tiles' B.
-    const T* v_lane = v_tile + (((lane / 8) % 2) * 8 + lane % 8) * kVPitch + (lane / 16) * 8;
+    // Lane l reads row 16 kk + 8 ((l / 8) % 2) + l % 8, chunk j + l / 16 (j even): with TMA's
+    // swizzle in panel j / 8 at chunk (j % 8) ^ (l / 16) ^ (l % 8).
+    const int v_row = ((lane / 8) % 2) * 8 + lane % 8;
+    const auto v_address = [&](int kk, int j) {
+      if constexpr (TMA) {
+        return v_tile + (j / 8) * BLOCK_N * 64 + (kk * 16 + v_row) * 64 +
+               ((j % 8) ^ (lane / 16) ^ (lane % 8)) * 8;
+      } else {
+        return v_tile + (kk * 16 + v_row) * kVPitch + j * 8 + (lane / 16) * 8;
+      }
+    };
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       const u32 a[4] = {pack_float2<T>(s[2 * kk][0], s[2 * kk][1]),
@@ -316,7 +445,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
 #pragma unroll
       for (int j = 0; j + 1 < kOTiles; j += 2) {
         u32 b[4];
-        ldmatrix_x4_trans(b, v_lane + kk * 16 * kVPitch + j * 8);
+        ldmatrix_x4_trans(b, v_address(kk, j));
         const u32 b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
         mma_16x8x16<T>(o[j], a, b0);
         mma_16x8x16<T>(o[j + 1], a, b1);
@@ -327,9 +456,13 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
         mma_16x8x16<T>(o[kOTiles - 1], a, b);
       }
     }
+    if constexpr (TMA) {
+      __syncwarp();  // the warp's reads of the slot are done
+      if (lane == 0) mbarrier_arrive(empty + slot);
+    }
   }
   cp_async_wait<0>();
-  __syncthreads();
+  math_sync<kThreads, TMA>();
 
   // Epilogue through shared memory (the pipeline's space): each warp's O, scaled to the block's
   // common max and divided by the row sum, then summed over WARPS_N and stored in 16 bytes.
@@ -350,7 +483,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
       s_stat[(warp_n * kBlockM + r) * 2 + 1] = row_sum[h];
     }
   }
-  if constexpr (WARPS_N > 1) __syncthreads();
+  if constexpr (WARPS_N > 1) math_sync<kThreads, TMA>();
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = warp_m * 16 + group + 8 * h;
@@ -382,7 +515,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     *reinterpret_cast<float2*>(s_o_warp + (group + 8) * kOPitch + col) =
         make_float2(o[j][2] * factor[1], o[j][3] * factor[1]);
   }
-  __syncthreads();
+  math_sync<kThreads, TMA>();
 
   const i64 out_rows = p.N * p.Hq * p.Lq;
   for (int i = tid; i < kBlockM * kVChunks; i += kThreads) {
@@ -419,8 +552,8 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     // are made visible device-wide before its block's arrival is counted.
     __threadfence();
     const unsigned tile_id = blockIdx.y * gridDim.x + blockIdx.x;
-    const bool last =
-        __syncthreads_or(tid == 0 && atomicAdd(p.arrivals + tile_id, 1u) == unsigned(p.splits - 1));
+    const bool last = math_sync_or<kThreads, TMA>(tid == 0 && atomicAdd(p.arrivals + tile_id, 1u) ==
+                                                                  unsigned(p.splits - 1));
     if (!last) return;
     __threadfence();
     for (int r = warp; r < kBlockM && m0 + r < rows; r += kThreads / 32) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "device/host_device.cuh"  // the shared-memory plan below is evaluated by both
+#include "device/tensor_map.cuh"
 
 namespace kiln {
 
@@ -13,6 +14,12 @@ enum AttentionKvLen : int { kKvLenNone = 0, kKvLenI32 = 1, kKvLenI64 = 2 };
 
 // attention_kernel (attention.cuh), with the split-KV combine (combine.cuh) folded in.
 struct AttentionParams {
+  // TMA = true only (sm_90a decode): 4-D maps of k (D, Lk, Hkv, N) and v (Dv, Lk, Hkv, N), the L
+  // and H dims swapped where *_l_inner is 0; boxes of 64 x BLOCK_N keys, 128-byte swizzle.
+  TensorMapBytes map_k;
+  TensorMapBytes map_v;
+  int k_l_inner;
+  int v_l_inner;
   const void* q;       // [N, Hq, Lq, D], strides q_stride
   const void* k;       // [N, Hkv, Lk, D], strides k_stride
   const void* v;       // [N, Hkv, Lk, Dv], strides v_stride
@@ -53,14 +60,18 @@ KILN_HD constexpr int attention_k_dim(int d) { return (d + 15) / 16 * 16; }
 
 // Dynamic shared memory of attention_kernel: the Q tile and STAGES K/V tiles of 16-bit elements,
 // reused after the main loop by the f32 epilogue (WARPS_N partial outputs, their row statistics
-// and the rows' LSE).
+// and the rows' LSE). With TMA the K/V tiles are unpadded (the swizzle spreads the banks), start
+// on a 1024-byte boundary (up to 1008 bytes of slack: the runtime aligns the base to 16), and
+// 2 * STAGES mbarriers follow Q.
 KILN_HD constexpr int attention_smem_bytes(int d, int dv, int warps_m, int warps_n, int block_n,
-                                           int stages) {
+                                           int stages, bool tma) {
   const int block_m = 16 * warps_m;
   const int qk_pitch = attention_pitch(attention_k_dim(d));
   const int pipeline =
-      2 * (block_m * qk_pitch + stages * block_n * (qk_pitch + attention_pitch(dv)));
-  const int epilogue = 4 * (warps_n * block_m * (dv + 8) + warps_n * block_m * 2 + block_m);
+      tma ? 1024 + 2 * (block_m * qk_pitch + stages * block_n * (d + dv)) + 16 * stages
+          : 2 * (block_m * qk_pitch + stages * block_n * (qk_pitch + attention_pitch(dv)));
+  const int epilogue =
+      (tma ? 1024 : 0) + 4 * (warps_n * block_m * (dv + 8) + warps_n * block_m * 2 + block_m);
   return pipeline > epilogue ? pipeline : epilogue;
 }
 
