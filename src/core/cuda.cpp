@@ -1,10 +1,12 @@
 #include "core/cuda.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "core/check.hpp"
 #include "kiln/device.hpp"
@@ -142,6 +144,47 @@ StreamScratch::StreamScratch(const char* op, int device, std::size_t bytes, Stre
 }
 
 StreamScratch::~StreamScratch() { cudaFreeAsync(ptr_, static_cast<cudaStream_t>(stream_)); }
+
+namespace {
+
+// The counter buffers by (device, stream). Constructed after the CUDA runtime's first use, so
+// destroyed before the runtime's own teardown at exit.
+struct CounterBuffers {
+  struct Buffer {
+    unsigned* data = nullptr;
+    std::size_t count = 0;
+  };
+  std::mutex mutex;
+  std::map<std::pair<int, Stream>, Buffer> buffers;
+  ~CounterBuffers() {
+    for (auto& entry : buffers) cudaFree(entry.second.data);
+  }
+};
+
+}  // namespace
+
+unsigned* stream_counters(const char* op, int device, Stream stream, std::size_t count) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(s, &capture), op, "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  static CounterBuffers counters;
+  std::lock_guard<std::mutex> lock(counters.mutex);
+  CounterBuffers::Buffer& buffer = counters.buffers[{device, stream}];
+  if (buffer.count < count) {
+    if (buffer.data != nullptr) {  // kernels queued on the stream may still count in it
+      check(cudaStreamSynchronize(s), op, "cudaStreamSynchronize (growing the counters)");
+      check(cudaFree(buffer.data), op, "cudaFree (counters)");
+      buffer = {};
+    }
+    const std::size_t grown = std::max<std::size_t>(count, 4096);
+    void* data = nullptr;
+    check(cudaMalloc(&data, grown * sizeof(unsigned)), op, "cudaMalloc (counters)");
+    buffer = {static_cast<unsigned*>(data), grown};
+    check(cudaMemsetAsync(data, 0, grown * sizeof(unsigned), s), op, "cudaMemsetAsync (counters)");
+  }
+  return buffer.data;
+}
 
 }  // namespace cuda
 

@@ -50,4 +50,11 @@ class StreamScratch {
   Stream stream_;
 };
 
+// Arrival counters (u32) for kernels whose blocks count their arrivals: one buffer per (device,
+// stream), all zeros whenever no kernel using it runs, because such kernels return each counter to
+// zero when its last block arrives (atomicInc with wrap). Zeroed once when created or grown, so a
+// call needs no memset launch; freed at process exit. Returns nullptr while `stream` is being
+// captured into a CUDA graph (no allocation there): the caller then zeroes counters of its own.
+unsigned* stream_counters(const char* op, int device, Stream stream, std::size_t count);
+
 }  // namespace kiln::cuda

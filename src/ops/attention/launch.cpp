@@ -303,17 +303,21 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
                   unsigned(plan.splits));
   std::optional<cuda::StreamScratch> workspace;  // the split-KV partials
   if (plan.splits > 1) {
-    // [splits, rows, Dv] partial outputs, [splits, rows] LSEs, then one arrival counter per row
-    // tile (zeroed here; the kernel's last block per row tile combines).
+    // [splits, rows, Dv] partial outputs, [splits, rows] LSEs; one arrival counter per row tile
+    // (the kernel's last block per row tile combines and returns the counter to zero), from the
+    // stream's counters, or zeroed here after the partials while the stream is being captured.
     const std::size_t floats = std::size_t(plan.splits) * std::size_t(rows) * (v.size(3) + 1);
     const std::size_t counters = std::size_t(grid.x) * grid.y;
-    workspace.emplace(kOp, device, (floats + counters) * 4, stream);
+    params.arrivals = cuda::stream_counters(kOp, device, stream, counters);
+    workspace.emplace(kOp, device, (floats + (params.arrivals ? 0 : counters)) * 4, stream);
     params.o_part = static_cast<float*>(workspace->get());
     params.lse_part = params.o_part + std::size_t(plan.splits) * std::size_t(rows) * v.size(3);
-    params.arrivals = reinterpret_cast<unsigned*>(params.o_part + floats);
-    cuda::check(
-        cudaMemsetAsync(params.arrivals, 0, counters * 4, static_cast<cudaStream_t>(stream)), kOp,
-        "cudaMemsetAsync(arrival counters)");
+    if (params.arrivals == nullptr) {
+      params.arrivals = reinterpret_cast<unsigned*>(params.o_part + floats);
+      cuda::check(
+          cudaMemsetAsync(params.arrivals, 0, counters * 4, static_cast<cudaStream_t>(stream)), kOp,
+          "cudaMemsetAsync(arrival counters)");
+    }
   }
   const auto kernel = jit::process_cache().kernel(kernel_spec(plan), device);
   void* args[] = {&params};

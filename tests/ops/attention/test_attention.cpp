@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -340,8 +341,11 @@ std::vector<double> to_doubles(const void* data, DType dtype, std::size_t count)
 }
 
 // Runs the case on the GPU and checks it against the f64 CPU reference with the FlashAttention
-// bound; out and lse are poisoned before the run and their guard bands checked after.
-void check_gpu(const Case& c) {
+// bound; out and lse are poisoned before the run and their guard bands checked after. The call
+// runs twice on its stream and must give the same bits both times (split-KV decode leaves its
+// arrival counters at zero for the next call); `graph`: both runs are replays of a CUDA graph
+// that captured the call.
+void check_gpu(const Case& c, bool graph = false) {
   Rng rng;
   SCOPED_TRACE("seed " + std::to_string(rng.seed()));
   const auto in = make_inputs(c, rng);
@@ -394,13 +398,35 @@ void check_gpu(const Case& c) {
 
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-  attention(q, k, v, TensorView(out.data(), c.out, {c.N, c.Hq, c.Lq, c.Dv}, Device::cuda(0)),
-            gpu_options, stream);
-  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
-
-  HostBuffer actual(out.bytes());
+  const TensorView out_view(out.data(), c.out, {c.N, c.Hq, c.Lq, c.Dv}, Device::cuda(0));
+  cudaGraphExec_t exec = nullptr;
+  if (graph) {
+    cudaGraph_t captured = nullptr;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed), cudaSuccess);
+    attention(q, k, v, out_view, gpu_options, stream);
+    ASSERT_EQ(cudaStreamEndCapture(stream, &captured), cudaSuccess);
+    ASSERT_EQ(cudaGraphInstantiate(&exec, captured, 0), cudaSuccess);
+    ASSERT_EQ(cudaGraphDestroy(captured), cudaSuccess);
+  }
+  const auto run = [&] {
+    if (graph) {
+      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    } else {
+      attention(q, k, v, out_view, gpu_options, stream);
+    }
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  };
+  run();
+  HostBuffer actual(out.bytes()), again(out.bytes());
   out.download(actual.data(), out.bytes());
+  run();
+  out.download(again.data(), out.bytes());
+  if (exec != nullptr) {
+    ASSERT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+  }
+  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+  EXPECT_EQ(std::memcmp(actual.data(), again.data(), out.bytes()), 0)
+      << c.name() << ": a second call on the stream gave other bits";
   EXPECT_TRUE(out.guards_intact()) << "attention wrote outside out";
   const std::vector<double> got = to_doubles(actual.data(), c.out, std::size_t(out_count));
   const ErrorStats kiln_error = error_of(got, want);
@@ -582,6 +608,13 @@ TEST_P(AttentionDecodeCpAsync, CudaMatchesCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, AttentionDecodeCpAsync, ::testing::ValuesIn(decode_cases()),
                          [](const auto& param_info) { return param_info.param.name(); });
+
+// Split-KV decode captured into a CUDA graph (its arrival counters then come from the call's
+// workspace, zeroed by a memset node) and replayed twice; GQA 4:1, 3000 keys.
+TEST(AttentionSplitKvCuda, CapturedInAGraph) {
+  KILN_REQUIRE_GPU();
+  check_gpu({2, 8, 2, 1, 3000, 128, 128}, true);
+}
 
 // KILN_ATTENTION_LOADS=tma where TMA cannot serve the call is an error, not a silent fallback.
 TEST(AttentionSm90Cuda, TmaLoadsRequestedForHeadDim80) {

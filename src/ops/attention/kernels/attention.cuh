@@ -20,7 +20,8 @@
 // undo, and the math warps sync among themselves with named barrier 1.
 // gridDim = (row tiles, N * Hkv, splits); with SPLIT each z-slice covers one KV chunk (the tiles
 // spread evenly) and writes an f32 partial output and its LSE, then counts its arrival on the
-// row tile's counter; the last block to arrive combines the partials (combine.cuh).
+// row tile's counter; the last block to arrive combines the partials (combine.cuh) and leaves the
+// counter at zero for the next call on the stream (no memset launch).
 //
 // Limits: D, DV multiples of 8 up to 256 (TMA: multiples of 64); q/k/v rows contiguous and
 // 16-byte aligned (the launcher checks); out contiguous. A row with no visible key writes zeros
@@ -552,8 +553,10 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ?
     // are made visible device-wide before its block's arrival is counted.
     __threadfence();
     const unsigned tile_id = blockIdx.y * gridDim.x + blockIdx.x;
-    const bool last = math_sync_or<kThreads, TMA>(tid == 0 && atomicAdd(p.arrivals + tile_id, 1u) ==
-                                                                  unsigned(p.splits - 1));
+    // atomicInc wraps: the last arrival finds splits - 1 and leaves the counter at zero.
+    const bool last = math_sync_or<kThreads, TMA>(
+        tid == 0 &&
+        atomicInc(p.arrivals + tile_id, unsigned(p.splits - 1)) == unsigned(p.splits - 1));
     if (!last) return;
     __threadfence();
     for (int r = warp; r < kBlockM && m0 + r < rows; r += kThreads / 32) {

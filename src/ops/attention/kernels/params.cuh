@@ -29,8 +29,8 @@ struct AttentionParams {
   const void* kv_len;  // [N]
   // Split-KV workspace: o_part [splits, N * Hq * Lq, Dv] (normalized by the split's own sum),
   // lse_part [splits, N * Hq * Lq] in log2 units (-inf for a split that saw no key), and one
-  // arrival counter per (row tile, n, kv head), zero at launch: the block that brings a counter
-  // to `splits` combines that row tile.
+  // arrival counter per (row tile, n, kv head), zero at launch: the block that finds it at
+  // splits - 1 combines that row tile and wraps it back to zero.
   float* o_part;
   float* lse_part;
   unsigned* arrivals;
