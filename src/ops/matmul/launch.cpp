@@ -19,8 +19,6 @@ namespace {
 constexpr const char* kOp = "matmul";
 constexpr std::initializer_list<DType> kFloat = {DType::f32, DType::f16, DType::bf16};
 
-std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-
 // Why `path` cannot run `p` ("" when it can).
 std::string unsupported(MatmulPath path, const MatmulProblem& p) {
   switch (path) {

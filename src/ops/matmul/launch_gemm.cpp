@@ -20,10 +20,6 @@ namespace {
 constexpr const char* kOp = "matmul";
 constexpr const char* kSource = "ops/matmul/kernels/gemm.cuh";
 
-bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
-
 int a_kind(DType dtype) {
   switch (dtype) {
     case DType::f32:

@@ -21,12 +21,6 @@ constexpr std::int64_t kBlockW = 128;  // weight rows per block
 constexpr std::int64_t kBlockK = 64;
 constexpr int kThreads = 384;
 
-bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
-
-std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-
 // Bytes between weight rows: the caller's rows, or the packed layout's 16-byte padded ones.
 std::int64_t w_stride(const MatmulProblem& p) {
   return p.w_layout == WeightLayout::gemm_packed ? packed_row_bytes(p.w_format, p.k)

@@ -30,12 +30,6 @@ constexpr int kMmaK = 128;     // granule of a warp's K slice (block128's chunk,
 constexpr std::int64_t kQ8CudaCoreUpToM = 4;
 constexpr std::int64_t k16BitCudaCoreUpToM = 2;
 
-std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-
-bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
-
 int format_value(WeightFormat format) {
   switch (format) {
     case WeightFormat::f16:

@@ -20,12 +20,6 @@ constexpr const char* kDequantizeSource = "ops/matmul/kernels/dequantize.cuh";
 constexpr int kThreads = 256;
 constexpr std::initializer_list<DType> kFloat = {DType::f32, DType::f16, DType::bf16};
 
-std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-
-bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
-
 int kind_value(ScaleGranularity granularity) {
   switch (granularity) {
     case ScaleGranularity::tensor:

@@ -19,6 +19,16 @@
 
 namespace kiln::matmul_detail {
 
+// ---- small shared helpers -----------------------------------------------------------------------
+
+// ceil(a / b) for positive b.
+inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+// Whether `p` is a multiple of `bytes` (vector loads, TMA maps).
+inline bool aligned(const void* p, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
 // ---- formats (host side; the device side is src/device/fp8.cuh) ---------------------------------
 
 inline constexpr int kQ8Block = 32;       // values per Q8_0 block

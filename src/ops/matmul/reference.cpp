@@ -26,9 +26,6 @@ Fp8Format fp8_format(DType format) {
               std::string("fp8 format ") + dtype_name(format) + ", expected f8_e4m3fn or f8_e5m2");
 }
 
-// ceil(a / b) for positive b.
-std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-
 // Element (r, c) of a 2-D f32/f16/bf16 view as f32.
 float load2(const TensorView& t, std::int64_t r, std::int64_t c) {
   return numeric::load_float(t.data(), t.dtype(), r * t.stride(0) + c * t.stride(1));
