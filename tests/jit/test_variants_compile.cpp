@@ -1,13 +1,17 @@
-// Every kernel variant a workload can ask for compiles with NVRTC for Ampere and Hopper, so a
-// kernel edit that breaks one specialization fails here, on a machine with no GPU.
+// Every kernel variant a workload can ask for compiles with NVRTC for Ampere and Hopper, with no
+// warning and no register spilled to local memory, so a kernel edit that breaks or spills one
+// specialization fails here, on a machine with no GPU. ptxas's report (-Xptxas=-v) gives the
+// spill bytes. With KILN_JIT_DUMP=<dir> every variant's source, PTX, cubin and SASS are written
+// there (jit/dump.hpp), e.g. to compare the machine code of two trees (dev/jit/compare_sass.py).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <atomic>
-#include <mutex>
 #include <thread>
 
+#include "jit/dump.hpp"
 #include "jit/kernel_cache.hpp"
+#include "jit/nvrtc.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln::jit {
@@ -21,46 +25,95 @@ TEST(VariantsCompileTest, EveryWorkloadHasVariants) {
   }
 }
 
-TEST(VariantsCompileTest, EveryVariantCompilesForSm80AndSm90a) {
-  const std::vector<KernelSpec> specs = workload_variants("all");
-  ASSERT_FALSE(specs.empty());
-  const std::vector<std::string> archs = {"sm_80", "sm_90a"};
-  KernelCache cache(CacheConfig{});  // memory-only: this test must not depend on the disk
+TEST(VariantsCompileTest, ReportParsesSpillsRegistersAndWarnings) {
+  const PtxasReport report = parse_ptxas_report(
+      "ptxas info    : 0 bytes gmem\n"
+      "ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90a'\n"
+      "ptxas info    : Function properties for _Z1kPf\n"
+      "ptxas         .     24 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n"
+      "ptxas info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]\n"
+      "ptxas warning : (C7513) Potential Performance Loss: wgmma.mma_async instructions are "
+      "serialized\n");
+  EXPECT_EQ(report.functions, 1);
+  EXPECT_EQ(report.registers, 168);
+  EXPECT_EQ(report.stack_bytes, 24);
+  EXPECT_EQ(report.spill_store_bytes, 16);
+  EXPECT_EQ(report.spill_load_bytes, 12);
+  ASSERT_EQ(report.warnings.size(), 1u);
+  EXPECT_NE(report.warnings[0].find("C7513"), std::string::npos);
+}
 
-  // One NVRTC compile per thread at a time; the variants are independent. An arch-specific kernel
-  // (wgmma, TMA) is built for its own archs only.
-  std::vector<std::pair<const KernelSpec*, std::string>> pairs;
-  for (const KernelSpec& spec : specs) {
-    for (const std::string& arch : archs) {
-      if (spec.targets(arch)) pairs.emplace_back(&spec, arch);
-    }
-  }
-  const std::size_t jobs = pairs.size();
-  std::atomic<std::size_t> next{0};
-  std::mutex mutex;
-  std::vector<std::string> failures;
-  const auto work = [&] {
-    for (std::size_t i = next++; i < jobs; i = next++) {
-      const KernelSpec& spec = *pairs[i].first;
-      const std::string& arch = pairs[i].second;
-      try {
-        const auto cubin = cache.cubin(spec, arch);
-        if (cubin->image.empty()) throw std::runtime_error("empty cubin");
-      } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lock(mutex);
-        failures.push_back(spec.key() + " (" + spec.source + ") for " + arch + ": " + e.what());
+// Every (variant, arch) pair compiled once, with ptxas's report, shared by the tests below.
+struct Compiled {
+  std::string what;   // "<key> (<source>) for <arch>"
+  std::string error;  // the compile error, "" when it compiled
+  PtxasReport report;
+};
+
+const std::vector<Compiled>& compile_every_variant() {
+  static const std::vector<Compiled> results = [] {
+    const std::vector<KernelSpec> specs = workload_variants("all");
+    const std::vector<std::string> archs = {"sm_80", "sm_90a"};
+    const std::string dump = dump_dir_from_env();
+    // An arch-specific kernel (wgmma, TMA) is built for its own archs only.
+    std::vector<std::pair<const KernelSpec*, std::string>> pairs;
+    for (const KernelSpec& spec : specs) {
+      for (const std::string& arch : archs) {
+        if (spec.targets(arch)) pairs.emplace_back(&spec, arch);
       }
     }
-  };
-  std::vector<std::thread> threads(
-      std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), jobs));
-  for (auto& thread : threads) thread = std::thread(work);
-  for (auto& thread : threads) thread.join();
+    std::vector<Compiled> out(pairs.size());
+    // One NVRTC compile per thread at a time; the variants are independent.
+    std::atomic<std::size_t> next{0};
+    const auto work = [&] {
+      for (std::size_t i = next++; i < pairs.size(); i = next++) {
+        const KernelSpec& spec = *pairs[i].first;
+        const std::string& arch = pairs[i].second;
+        Compiled& result = out[i];
+        result.what = spec.key() + " (" + spec.source + ") for " + arch;
+        try {
+          std::string log, ptx;
+          const Cubin cubin = compile(spec, arch, log, {true, &ptx});
+          result.report = parse_ptxas_report(log);
+          if (cubin.image.empty()) result.error = "empty cubin";
+          if (result.report.functions == 0) result.error += "no ptxas report in the log:\n" + log;
+          if (!dump.empty()) {
+            if (std::string error = write_dump(dump, spec, cubin, ptx, log); !error.empty()) {
+              result.error += "KILN_JIT_DUMP: " + error;
+            }
+          }
+        } catch (const std::exception& e) {
+          result.error = e.what();
+        }
+      }
+    };
+    std::vector<std::thread> threads(
+        std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), pairs.size()));
+    for (auto& thread : threads) thread = std::thread(work);
+    for (auto& thread : threads) thread.join();
+    return out;
+  }();
+  return results;
+}
 
-  for (const std::string& failure : failures) ADD_FAILURE() << failure;
-  if (failures.empty()) {
-    const Stats s = cache.stats();
-    EXPECT_EQ(s.compiles + s.memory_hits, jobs);  // "all" may list a variant twice
+TEST(VariantsCompileTest, EveryVariantCompilesForSm80AndSm90a) {
+  const std::vector<Compiled>& results = compile_every_variant();
+  ASSERT_FALSE(results.empty());
+  for (const Compiled& result : results) {
+    if (!result.error.empty()) ADD_FAILURE() << result.what << ": " << result.error;
+  }
+}
+
+TEST(VariantsCompileTest, NoVariantSpillsOrWarns) {
+  for (const Compiled& result : compile_every_variant()) {
+    if (!result.error.empty()) continue;  // the test above reports it
+    const PtxasReport& r = result.report;
+    if (r.spill_store_bytes > 0 || r.spill_load_bytes > 0) {
+      ADD_FAILURE() << result.what << ": " << r.spill_store_bytes << " bytes of spill stores, "
+                    << r.spill_load_bytes << " bytes of spill loads (" << r.registers
+                    << " registers, " << r.stack_bytes << " bytes of stack frame)";
+    }
+    for (const std::string& warning : r.warnings) ADD_FAILURE() << result.what << ": " << warning;
   }
 }
 
