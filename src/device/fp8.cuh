@@ -176,9 +176,7 @@ __device__ __forceinline__ void q8_word_to_float(u32 word, float (&out)[4]) {
 // exact after the multiply. ALU and HMUL2/HFMA2 only: the same on sm_80 (no fp8 cvt) and sm_90.
 // The k order inside a pair is {0, 2}, {1, 3}: the other operand of the product must match.
 template <typename T>
-inline constexpr bool is_f16_type = false;
-template <>
-inline constexpr bool is_f16_type<f16> = true;
+inline constexpr bool is_f16_type = same_type<T, f16>;
 
 // Two codes at the top bytes of the 16-bit lanes of `x` (bits 8..15 and 24..31; the rest ignored)
 // -> one pair of T, lane order kept.

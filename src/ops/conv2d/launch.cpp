@@ -26,10 +26,6 @@ constexpr std::int64_t kDirectChannels = 8;
 // The largest kernel the CUDA path is instantiated for (KH and KW are template parameters).
 constexpr std::int64_t kMaxKernel = 7;
 
-bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
-
 std::string pair_str(const std::array<std::int64_t, 2>& v) {
   std::string s = "(";
   s += std::to_string(v[0]);

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "core/check.hpp"
 #include "jit/kernel_spec.hpp"
 #include "kiln/matmul.hpp"
 
@@ -23,11 +24,6 @@ namespace kiln::matmul_detail {
 
 // ceil(a / b) for positive b.
 inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-
-// Whether `p` is a multiple of `bytes` (vector loads, TMA maps).
-inline bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 // ---- formats (host side; the device side is src/device/fp8.cuh) ---------------------------------
 

@@ -26,10 +26,6 @@ constexpr const char* kUnfusedSource = "ops/rope_flux/kernels/rope_flux_unfused.
 // (0.0197 at 8 rows, 0.0262 at 24), f32 rope + norm 0.0258 (0.0273 at 8, 0.0388 at 24).
 constexpr int kRowsInFlight = 4;
 
-bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
-
 void validate(const TensorView& x, const std::optional<TensorView>& pe, const TensorView& out,
               const RopeFluxOptions& options) {
   static constexpr std::initializer_list<DType> kFloat = {DType::f32, DType::f16, DType::bf16};

@@ -45,12 +45,6 @@
 
 namespace kiln {
 
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 template <int MASK>
 __device__ __forceinline__ float load_mask(const void* mask, long long i) {
   if constexpr (MASK == kMaskF32) {

@@ -39,12 +39,6 @@ constexpr int kBlockM = 128;  // query rows per block (64 per consumer warpgroup
 constexpr int kBlockN = 128;  // keys per tile
 constexpr int kThreads = 384;
 
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // The visible-key rule of one consumer thread's two rows.
 struct Visibility {
   int lk;        // keys of this batch

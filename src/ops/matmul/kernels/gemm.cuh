@@ -42,20 +42,6 @@
 namespace kiln {
 namespace gemm_detail {
 
-template <bool C, typename A, typename B>
-struct select_type {
-  using type = A;
-};
-template <typename A, typename B>
-struct select_type<false, A, B> {
-  using type = B;
-};
-
-template <typename A, typename B>
-constexpr bool same_type = false;
-template <typename A>
-constexpr bool same_type<A, A> = true;
-
 // --- decode of 4 packed 8-bit weights (byte i = element i) into 2 words of T pairs ----------
 
 __device__ __forceinline__ u32 byte_perm(u32 x, u32 y, u32 selector) {

@@ -51,15 +51,6 @@ constexpr int kBlockK = 64;                 // k per tile: 64 fp8 bytes, 128 byt
 constexpr int kWBytes = kBlockW * kBlockK;  // one fp8 weight slot
 constexpr int kThreads = 384;
 
-template <bool C, typename A, typename B>
-struct select_type {
-  using type = A;
-};
-template <typename A, typename B>
-struct select_type<false, A, B> {
-  using type = B;
-};
-
 }  // namespace gemm_sm90
 
 // Two fp8 codes (k in the low byte, k + 1 in the high byte) -> a pair of T, every code exact.
