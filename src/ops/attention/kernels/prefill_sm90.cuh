@@ -28,6 +28,7 @@
 
 #include "device/mma.cuh"
 #include "device/numeric.cuh"
+#include "device/pipeline.cuh"
 #include "device/sm90.cuh"
 #include "ops/attention/kernels/prefill_sm90_params.cuh"
 
@@ -38,6 +39,7 @@ namespace prefill_sm90 {
 constexpr int kBlockM = 128;  // query rows per block (64 per consumer warpgroup)
 constexpr int kBlockN = 128;  // keys per tile
 constexpr int kThreads = 384;
+using Registers = WarpgroupRegisters<24, 240>;  // producer, consumers
 
 // The visible-key rule of one consumer thread's two rows.
 struct Visibility {
@@ -110,6 +112,7 @@ template <typename T, typename TO, int D, int STAGES, bool CAUSAL, int KV_LEN, b
 __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
     attention_prefill_sm90(const __grid_constant__ AttentionSm90Params p) {
   using namespace prefill_sm90;
+  using Slot = PipelineState<STAGES>;  // K/V tile j is slot state {j}
   static_assert(D == 64 || D == 128, "head dims of whole 64-element panels, up to 128");
   constexpr int kPanels = D / 64;  // 128-byte-wide column panels of a tile
   constexpr int kQBytes = kBlockM * D * 2;
@@ -123,10 +126,9 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
   char* s_k = s_q + kQBytes;
   char* s_v = s_k + STAGES * kKVBytes;
   u64* bar_q = reinterpret_cast<u64*>(s_v + STAGES * kKVBytes);
-  u64* full_k = bar_q + 1;
-  u64* full_v = full_k + STAGES;
-  u64* empty_k = full_v + STAGES;
-  u64* empty_v = empty_k + STAGES;
+  u64* full_k = bar_q + 1;  // full K | full V | empty K | empty V, STAGES each
+  const TmaPipeline<STAGES> k_ring{full_k, full_k + 2 * STAGES};
+  const TmaPipeline<STAGES> v_ring{full_k + STAGES, full_k + 3 * STAGES};
 
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int kv_head = head / p.group;
@@ -144,19 +146,15 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
 
   if (threadIdx.x == 0) {
     mbarrier_init(bar_q, 1);
-    for (int s = 0; s < STAGES; ++s) {
-      mbarrier_init(full_k + s, 1);
-      mbarrier_init(full_v + s, 1);
-      mbarrier_init(empty_k + s, 2 * 128);  // every consumer thread releases the slot
-      mbarrier_init(empty_v + s, 2 * 128);
-    }
+    k_ring.init(2 * 128);  // every consumer thread releases the slot
+    v_ring.init(2 * 128);
     mbarrier_init_fence();
   }
   __syncthreads();
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    Registers::producer();
     if (threadIdx.x == 0) {
       mbarrier_arrive_expect_tx(bar_q, kQBytes);
       for (int pn = 0; pn < kPanels; ++pn) {
@@ -165,19 +163,17 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
                     p.q_l_inner ? head : row, batch);
       }
       for (int j = 0; j < n_tiles; ++j) {
-        const int s = j % STAGES;
-        const u32 parity = ((j / STAGES) & 1) ^ 1;  // a fresh barrier's previous phase is complete
-        mbarrier_wait(empty_k + s, parity);
-        mbarrier_arrive_expect_tx(full_k + s, kKVBytes);
+        const Slot tile{j};
+        const int s = tile.index();
+        u64* landed = k_ring.producer_acquire(tile, kKVBytes);
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_4d(s_k + s * kKVBytes + pn * kBlockN * 128, &p.map_k, full_k + s, 64 * pn,
+          tma_load_4d(s_k + s * kKVBytes + pn * kBlockN * 128, &p.map_k, landed, 64 * pn,
                       p.k_l_inner ? j * kBlockN : kv_head, p.k_l_inner ? kv_head : j * kBlockN,
                       batch);
         }
-        mbarrier_wait(empty_v + s, parity);
-        mbarrier_arrive_expect_tx(full_v + s, kKVBytes);
+        landed = v_ring.producer_acquire(tile, kKVBytes);
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_4d(s_v + s * kKVBytes + pn * kBlockN * 128, &p.map_v, full_v + s, 64 * pn,
+          tma_load_4d(s_v + s * kKVBytes + pn * kBlockN * 128, &p.map_v, landed, 64 * pn,
                       p.v_l_inner ? j * kBlockN : kv_head, p.v_l_inner ? kv_head : j * kBlockN,
                       batch);
         }
@@ -186,26 +182,28 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+  Registers::consumer();
   const int c = warpgroup - 1;  // consumer 0 or 1: rows 64 c .. 64 c + 63 of the block
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
   const int row0 = m_block * kBlockM + 64 * c + 16 * warp + lane / 4;  // and row0 + 8
-  // Ping-pong: consumer c issues its GEMMs after named barrier c + 1, then lets the other go.
+  // Ping-pong: consumer c issues its GEMMs once its turn barrier completes, then lets the other go.
+  constexpr NamedBarrier kTurn0 = NamedBarrier::consumer0_turn,
+                         kTurn1 = NamedBarrier::consumer1_turn;
   const auto my_turn = [&] {
     if (c == 0) {
-      asm volatile("bar.sync 1, 256;" ::: "memory");
+      named_barrier_sync<kTurn0, 256>();
     } else {
-      asm volatile("bar.sync 2, 256;" ::: "memory");
+      named_barrier_sync<kTurn1, 256>();
     }
   };
   const auto your_turn = [&] {
     if (c == 0) {
-      asm volatile("bar.arrive 2, 256;" ::: "memory");
+      named_barrier_arrive<kTurn1, 256>();
     } else {
-      asm volatile("bar.arrive 1, 256;" ::: "memory");
+      named_barrier_arrive<kTurn0, 256>();
     }
   };
-  if (c == 1) asm volatile("bar.arrive 1, 256;" ::: "memory");  // consumer 0 goes first
+  if (c == 1) named_barrier_arrive<kTurn0, 256>();  // consumer 0 goes first
 
   float o[D / 2];  // (64 rows, D) accumulator of this warpgroup
 #pragma unroll
@@ -218,8 +216,8 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
     return (j + 1) * kBlockN > vis.lk || (CAUSAL && (j + 1) * kBlockN - 1 > first_row_last_key);
   };
   const auto issue_s = [&](float(&sc)[kBlockN / 2], int j) {  // S (64, kBlockN) = Q K_j^T
-    const int s = j % STAGES;
-    mbarrier_wait(full_k + s, (j / STAGES) & 1);
+    const int s = Slot{j}.index();
+    k_ring.consumer_wait(Slot{j});
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const int panel = kk / 4, offset = (kk % 4) * 32;
@@ -231,8 +229,8 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
     wgmma_commit();
   };
   const auto issue_pv = [&](u32(&pa)[kBlockN / 16][4], int j) {  // O (64, D) += P V_j
-    const int s = j % STAGES;
-    mbarrier_wait(full_v + s, (j / STAGES) & 1);
+    const int s = Slot{j}.index();
+    v_ring.consumer_wait(Slot{j});
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
       const u64 b =
@@ -251,7 +249,7 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
       your_turn();
       wgmma_wait<0>();
       register_fence(sc);
-      mbarrier_arrive(empty_k);
+      k_ring.consumer_release(Slot{0});
       softmax_tile<CAUSAL, SOFTCAP>(sc, m_run, l_run, alpha, p, vis, 0, row0, lane, need_mask(0));
       to_fragments<T>(sc, pa);
     }
@@ -268,12 +266,12 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
       your_turn();
       wgmma_wait<1>();
       register_fence(sc);
-      mbarrier_arrive(empty_k + j % STAGES);
+      k_ring.consumer_release(Slot{j});
       softmax_tile<CAUSAL, SOFTCAP>(sc, m_run, l_run, alpha, p, vis, j, row0, lane, need_mask(j));
       wgmma_wait<0>();
       register_fence(o);
       register_fence(pa);
-      mbarrier_arrive(empty_v + (j - 1) % STAGES);
+      v_ring.consumer_release(Slot{j - 1});
       to_fragments<T>(sc, pa);
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i % 4) / 2];
@@ -286,9 +284,9 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
     your_turn();
     wgmma_wait<0>();
     register_fence(o);
-    mbarrier_arrive(empty_v + (n_tiles - 1) % STAGES);
+    v_ring.consumer_release(Slot{n_tiles - 1});
   }
-  if (c == 0) asm volatile("bar.sync 1, 256;" ::: "memory");  // consumer 1's last arrive
+  if (c == 0) named_barrier_sync<kTurn0, 256>();  // consumer 1's last arrive
 
   float inv_l[2];
 #pragma unroll
