@@ -101,7 +101,4 @@ KernelCache& process_cache();
 void launch(const char* op, const Kernel& kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
             Stream stream, void** args);
 
-// Every (spec) a workload needs; throws kiln::Error (invalid_argument) for an unknown workload.
-std::vector<KernelSpec> workload_variants(const std::string& workload);
-
 }  // namespace kiln::jit

@@ -12,6 +12,7 @@
 #include "jit/dump.hpp"
 #include "jit/kernel_cache.hpp"
 #include "jit/nvrtc.hpp"
+#include "jit/variants.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln::jit {
@@ -23,6 +24,19 @@ TEST(VariantsCompileTest, EveryWorkloadHasVariants) {
   for (const std::string& name : names) {
     EXPECT_FALSE(workload_variants(name).empty()) << name;
   }
+}
+
+// Each family registered in jit/families.def contributes variants to some workload.
+TEST(VariantsCompileTest, EveryFamilyHasVariants) {
+  std::vector<std::string> names = workloads();
+  std::erase(names, "all");
+  const auto has_variants = [&](auto* family) {
+    return std::any_of(names.begin(), names.end(),
+                       [&](const std::string& name) { return !family(name).empty(); });
+  };
+#define KILN_FAMILY(family) EXPECT_TRUE(has_variants(&family##_detail::variants)) << #family;
+#include "jit/families.def"
+#undef KILN_FAMILY
 }
 
 TEST(VariantsCompileTest, ReportParsesSpillsRegistersAndWarnings) {

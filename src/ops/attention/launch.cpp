@@ -13,6 +13,7 @@
 #include "core/log.hpp"
 #include "core/tma.hpp"
 #include "jit/kernel_cache.hpp"
+#include "jit/variants.hpp"
 #include "kiln/device.hpp"
 #include "ops/attention/attention.hpp"
 #include "ops/attention/kernels/params.cuh"
@@ -440,6 +441,7 @@ jit::KernelSpec kernel_spec(const Plan& plan) {
   return spec;
 }
 
+// Kernel variants a workload needs ("flux", "llm", "attention-head-dims"); jit/variants.hpp.
 std::vector<jit::KernelSpec> variants(const std::string& workload) {
   std::vector<jit::KernelSpec> specs;
   // H100 / H200: 132 SMs, 228 KB of shared memory each; the plan is made again on each device.

@@ -10,6 +10,7 @@
 #include "core/cuda.hpp"
 #include "core/log.hpp"
 #include "jit/kernel_cache.hpp"
+#include "jit/variants.hpp"
 #include "ops/rope_flux/kernels/params.cuh"
 #include "ops/rope_flux/rope_flux.hpp"
 
@@ -254,6 +255,8 @@ jit::KernelSpec fused_spec(const FusedPlan& plan) {
            {"HAS_NORM", jit::cpp_bool(plan.has_norm)}}};
 }
 
+// Kernel variants a workload needs ("flux": Flux.1 and Flux.2, 24 heads of 128; "flux-unfused":
+// the stages of the unfused chain); jit/variants.hpp.
 std::vector<jit::KernelSpec> variants(const std::string& workload) {
   std::vector<jit::KernelSpec> specs;
   const DType floats[] = {DType::f32, DType::bf16, DType::f16};
