@@ -27,13 +27,10 @@
 // 16-byte aligned (the launcher checks); out contiguous. A row with no visible key writes zeros
 // and LSE -inf.
 //
-// Measured on an H200 (v1, bf16; every version in ../NOTES.md): Flux B1 H24 L4608 D128 207 TFLOP/s
-// with 8 warps of rows (0.63x SDPA's FA2, 0.33x cuDNN: mma.sync with 16 rows a warp feeds each
-// ldmatrix'd K/V fragment to one MMA). Decode (v2): B1 H32 KV131072 4.1 TB/s of K+V with 128-key
-// tiles, 32 keys a warp, a 3-deep ring (208 KB, one block an SM) and 4 splits (128 blocks, one
-// wave), against 3.1 TB/s for 64-key tiles 5 deep (the same bytes in flight, twice the
-// iterations) and 3.5 TB/s for v1's plan. Decode with TMA (v4, sm_90a): 4.34 TB/s with 2 x 64-key
-// tiles (0.95x SDPA cuDNN), against 4.17 for v2's cp.async loads in the same run.
+// Why this shape (figures in ../NOTES.md, every version): mma.sync with 16 rows a warp feeds each
+// ldmatrix'd K/V fragment to one MMA, which caps prefill well below wgmma (prefill_sm90.cuh);
+// decode keeps enough bytes in flight with 128-key tiles, 32 keys a warp, a 3-deep ring and
+// splits in whole waves, and on sm_90a loads whole tiles by TMA from a producer warp.
 #pragma once
 
 #include "device/mma.cuh"

@@ -20,10 +20,8 @@
 // with spare capacity); out [N, Hq, Lq, D] contiguous. Limits: D = Dv in
 // {64, 128}, q of k's dtype, no additive mask (the sm_80 kernel takes those).
 //
-// Measured on an H200 (standalone harness, bf16, TFLOP/s; NOTES.md has every version):
-//   B1 H24 D128 L = 4608: no overlap 442; ping-pong + intra-warpgroup overlap, 2 stages 458,
-//   3 stages 590; K and V slots released separately (K right after QK^T) 622; L = 13056: 670;
-//   causal B1 H32 L = 8192: 609; B4 H16 D64 L = 4096: 436.
+// Each step above (ping-pong and intra-warpgroup overlap, the third ring slot, K slots released
+// right after QK^T) was measured against the one before: NOTES.md, "sm_90a prefill".
 #pragma once
 
 #include "device/mma.cuh"

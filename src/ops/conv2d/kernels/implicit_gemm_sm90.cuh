@@ -22,9 +22,8 @@
 // padding and dilation on both dims; C % 8 == 0 (channels past C read as zeros, so any such C
 // works); OC % BN == 0.
 //
-// Measured on an H200 (standalone harness, bf16, batch 1, 3x3 pad 1, TFLOP/s): 512 ch @ 128^2
-// 682, 512 @ 256^2 704, 256 @ 512^2 658, 128 @ 1024^2 538, 512 -> 256 @ 512^2 735; before the grid
-// was persistent 659 / 687 / 643 / 486 (NOTES.md).
+// The persistent grid measured faster than one block a tile on every VAE shape (NOTES.md,
+// "sm_90a implicit GEMM").
 #pragma once
 
 #include "device/numeric.cuh"

@@ -32,9 +32,7 @@
 // aligned (K % 16 == 0 when contiguous); M, N, K < 2^31. Tokens, weights and k past M, N and K
 // read as zeros (TMA's out-of-bounds fill).
 //
-// Measured on an H200 (bf16 a and out, e4m3 per-channel, NOTES.md "Hopper GEMM"): Flux.2's
-// 4608 x 3072 x 9216 in 0.39 ms (660 TFLOP/s, 0.86x cuBLAS bf16; the mma.sync kernel took 1.56);
-// ncu: tensor pipe 75% active against cuBLAS's 91%, 3.5x its instructions (the decode).
+// Where it stands against cuBLAS, and why (the decode's instructions): NOTES.md, "Hopper GEMM".
 #pragma once
 
 #include "device/fp8.cuh"
