@@ -28,8 +28,9 @@ constexpr int kStages = 3;
 
 int smem_bytes(int d) {
   const int tile = 2 * d;  // bytes per row of a tile
-  // Q + STAGES x (K + V) + 1024 for aligning the swizzled tiles + the mbarriers.
-  return kBlockM * tile + 2 * kStages * kBlockN * tile + 1024 + 8 * (1 + 3 * kStages);
+  // Q + STAGES x (K + V) + 1024 for aligning the swizzled tiles + the mbarriers (Q's, and full
+  // and empty for each K and V slot).
+  return kBlockM * tile + 2 * kStages * kBlockN * tile + 1024 + 8 * (1 + 4 * kStages);
 }
 
 // A 4-D map of a [N, H, L, D] view with boxes of 64 (D) x `rows` (L): dims (D, L, H, N), or
