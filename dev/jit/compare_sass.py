@@ -7,10 +7,10 @@ registered variant for sm_80 and sm_90a; nvdisasm or cuobjdump must be on PATH f
 
     git stash  # or check out the old tree, then build it
     KILN_JIT_DUMP=/tmp/sass/before build/test/tests/kiln_tests \\
-        --gtest_filter='VariantsCompileTest.EveryVariantCompiles*'
+        --gtest_filter='VariantsCompileTest.EveryVariant*'
     git stash pop  # the new tree, built
     KILN_JIT_DUMP=/tmp/sass/after build/test/tests/kiln_tests \\
-        --gtest_filter='VariantsCompileTest.EveryVariantCompiles*'
+        --gtest_filter='VariantsCompileTest.EveryVariant*'
     dev/jit/compare_sass.py /tmp/sass/before /tmp/sass/after [--kernel REGEX] [--diff N]
 
 For each specialization in both folders (same file stem: kernel, arch and key hash) it prints the
