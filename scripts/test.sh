@@ -11,6 +11,9 @@ jobs=$(nproc)
 echo "== format"
 git ls-files '*.cpp' '*.hpp' '*.cuh' | xargs clang-format --dry-run --Werror
 
+echo "== generated sources"
+python3 scripts/gen_wgmma.py --check
+
 echo "== build"
 cmake -S . -B build/test -G Ninja -DKILN_WERROR=ON -DCMAKE_BUILD_TYPE=Release
 cmake --build build/test -j "$jobs"

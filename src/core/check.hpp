@@ -2,6 +2,7 @@
 // "kiln::<op>: <argument> ..., expected ..., got ...".
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <span>
@@ -33,3 +34,12 @@ Device common_device(const char* op,
 std::string shape_str(std::span<const std::int64_t> shape);
 
 }  // namespace kiln::check
+
+namespace kiln {
+
+// Whether `p` is a multiple of `bytes` (vector loads, TMA maps).
+inline bool aligned(const void* p, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
+}  // namespace kiln

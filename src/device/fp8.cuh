@@ -13,8 +13,7 @@
 // values, so callers test words with fp8_word_has_special (three operations for four codes) and
 // take the exact decoder for them. int8 -> f32 (q8_word_to_float) puts the byte, offset by 128,
 // under the exponent of 2^23: one byte permute and one subtraction, no quarter-rate I2F.
-// Measured on an H200 in a stripped GEMV (e4m3, 1 x 4096 x 14336): 2903 GB/s with these bit
-// tricks, 1728 GB/s with a 256-entry table in shared memory (NOTES.md, "Decoding").
+// The bit tricks beat a 256-entry table in shared memory (ops/matmul/NOTES.md, "Decoding").
 #pragma once
 
 #include "device/numeric.cuh"
@@ -176,9 +175,7 @@ __device__ __forceinline__ void q8_word_to_float(u32 word, float (&out)[4]) {
 // exact after the multiply. ALU and HMUL2/HFMA2 only: the same on sm_80 (no fp8 cvt) and sm_90.
 // The k order inside a pair is {0, 2}, {1, 3}: the other operand of the product must match.
 template <typename T>
-inline constexpr bool is_f16_type = false;
-template <>
-inline constexpr bool is_f16_type<f16> = true;
+inline constexpr bool is_f16_type = same_type<T, f16>;
 
 // Two codes at the top bytes of the 16-bit lanes of `x` (bits 8..15 and 24..31; the rest ignored)
 // -> one pair of T, lane order kept.

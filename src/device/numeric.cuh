@@ -15,6 +15,29 @@ using u64 = unsigned long long;
 // -infinity (no toolkit header provides INFINITY to NVRTC).
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
+// 2^x by the SFU (ex2.approx.ftz: approximate, subnormals flushed): the softmax exponential.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// select_type<C, A, B>::type is A when C holds, else B; same_type<A, B> is whether A is B (no
+// toolkit <type_traits> under NVRTC).
+template <bool C, typename A, typename B>
+struct select_type {
+  using type = A;
+};
+template <typename A, typename B>
+struct select_type<false, A, B> {
+  using type = B;
+};
+
+template <typename A, typename B>
+inline constexpr bool same_type = false;
+template <typename A>
+inline constexpr bool same_type<A, A> = true;
+
 struct f16 {
   unsigned short bits;
 };

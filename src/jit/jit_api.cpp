@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "jit/kernel_cache.hpp"
+#include "jit/variants.hpp"
 #include "kiln/jit.hpp"
 
 namespace kiln::jit {

@@ -13,6 +13,7 @@
 #include "core/cuda.hpp"
 #include "core/log.hpp"
 #include "jit/disk_cache.hpp"
+#include "jit/dump.hpp"
 #include "jit/nvrtc.hpp"
 #include "kiln/device.hpp"
 
@@ -71,6 +72,7 @@ void allow_shared_memory(const char* op, const Kernel& kernel, std::size_t bytes
 CacheConfig config_from_env() {
   CacheConfig config;
   config.log = log::env_flag("KILN_JIT_LOG");
+  config.dump = dump_dir_from_env();
   // XDG asks to ignore relative paths in XDG_CACHE_HOME.
   const std::string xdg = env("XDG_CACHE_HOME");
   if (const std::string dir = env("KILN_CACHE_DIR"); !dir.empty()) {
@@ -105,7 +107,11 @@ struct KernelCache::Loaded {
   }
 };
 
-KernelCache::KernelCache(CacheConfig config) : log_(config.log) {
+KernelCache::KernelCache(CacheConfig config) : log_(config.log), dump_(std::move(config.dump)) {
+  if (!dump_.empty()) {
+    log::info("jit: KILN_JIT_DUMP: each kernel compiled is written to " + dump_ +
+              " (source, PTX, cubin, SASS); the disk cache is not read");
+  }
   if (config.dir.empty()) return;
   std::error_code error;
   fs::create_directories(config.dir, error);
@@ -173,8 +179,8 @@ std::shared_ptr<const Cubin> KernelCache::load_or_compile(const KernelSpec& spec
                                                           const std::string& key_text) {
   const std::string key = spec.key();
   fs::path file;
-  if (!dir_.empty()) {
-    file = fs::path(dir_) / entry_file_name(key_text);
+  if (!dir_.empty()) file = fs::path(dir_) / entry_file_name(key_text);
+  if (!dir_.empty() && dump_.empty()) {
     const Clock::time_point start = Clock::now();
     EntryRead entry = read_entry(file, key_text);
     const double ms = elapsed_ms(start);
@@ -201,8 +207,16 @@ std::shared_ptr<const Cubin> KernelCache::load_or_compile(const KernelSpec& spec
 
   const Clock::time_point start = Clock::now();
   std::string nvrtc_log;
-  auto cubin = std::make_shared<const Cubin>(compile(spec, arch, nvrtc_log));
+  std::string ptx;
+  CompileExtras extras;
+  if (!dump_.empty()) extras = {true, &ptx};
+  auto cubin = std::make_shared<const Cubin>(compile(spec, arch, nvrtc_log, extras));
   const double ms = elapsed_ms(start);
+  if (!dump_.empty()) {
+    if (const std::string error = write_dump(dump_, spec, *cubin, ptx, nvrtc_log); !error.empty()) {
+      log::warning_once("jit-dump:" + dump_, "jit: KILN_JIT_DUMP incomplete (" + error + ")");
+    }
+  }
   {
     std::lock_guard<std::mutex> lock(mutex_);
     ++stats_.compiles;

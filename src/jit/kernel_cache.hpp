@@ -32,9 +32,13 @@ namespace kiln::jit {
 struct CacheConfig {
   std::string dir;   // "" = memory-only
   bool log = false;  // print each compile and load with its time (KILN_JIT_LOG)
+  // Where each compile's source, PTX, cubin and SASS are written (KILN_JIT_DUMP, jit/dump.hpp);
+  // while set, the disk cache is written but not read, so that every kernel used is compiled.
+  std::string dump = {};
 };
 
-// $KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else $HOME/.cache/kiln; log from KILN_JIT_LOG.
+// $KILN_CACHE_DIR, else $XDG_CACHE_HOME/kiln, else $HOME/.cache/kiln; log from KILN_JIT_LOG,
+// dump from KILN_JIT_DUMP.
 CacheConfig config_from_env();
 
 struct Cubin {
@@ -81,6 +85,7 @@ class KernelCache {
 
   std::string dir_;
   bool log_ = false;
+  std::string dump_;
   mutable std::mutex mutex_;
   std::condition_variable built_;  // a cubin another thread was building is ready (or failed)
   Stats stats_;
@@ -95,8 +100,5 @@ KernelCache& process_cache();
 // Enqueues `kernel` on `stream`; throws kiln::Error (cuda_error) naming `op` and the kernel.
 void launch(const char* op, const Kernel& kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
             Stream stream, void** args);
-
-// Every (spec) a workload needs; throws kiln::Error (invalid_argument) for an unknown workload.
-std::vector<KernelSpec> workload_variants(const std::string& workload);
 
 }  // namespace kiln::jit

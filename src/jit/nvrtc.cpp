@@ -2,6 +2,7 @@
 
 #include <nvrtc.h>
 
+#include <algorithm>
 #include <cctype>
 
 #include "core/check.hpp"
@@ -62,7 +63,7 @@ std::string program_log(nvrtcProgram program) {
   if (nvrtcGetProgramLogSize(program, &size) != NVRTC_SUCCESS || size <= 1) return "";
   std::string log(size, '\0');
   if (nvrtcGetProgramLog(program, log.data()) != NVRTC_SUCCESS) return "";
-  log.resize(size - 1);  // drop the terminating NUL
+  log.resize(std::min(log.find('\0'), log.size()));  // up to the first NUL (-v leaves two)
   return log;
 }
 
@@ -97,7 +98,8 @@ const std::string& nvrtc_version() {
   return version;
 }
 
-Cubin compile(const KernelSpec& spec, const std::string& arch, std::string& log) {
+Cubin compile(const KernelSpec& spec, const std::string& arch, std::string& log,
+              const CompileExtras& extras) {
   // The translation unit only includes the kernel's source; the name expression below makes
   // NVRTC instantiate the template and tells us its mangled name.
   const std::string unit = "#include \"" + spec.source + "\"\n";
@@ -111,7 +113,8 @@ Cubin compile(const KernelSpec& spec, const std::string& arch, std::string& log)
   check_nvrtc(nvrtcAddNameExpression(program.handle, name.c_str()), "nvrtcAddNameExpression", spec,
               arch);
 
-  const std::vector<std::string> options = compile_options(arch);
+  std::vector<std::string> options = compile_options(arch);
+  if (extras.ptxas_verbose) options.emplace_back("-Xptxas=-v");  // a report, the same code
   std::vector<const char*> option_ptrs;
   for (const std::string& o : options) option_ptrs.push_back(o.c_str());
   const nvrtcResult status =
@@ -121,6 +124,14 @@ Cubin compile(const KernelSpec& spec, const std::string& arch, std::string& log)
     check::fail("jit", ErrorCode::compile_error,
                 "NVRTC failed to compile " + what(spec, arch) + " (" + nvrtcGetErrorString(status) +
                     "):\n" + log);
+  }
+
+  if (extras.ptx != nullptr) {
+    std::size_t ptx_size = 0;
+    check_nvrtc(nvrtcGetPTXSize(program.handle, &ptx_size), "nvrtcGetPTXSize", spec, arch);
+    extras.ptx->assign(ptx_size, '\0');
+    check_nvrtc(nvrtcGetPTX(program.handle, extras.ptx->data()), "nvrtcGetPTX", spec, arch);
+    if (!extras.ptx->empty() && extras.ptx->back() == '\0') extras.ptx->pop_back();
   }
 
   Cubin cubin;
@@ -135,6 +146,41 @@ Cubin compile(const KernelSpec& spec, const std::string& arch, std::string& log)
   cubin.image.resize(size);
   check_nvrtc(nvrtcGetCUBIN(program.handle, cubin.image.data()), "nvrtcGetCUBIN", spec, arch);
   return cubin;
+}
+
+PtxasReport parse_ptxas_report(const std::string& log) {
+  // "ptxas info    : Compiling entry function '_Z...' for 'sm_90a'"
+  // "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads"
+  // "ptxas info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]"
+  // The number that ends just before `what` in `line` (0 when there is none).
+  const auto number_before = [](const std::string& line, const std::string& what) {
+    std::size_t end = line.find(what);
+    if (end == std::string::npos) return 0;
+    while (end > 0 && line[end - 1] == ' ') --end;
+    std::size_t first = end;
+    while (first > 0 && std::isdigit(static_cast<unsigned char>(line[first - 1]))) --first;
+    return first == end ? 0 : std::stoi(line.substr(first, end - first));
+  };
+  PtxasReport report;
+  std::size_t start = 0;
+  while (start < log.size()) {
+    std::size_t end = log.find('\n', start);
+    if (end == std::string::npos) end = log.size();
+    const std::string line = log.substr(start, end - start);
+    start = end + 1;
+    if (line.find("warning") != std::string::npos) report.warnings.push_back(line);
+    if (line.find("Compiling entry function") != std::string::npos) ++report.functions;
+    if (line.find(" stack frame") != std::string::npos) {
+      report.stack_bytes += number_before(line, " bytes stack frame");
+      report.spill_store_bytes += number_before(line, " bytes spill stores");
+      report.spill_load_bytes += number_before(line, " bytes spill loads");
+    }
+    if (line.find("ptxas info") != std::string::npos &&
+        line.find(" registers") != std::string::npos) {
+      report.registers = std::max(report.registers, number_before(line, " registers"));
+    }
+  }
+  return report;
 }
 
 }  // namespace kiln::jit

@@ -6,6 +6,7 @@
 
 #include "core/check.hpp"
 #include "jit/kernel_cache.hpp"
+#include "jit/variants.hpp"
 #include "kiln/device.hpp"
 
 namespace kiln::jit {

@@ -1,14 +1,11 @@
 // The checked-in list of kernel variants, by workload: what `kiln cache warmup` precompiles and
-// what CI compiles for sm_80 and sm_90a. Each op family contributes its own list.
+// what CI compiles for sm_80 and sm_90a. Each op family in jit/families.def contributes its own.
 #include <algorithm>
 #include <set>
 
 #include "core/check.hpp"
-#include "jit/kernel_cache.hpp"
-#include "ops/attention/attention.hpp"
-#include "ops/conv2d/conv2d.hpp"
-#include "ops/matmul/matmul.hpp"
-#include "ops/rope_flux/rope_flux.hpp"
+#include "jit/variants.hpp"
+#include "kiln/jit.hpp"
 
 namespace kiln::jit {
 
@@ -41,8 +38,11 @@ std::vector<KernelSpec> workload_variants(const std::string& workload) {
   std::vector<KernelSpec> specs;
   std::set<std::string> seen;
   for (const auto& name : selected) {
-    for (auto* family : {&rope_flux_detail::variants, &conv2d_detail::variants,
-                         &attention_detail::variants, &matmul_detail::variants}) {
+    for (auto* family : {
+#define KILN_FAMILY(family) &family##_detail::variants,
+#include "jit/families.def"
+#undef KILN_FAMILY
+         }) {
       for (auto& spec : family(name)) {
         if (seen.insert(spec.key()).second) specs.push_back(std::move(spec));
       }

@@ -1,13 +1,18 @@
-// Every kernel variant a workload can ask for compiles with NVRTC for Ampere and Hopper, so a
-// kernel edit that breaks one specialization fails here, on a machine with no GPU.
+// Every kernel variant a workload can ask for compiles with NVRTC for Ampere and Hopper, with no
+// warning and no register spilled to local memory, so a kernel edit that breaks or spills one
+// specialization fails here, on a machine with no GPU. ptxas's report (-Xptxas=-v) gives the
+// spill bytes. With KILN_JIT_DUMP=<dir> every variant's source, PTX, cubin and SASS are written
+// there (jit/dump.hpp), e.g. to compare the machine code of two trees (dev/jit/compare_sass.py).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <atomic>
-#include <mutex>
 #include <thread>
 
+#include "jit/dump.hpp"
 #include "jit/kernel_cache.hpp"
+#include "jit/nvrtc.hpp"
+#include "jit/variants.hpp"
 #include "kiln/error.hpp"
 
 namespace kiln::jit {
@@ -21,46 +26,91 @@ TEST(VariantsCompileTest, EveryWorkloadHasVariants) {
   }
 }
 
-TEST(VariantsCompileTest, EveryVariantCompilesForSm80AndSm90a) {
+// Each family registered in jit/families.def contributes variants to some workload.
+TEST(VariantsCompileTest, EveryFamilyHasVariants) {
+  std::vector<std::string> names = workloads();
+  std::erase(names, "all");
+  const auto has_variants = [&](auto* family) {
+    return std::any_of(names.begin(), names.end(),
+                       [&](const std::string& name) { return !family(name).empty(); });
+  };
+#define KILN_FAMILY(family) EXPECT_TRUE(has_variants(&family##_detail::variants)) << #family;
+#include "jit/families.def"
+#undef KILN_FAMILY
+}
+
+TEST(VariantsCompileTest, ReportParsesSpillsRegistersAndWarnings) {
+  const PtxasReport report = parse_ptxas_report(
+      "ptxas info    : 0 bytes gmem\n"
+      "ptxas info    : Compiling entry function '_Z1kPf' for 'sm_90a'\n"
+      "ptxas info    : Function properties for _Z1kPf\n"
+      "ptxas         .     24 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n"
+      "ptxas info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]\n"
+      "ptxas warning : (C7513) Potential Performance Loss: wgmma.mma_async instructions are "
+      "serialized\n");
+  EXPECT_EQ(report.functions, 1);
+  EXPECT_EQ(report.registers, 168);
+  EXPECT_EQ(report.stack_bytes, 24);
+  EXPECT_EQ(report.spill_store_bytes, 16);
+  EXPECT_EQ(report.spill_load_bytes, 12);
+  ASSERT_EQ(report.warnings.size(), 1u);
+  EXPECT_NE(report.warnings[0].find("C7513"), std::string::npos);
+}
+
+// One test, so that ctest (a process a test) compiles the variants once.
+TEST(VariantsCompileTest, EveryVariantCompilesForSm80AndSm90aWithoutSpillsOrWarnings) {
   const std::vector<KernelSpec> specs = workload_variants("all");
   ASSERT_FALSE(specs.empty());
   const std::vector<std::string> archs = {"sm_80", "sm_90a"};
-  KernelCache cache(CacheConfig{});  // memory-only: this test must not depend on the disk
-
-  // One NVRTC compile per thread at a time; the variants are independent. An arch-specific kernel
-  // (wgmma, TMA) is built for its own archs only.
+  const std::string dump = dump_dir_from_env();
+  // An arch-specific kernel (wgmma, TMA) is built for its own archs only.
   std::vector<std::pair<const KernelSpec*, std::string>> pairs;
   for (const KernelSpec& spec : specs) {
     for (const std::string& arch : archs) {
       if (spec.targets(arch)) pairs.emplace_back(&spec, arch);
     }
   }
-  const std::size_t jobs = pairs.size();
+  // What went wrong with each pair, "" when nothing did.
+  std::vector<std::string> problems(pairs.size());
+  // One NVRTC compile per thread at a time; the variants are independent.
   std::atomic<std::size_t> next{0};
-  std::mutex mutex;
-  std::vector<std::string> failures;
   const auto work = [&] {
-    for (std::size_t i = next++; i < jobs; i = next++) {
+    for (std::size_t i = next++; i < pairs.size(); i = next++) {
       const KernelSpec& spec = *pairs[i].first;
       const std::string& arch = pairs[i].second;
+      std::string& problem = problems[i];
       try {
-        const auto cubin = cache.cubin(spec, arch);
-        if (cubin->image.empty()) throw std::runtime_error("empty cubin");
+        std::string log, ptx;
+        const Cubin cubin = compile(spec, arch, log, {true, &ptx});
+        const PtxasReport r = parse_ptxas_report(log);
+        if (cubin.image.empty()) problem += "empty cubin. ";
+        if (r.functions == 0) problem += "no ptxas report in the log:\n" + log;
+        if (r.spill_store_bytes > 0 || r.spill_load_bytes > 0) {
+          problem += "spills: " + std::to_string(r.spill_store_bytes) + " bytes of spill stores, " +
+                     std::to_string(r.spill_load_bytes) + " bytes of spill loads (" +
+                     std::to_string(r.registers) + " registers, " + std::to_string(r.stack_bytes) +
+                     " bytes of stack frame). ";
+        }
+        for (const std::string& warning : r.warnings) problem += warning + "\n";
+        if (!dump.empty()) {
+          if (std::string error = write_dump(dump, spec, cubin, ptx, log); !error.empty()) {
+            problem += "KILN_JIT_DUMP: " + error;
+          }
+        }
       } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lock(mutex);
-        failures.push_back(spec.key() + " (" + spec.source + ") for " + arch + ": " + e.what());
+        problem += e.what();
       }
     }
   };
   std::vector<std::thread> threads(
-      std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), jobs));
+      std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), pairs.size()));
   for (auto& thread : threads) thread = std::thread(work);
   for (auto& thread : threads) thread.join();
 
-  for (const std::string& failure : failures) ADD_FAILURE() << failure;
-  if (failures.empty()) {
-    const Stats s = cache.stats();
-    EXPECT_EQ(s.compiles + s.memory_hits, jobs);  // "all" may list a variant twice
+  for (std::size_t i = 0; i < pairs.size(); ++i) {
+    if (problems[i].empty()) continue;
+    ADD_FAILURE() << pairs[i].first->key() << " (" << pairs[i].first->source << ") for "
+                  << pairs[i].second << ": " << problems[i];
   }
 }
 

@@ -75,7 +75,4 @@ void run_prefill_sm90(const TensorView& q, const TensorView& k, const TensorView
 jit::KernelSpec prefill_sm90_spec(DType t, DType out, int head_dim, bool causal, int kv_len,
                                   bool softcap);
 
-// Kernel variants a workload needs ("flux", "llm", "attention-head-dims").
-std::vector<jit::KernelSpec> variants(const std::string& workload);
-
 }  // namespace kiln::attention_detail

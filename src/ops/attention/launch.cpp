@@ -13,6 +13,7 @@
 #include "core/log.hpp"
 #include "core/tma.hpp"
 #include "jit/kernel_cache.hpp"
+#include "jit/variants.hpp"
 #include "kiln/device.hpp"
 #include "ops/attention/attention.hpp"
 #include "ops/attention/kernels/params.cuh"
@@ -142,14 +143,14 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
 // whole number of chunks, the start 16-byte aligned.
 void check_rows_16b(const char* arg, const TensorView& t) {
   const std::int64_t per_chunk = 16 / std::int64_t(dtype_size(t.dtype()));
-  bool ok = t.stride(3) == 1 && reinterpret_cast<std::uintptr_t>(t.data()) % 16 == 0;
+  bool ok = t.stride(3) == 1 && aligned(t.data(), 16);
   for (int d = 0; ok && d < 3; ++d) ok = t.size(d) == 1 || t.stride(d) % per_chunk == 0;
   if (!ok) {
     std::string strides;
     for (std::int64_t s : t.strides()) strides += (strides.empty() ? "" : ", ") + std::to_string(s);
     check::fail(kOp, ErrorCode::unsupported,
-                std::string(arg) + " has strides [" + strides + "] and a start 16-byte aligned: " +
-                    (reinterpret_cast<std::uintptr_t>(t.data()) % 16 == 0 ? "yes" : "no") +
+                std::string(arg) + " has strides [" + strides +
+                    "] and a start 16-byte aligned: " + (aligned(t.data(), 16) ? "yes" : "no") +
                     "; the CUDA kernel expects the last dim contiguous, the other strides "
                     "multiples of " +
                     std::to_string(per_chunk) + " elements and a 16-byte-aligned start");
@@ -231,7 +232,7 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
   check_rows_16b("q", q);
   check_rows_16b("k", k);
   check_rows_16b("v", v);
-  if (reinterpret_cast<std::uintptr_t>(out.data()) % 16 != 0) {
+  if (!aligned(out.data(), 16)) {
     check::fail(kOp, ErrorCode::unsupported, "out does not start 16-byte aligned");
   }
   if (prefill_sm90_takes(q, k, v, options)) {
@@ -440,6 +441,7 @@ jit::KernelSpec kernel_spec(const Plan& plan) {
   return spec;
 }
 
+// Kernel variants a workload needs ("flux", "llm", "attention-head-dims"); jit/variants.hpp.
 std::vector<jit::KernelSpec> variants(const std::string& workload) {
   std::vector<jit::KernelSpec> specs;
   // H100 / H200: 132 SMs, 228 KB of shared memory each; the plan is made again on each device.

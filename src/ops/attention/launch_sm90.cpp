@@ -2,10 +2,14 @@
 // specializations and when it takes a call; the tensor maps of the TMA decode (attention.cuh).
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 
 #include "core/check.hpp"
+#include "core/cuda.hpp"
+#include "core/log.hpp"
 #include "core/tma.hpp"
 #include "jit/kernel_cache.hpp"
 #include "kiln/device.hpp"
@@ -28,8 +32,9 @@ constexpr int kStages = 3;
 
 int smem_bytes(int d) {
   const int tile = 2 * d;  // bytes per row of a tile
-  // Q + STAGES x (K + V) + 1024 for aligning the swizzled tiles + the mbarriers.
-  return kBlockM * tile + 2 * kStages * kBlockN * tile + 1024 + 8 * (1 + 3 * kStages);
+  // Q + STAGES x (K + V) + 1024 for aligning the swizzled tiles + the mbarriers (full and empty
+  // for Q and for each K and V slot).
+  return kBlockM * tile + 2 * kStages * kBlockN * tile + 1024 + 8 * (2 + 4 * kStages);
 }
 
 // A 4-D map of a [N, H, L, D] view with boxes of 64 (D) x `rows` (L): dims (D, L, H, N), or
@@ -58,6 +63,32 @@ TensorMapBytes tensor_map(const char* arg, const TensorView& t, std::uint32_t ro
   return tma::tiled(kOp, arg, t.dtype(), t.data(), dims, strides, box);
 }
 
+// Work tiles of the prefill kernel: 128 query rows of one (batch, head) each.
+std::int64_t work_tiles(const TensorView& q) {
+  return (q.size(2) + kBlockM - 1) / kBlockM * q.size(1) * q.size(0);
+}
+
+// Blocks of the persistent grid: one an SM (its 384 threads' registers fill the register file),
+// each walking the work tiles. KILN_ATTENTION_PREFILL_BLOCKS=<n> caps it at n, so that tests see
+// blocks that take many tiles at any shape; a malformed value is an error.
+int prefill_blocks(int tiles, int device) {
+  const int blocks = std::min(tiles, cuda::sm_count(kOp, device));
+  const char* text = std::getenv("KILN_ATTENTION_PREFILL_BLOCKS");
+  if (text == nullptr || *text == '\0') return blocks;
+  int cap = 0;
+  char tail = 0;
+  if (std::sscanf(text, "%d%c", &cap, &tail) != 1 || cap < 1) {
+    check::fail(kOp, ErrorCode::invalid_argument,
+                std::string("KILN_ATTENTION_PREFILL_BLOCKS is '") + text +
+                    "', expected a positive block count");
+  }
+  log::warning_once(std::string("attention_prefill_blocks_") + text,
+                    std::string("attention: sm_90a prefill grid capped by "
+                                "KILN_ATTENTION_PREFILL_BLOCKS=") +
+                        text);
+  return std::min(blocks, cap);
+}
+
 }  // namespace
 
 jit::KernelSpec prefill_sm90_spec(DType t, DType out, int head_dim, bool causal, int kv_len,
@@ -80,7 +111,7 @@ bool prefill_sm90_takes(const TensorView& q, const TensorView& k, const TensorVi
   if (cuda_arch(q.device().index) != "sm_90a") return false;
   const std::int64_t d = q.size(3);
   return (d == 64 || d == 128) && v.size(3) == d && q.dtype() == k.dtype() &&
-         !options.mask.has_value() && q.size(2) > 16 && q.size(1) <= 65535 && q.size(0) <= 65535 &&
+         !options.mask.has_value() && q.size(2) > 16 && work_tiles(q) <= INT32_MAX &&
          tma::compatible(q, 3) && tma::compatible(k, 3) && tma::compatible(v, 3);
 }
 
@@ -107,6 +138,7 @@ void run_prefill_sm90(const TensorView& q, const TensorView& k, const TensorView
   params.Lq = q.size(2);
   params.Lk = k.size(2);
   params.group = int(q.size(1) / k.size(1));
+  params.tiles = int(work_tiles(q));
   constexpr float kLog2e = 1.4426950408889634f;
   params.scale_log2 = scale * kLog2e;
   if (options.softcap) {
@@ -117,8 +149,7 @@ void run_prefill_sm90(const TensorView& q, const TensorView& k, const TensorView
                                                  options.softcap.has_value());
   const auto kernel = jit::process_cache().kernel(spec, q.device().index);
   void* args[] = {&params};
-  const dim3 grid(unsigned((q.size(2) + kBlockM - 1) / kBlockM), unsigned(q.size(1)),
-                  unsigned(q.size(0)));
+  const dim3 grid(unsigned(prefill_blocks(params.tiles, q.device().index)));
   jit::launch(kOp, kernel, grid, dim3(kThreads), std::size_t(smem_bytes(d)), stream, args);
 }
 

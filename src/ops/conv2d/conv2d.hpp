@@ -102,7 +102,4 @@ jit::KernelSpec sm90_copy_spec(DType t, bool weight, bool vec);
 // Output channels per tile of the sm_90a kernel for OC output channels (256 or 128).
 int sm90_block_n(std::int64_t oc);
 
-// Kernel variants a workload needs ("flux-vae": the Flux VAE decoder's convolutions, bf16).
-std::vector<jit::KernelSpec> variants(const std::string& workload);
-
 }  // namespace kiln::conv2d_detail

@@ -9,6 +9,7 @@
 #include "core/cuda.hpp"
 #include "core/log.hpp"
 #include "jit/kernel_cache.hpp"
+#include "jit/variants.hpp"
 #include "ops/conv2d/conv2d.hpp"
 #include "ops/conv2d/kernels/params.cuh"
 
@@ -25,10 +26,6 @@ constexpr std::int64_t kDirectMaxOc = 16;
 constexpr std::int64_t kDirectChannels = 8;
 // The largest kernel the CUDA path is instantiated for (KH and KW are template parameters).
 constexpr std::int64_t kMaxKernel = 7;
-
-bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 std::string pair_str(const std::array<std::int64_t, 2>& v) {
   std::string s = "(";
@@ -373,6 +370,8 @@ void launch(const Plan& plan, const Problem& p, const TensorView& x, const Tenso
               std::size_t(plan.smem_bytes()), stream, args);
 }
 
+// Kernel variants a workload needs ("flux-vae": the Flux VAE decoder's convolutions, bf16);
+// jit/variants.hpp.
 std::vector<jit::KernelSpec> variants(const std::string& workload) {
   std::vector<jit::KernelSpec> specs;
   if (workload != "flux-vae") return specs;

@@ -104,8 +104,7 @@ void copy_channels_last(bool weight, const TensorView& src, void* dst, Stream st
   params.H = int(src.size(2)), params.W = int(src.size(3));
   // 16-byte loads of 8 pixels: unit W stride, 16-byte-aligned rows, whole chunks in a row.
   const bool vec = src.stride(3) == 1 && src.stride(2) % 8 == 0 && src.stride(1) % 8 == 0 &&
-                   src.stride(0) % 8 == 0 && src.size(3) % 8 == 0 &&
-                   reinterpret_cast<std::uintptr_t>(src.data()) % 16 == 0;
+                   src.stride(0) % 8 == 0 && src.size(3) % 8 == 0 && aligned(src.data(), 16);
   const auto kernel =
       jit::process_cache().kernel(sm90_copy_spec(src.dtype(), weight, vec), src.device().index);
   void* args[] = {&params};

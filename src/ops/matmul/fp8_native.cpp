@@ -32,8 +32,6 @@ namespace {
 
 constexpr const char* kOp = "matmul";
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 std::string fp8_native_unsupported(const MatmulProblem& p) {
@@ -56,8 +54,8 @@ std::string fp8_native_unsupported(const MatmulProblem& p) {
            std::to_string(p.k) + ", N = " + std::to_string(p.n) +
            ", row stride = " + std::to_string(p.a_row_stride) + ")";
   }
-  if (!aligned16(p.a) || !aligned16(p.w) || !aligned16(p.out) ||
-      (p.bias != nullptr && !aligned16(p.bias))) {
+  if (!aligned(p.a, 16) || !aligned(p.w, 16) || !aligned(p.out, 16) ||
+      (p.bias != nullptr && !aligned(p.bias, 16))) {
     return "cuBLASLt's fp8 kernels need a, w, out and bias at 16-byte boundaries";
   }
   if (p.out_dtype != DType::f32 && p.out_dtype != DType::f16 && p.out_dtype != DType::bf16) {

@@ -9,6 +9,7 @@
 #include "core/check.hpp"
 #include "core/cuda.hpp"
 #include "core/log.hpp"
+#include "jit/variants.hpp"
 #include "kiln/device.hpp"
 #include "ops/matmul/matmul.hpp"
 
@@ -166,6 +167,9 @@ void validate_weight(const char* op, const Weight& w) {
   }
 }
 
+// Kernel variants a workload needs ("llm": ANCHORS' LLM shapes; "flux": Flux.2 klein linears),
+// Q's kernels (quantize, dequantize, gemv) and G's (gemm_variants, in launch_gemm.cpp);
+// jit/variants.hpp.
 std::vector<jit::KernelSpec> variants(const std::string& workload) {
   std::vector<jit::KernelSpec> specs;
   if (workload != "llm" && workload != "flux") return specs;

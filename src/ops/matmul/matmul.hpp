@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "core/check.hpp"
 #include "jit/kernel_spec.hpp"
 #include "kiln/matmul.hpp"
 
@@ -23,11 +24,6 @@ namespace kiln::matmul_detail {
 
 // ceil(a / b) for positive b.
 inline std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-
-// Whether `p` is a multiple of `bytes` (vector loads, TMA maps).
-inline bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 // ---- formats (host side; the device side is src/device/fp8.cuh) ---------------------------------
 
@@ -139,11 +135,9 @@ std::string fp8_native_unsupported(const MatmulProblem& problem);
 MatmulPath select_path_cuda(std::int64_t m, std::int64_t n, std::int64_t k, WeightFormat format,
                             WeightLayout layout, DType a_dtype, const std::string& arch);
 
-// ---- JIT variants -------------------------------------------------------------------------------
+// ---- JIT variants (variants() itself: jit/variants.hpp) -----------------------------------------
 
-// Kernel variants a workload needs ("llm": ANCHORS' LLM shapes; "flux": Flux.2 klein linears),
-// Q's kernels (quantize, dequantize, gemv) and G's (gemm_variants, in launch_gemm.cpp).
-std::vector<jit::KernelSpec> variants(const std::string& workload);
+// The GEMM kernels' variants a workload needs (launch_gemm.cpp).
 std::vector<jit::KernelSpec> gemm_variants(const std::string& workload);
 // quantize / dequantize kernels for inputs (and outputs) of dtype x (launch_quantize.cpp).
 std::vector<jit::KernelSpec> quantize_variants(DType x);

@@ -105,8 +105,7 @@ Weight prepare_weight(const Weight& w, MatmulPath path, const TensorView& storag
                     w.data.device().str());
   }
   check::no_overlap(kOp, "storage", storage, "w", w.data);
-  if (layout != WeightLayout::row_major &&
-      reinterpret_cast<std::uintptr_t>(storage.data()) % 16 != 0) {
+  if (layout != WeightLayout::row_major && !aligned(storage.data(), 16)) {
     check::fail(kOp, ErrorCode::invalid_argument,
                 "storage must start at a 16-byte boundary for layout " +
                     std::string(weight_layout_name(layout)));

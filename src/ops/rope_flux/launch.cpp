@@ -10,6 +10,7 @@
 #include "core/cuda.hpp"
 #include "core/log.hpp"
 #include "jit/kernel_cache.hpp"
+#include "jit/variants.hpp"
 #include "ops/rope_flux/kernels/params.cuh"
 #include "ops/rope_flux/rope_flux.hpp"
 
@@ -25,10 +26,6 @@ constexpr const char* kUnfusedSource = "ops/rope_flux/kernels/rope_flux_unfused.
 // rows for every case and the best with the norm: at L = 4608, bf16 rope + norm 0.0198 ms
 // (0.0197 at 8 rows, 0.0262 at 24), f32 rope + norm 0.0258 (0.0273 at 8, 0.0388 at 24).
 constexpr int kRowsInFlight = 4;
-
-bool aligned(const void* p, std::size_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
 
 void validate(const TensorView& x, const std::optional<TensorView>& pe, const TensorView& out,
               const RopeFluxOptions& options) {
@@ -258,6 +255,8 @@ jit::KernelSpec fused_spec(const FusedPlan& plan) {
            {"HAS_NORM", jit::cpp_bool(plan.has_norm)}}};
 }
 
+// Kernel variants a workload needs ("flux": Flux.1 and Flux.2, 24 heads of 128; "flux-unfused":
+// the stages of the unfused chain); jit/variants.hpp.
 std::vector<jit::KernelSpec> variants(const std::string& workload) {
   std::vector<jit::KernelSpec> specs;
   const DType floats[] = {DType::f32, DType::bf16, DType::f16};

@@ -36,7 +36,4 @@ FusedPlan plan_fused(DType x, DType out, DType weight, int head_dim, long long h
                      bool has_norm, bool vector);
 jit::KernelSpec fused_spec(const FusedPlan& plan);
 
-// Kernel variants a workload needs ("flux": Flux.1 and Flux.2, 24 heads of 128).
-std::vector<jit::KernelSpec> variants(const std::string& workload);
-
 }  // namespace kiln::rope_flux_detail

@@ -17,7 +17,7 @@
 // With TMA (sm_90a decode, D and DV multiples of 64) a fifth warp, the producer, loads whole K/V
 // tiles instead: one tiled TMA load per 64-element panel into the ring, handed over by full and
 // empty mbarriers; the tiles are unpadded and 128-byte swizzled, which the ldmatrix addresses
-// undo, and the math warps sync among themselves with named barrier 1.
+// undo, and the math warps sync among themselves with a named barrier (math_warps).
 // gridDim = (row tiles, N * Hkv, splits); with SPLIT each z-slice covers one KV chunk (the tiles
 // spread evenly) and writes an f32 partial output and its LSE, then counts its arrival on the
 // row tile's counter; the last block to arrive combines the partials (combine.cuh) and leaves the
@@ -27,29 +27,21 @@
 // 16-byte aligned (the launcher checks); out contiguous. A row with no visible key writes zeros
 // and LSE -inf.
 //
-// Measured on an H200 (v1, bf16; every version in ../NOTES.md): Flux B1 H24 L4608 D128 207 TFLOP/s
-// with 8 warps of rows (0.63x SDPA's FA2, 0.33x cuDNN: mma.sync with 16 rows a warp feeds each
-// ldmatrix'd K/V fragment to one MMA). Decode (v2): B1 H32 KV131072 4.1 TB/s of K+V with 128-key
-// tiles, 32 keys a warp, a 3-deep ring (208 KB, one block an SM) and 4 splits (128 blocks, one
-// wave), against 3.1 TB/s for 64-key tiles 5 deep (the same bytes in flight, twice the
-// iterations) and 3.5 TB/s for v1's plan. Decode with TMA (v4, sm_90a): 4.34 TB/s with 2 x 64-key
-// tiles (0.95x SDPA cuDNN), against 4.17 for v2's cp.async loads in the same run.
+// Why this shape (figures in ../NOTES.md, every version): mma.sync with 16 rows a warp feeds each
+// ldmatrix'd K/V fragment to one MMA, which caps prefill well below wgmma (prefill_sm90.cuh);
+// decode keeps enough bytes in flight with 128-key tiles, 32 keys a warp, a 3-deep ring and
+// splits in whole waves, and on sm_90a loads whole tiles by TMA from a producer warp.
 #pragma once
 
 #include "device/mma.cuh"
 #include "device/numeric.cuh"
+#include "device/pipeline.cuh"
 #include "device/sm90.cuh"
 #include "device/vec.cuh"
 #include "ops/attention/kernels/combine.cuh"
 #include "ops/attention/kernels/params.cuh"
 
 namespace kiln {
-
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 template <int MASK>
 __device__ __forceinline__ float load_mask(const void* mask, long long i) {
@@ -62,12 +54,12 @@ __device__ __forceinline__ float load_mask(const void* mask, long long i) {
   }
 }
 
-// Barrier of the THREADS math threads: the whole block, or named barrier 1 when a TMA producer
+// Barrier of the THREADS math threads: the whole block, or a named barrier when a TMA producer
 // warp (which leaves after its loads) is not part of it.
 template <int THREADS, bool NAMED>
 __device__ __forceinline__ void math_sync() {
   if constexpr (NAMED) {
-    asm volatile("bar.sync 1, %0;" ::"n"(THREADS) : "memory");
+    named_barrier_sync<NamedBarrier::math_warps, THREADS>();
   } else {
     __syncthreads();
   }
@@ -77,14 +69,7 @@ __device__ __forceinline__ void math_sync() {
 template <int THREADS, bool NAMED>
 __device__ __forceinline__ bool math_sync_or(bool pred) {
   if constexpr (NAMED) {
-    int any;
-    asm volatile(
-        "{\n.reg .pred p, q;\nsetp.ne.s32 q, %1, 0;\nbar.red.or.pred p, 1, %2, q;\n"
-        "selp.s32 %0, 1, 0, p;\n}"
-        : "=r"(any)
-        : "r"(int(pred)), "n"(THREADS)
-        : "memory");
-    return any != 0;
+    return named_barrier_sync_or<NamedBarrier::math_warps, THREADS>(pred);
   } else {
     return __syncthreads_or(pred) != 0;
   }
@@ -126,8 +111,9 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ?
   T* const s_k = reinterpret_cast<T*>(smem) + (TMA ? 0 : kBlockM * kQkPitch);
   T* const s_v = s_k + STAGES * BLOCK_N * (TMA ? D : kQkPitch);
   T* const s_q = TMA ? s_v + STAGES * BLOCK_N * DV : reinterpret_cast<T*>(smem);
-  u64* const full = reinterpret_cast<u64*>(s_q + kBlockM * kQkPitch);  // TMA: a tile landed
-  u64* const empty = full + STAGES;  // TMA: every math warp is done with the slot
+  // TMA: full[s], a tile landed; empty[s], every math warp is done with the slot.
+  u64* const full = reinterpret_cast<u64*>(s_q + kBlockM * kQkPitch);
+  const TmaPipeline<STAGES> ring{full, full + STAGES};
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -171,10 +157,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ?
     // once each math warp has released it; one transaction count covers K and V. Keys past Lk
     // arrive as zeros (TMA's out-of-bounds fill).
     if (tid == 0) {
-      for (int s = 0; s < STAGES; ++s) {
-        mbarrier_init(full + s, 1);
-        mbarrier_init(empty + s, kThreads / 32);
-      }
+      ring.init(kThreads / 32);
       mbarrier_init_fence();
     }
     __syncthreads();
@@ -182,19 +165,18 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ?
       if (lane == 0) {
         const int head = int(kv_head), batch = int(n);
         for (i64 t = t_begin; t < t_end; ++t) {
-          const int i = int(t - t_begin), slot = i % STAGES;
-          const int key0 = int(t * BLOCK_N);
-          mbarrier_wait(empty + slot, u32(i / STAGES & 1) ^ 1);  // a fresh barrier passes parity 1
-          mbarrier_arrive_expect_tx(full + slot, BLOCK_N * (D + DV) * 2);
+          const PipelineState<STAGES> state{int(t - t_begin)};
+          const int slot = state.index(), key0 = int(t * BLOCK_N);
+          u64* landed = ring.producer_acquire(state, BLOCK_N * (D + DV) * 2);
 #pragma unroll
           for (int pn = 0; pn < D / 64; ++pn) {
-            tma_load_4d(s_k + (slot * (D / 64) + pn) * BLOCK_N * 64, &p.map_k, full + slot, 64 * pn,
+            tma_load_4d(s_k + (slot * (D / 64) + pn) * BLOCK_N * 64, &p.map_k, landed, 64 * pn,
                         p.k_l_inner ? key0 : head, p.k_l_inner ? head : key0, batch);
           }
 #pragma unroll
           for (int pn = 0; pn < DV / 64; ++pn) {
-            tma_load_4d(s_v + (slot * (DV / 64) + pn) * BLOCK_N * 64, &p.map_v, full + slot,
-                        64 * pn, p.v_l_inner ? key0 : head, p.v_l_inner ? head : key0, batch);
+            tma_load_4d(s_v + (slot * (DV / 64) + pn) * BLOCK_N * 64, &p.map_v, landed, 64 * pn,
+                        p.v_l_inner ? key0 : head, p.v_l_inner ? head : key0, batch);
           }
         }
       }
@@ -299,10 +281,11 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ?
   const T* q_warp = s_q + (warp_m * 16 + lane % 16) * kQkPitch + (lane / 16) * 8;
 
   for (i64 t = t_begin; t < t_end; ++t) {
-    const int slot = int((t - t_begin) % STAGES);
+    const PipelineState<STAGES, i64> state{t - t_begin};  // the ring's slot (cp.async or TMA)
+    const int slot = state.index();
     const i64 key0 = t * BLOCK_N + warp_n * kKeys;  // first key of this warp's part of the tile
     if constexpr (TMA) {
-      mbarrier_wait(full + slot, u32((t - t_begin) / STAGES & 1));
+      ring.consumer_wait(state);
       if (t * BLOCK_N + BLOCK_N > keys) {
         // The last tile: V rows of keys in [keys, Lk) hold whatever the cache holds (NaN, say)
         // and would meet P = 0; zero this warp's rows (K needs nothing: those scores are set to
@@ -459,7 +442,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ?
     }
     if constexpr (TMA) {
       __syncwarp();  // the warp's reads of the slot are done
-      if (lane == 0) mbarrier_arrive(empty + slot);
+      if (lane == 0) ring.consumer_release(state);
     }
   }
   cp_async_wait<0>();

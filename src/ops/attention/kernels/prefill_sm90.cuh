@@ -1,10 +1,13 @@
 // Attention prefill for Hopper (sm_90a), built the way the FlashAttention-3 paper describes.
 //
-// One block computes 128 query rows of one (batch, head) against all visible keys:
-//   warpgroup 0 (the producer, 24 registers): one thread issues TMA loads of the Q tile once and
-//     of K and V tiles (128 keys each) into a ring of STAGES shared-memory slots; full/empty
-//     mbarriers hand the slots over, K and V separately (a K slot is free as soon as QK^T has
-//     read it).
+// A work tile is 128 query rows of one (batch, head) against all their visible keys. The grid is
+// persistent (PersistentTiles: min(work tiles, SMs) blocks, each walking the tiles b, b + grid,
+// ...), so a block's producer loads the next tile's Q, K and V while its consumers finish this one:
+//   warpgroup 0 (the producer, 24 registers): one thread issues TMA loads of each tile's Q into a
+//     one-slot ring (freed once both consumers are done with the tile) and of its K and V tiles
+//     (128 keys each) into a ring of STAGES shared-memory slots that runs on across work tiles;
+//     full/empty mbarriers hand the slots over, K and V separately (a K slot is free as soon as
+//     QK^T has read it).
 //   warpgroups 1 and 2 (consumers, 240 registers): 64 query rows each. S = Q K^T by wgmma with
 //     both operands in shared memory; O += P V by wgmma with P in registers (the S accumulator
 //     layout is the A-operand layout, so P never touches shared memory).
@@ -20,15 +23,15 @@
 // with spare capacity); out [N, Hq, Lq, D] contiguous. Limits: D = Dv in
 // {64, 128}, q of k's dtype, no additive mask (the sm_80 kernel takes those).
 //
-// Measured on an H200 (standalone harness, bf16, TFLOP/s; NOTES.md has every version):
-//   B1 H24 D128 L = 4608: no overlap 442; ping-pong + intra-warpgroup overlap, 2 stages 458,
-//   3 stages 590; K and V slots released separately (K right after QK^T) 622; L = 13056: 670;
-//   causal B1 H32 L = 8192: 609; B4 H16 D64 L = 4096: 436.
+// Each step above (ping-pong and intra-warpgroup overlap, the third ring slot, K slots released
+// right after QK^T) was measured against the one before: NOTES.md, "sm_90a prefill".
 #pragma once
 
 #include "device/mma.cuh"
 #include "device/numeric.cuh"
+#include "device/pipeline.cuh"
 #include "device/sm90.cuh"
+#include "device/tile_scheduler.cuh"
 #include "ops/attention/kernels/prefill_sm90_params.cuh"
 
 namespace kiln {
@@ -38,12 +41,7 @@ namespace prefill_sm90 {
 constexpr int kBlockM = 128;  // query rows per block (64 per consumer warpgroup)
 constexpr int kBlockN = 128;  // keys per tile
 constexpr int kThreads = 384;
-
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+using Registers = WarpgroupRegisters<24, 240>;  // producer, consumers
 
 // The visible-key rule of one consumer thread's two rows.
 struct Visibility {
@@ -116,6 +114,7 @@ template <typename T, typename TO, int D, int STAGES, bool CAUSAL, int KV_LEN, b
 __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
     attention_prefill_sm90(const __grid_constant__ AttentionSm90Params p) {
   using namespace prefill_sm90;
+  using Slot = PipelineState<STAGES>;  // K/V tiles, counted across the block's work tiles
   static_assert(D == 64 || D == 128, "head dims of whole 64-element panels, up to 128");
   constexpr int kPanels = D / 64;  // 128-byte-wide column panels of a tile
   constexpr int kQBytes = kBlockM * D * 2;
@@ -128,207 +127,246 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
   char* s_q = smem;
   char* s_k = s_q + kQBytes;
   char* s_v = s_k + STAGES * kKVBytes;
-  u64* bar_q = reinterpret_cast<u64*>(s_v + STAGES * kKVBytes);
-  u64* full_k = bar_q + 1;
-  u64* full_v = full_k + STAGES;
-  u64* empty_k = full_v + STAGES;
-  u64* empty_v = empty_k + STAGES;
+  // Barriers: full Q | empty Q | full K | full V | empty K | empty V (STAGES each). Q is a ring of
+  // one slot: loaded once a work tile, released when both consumers are done with it.
+  u64* bars = reinterpret_cast<u64*>(s_v + STAGES * kKVBytes);
+  const TmaPipeline<1> q_ring{bars, bars + 1};
+  u64* full_k = bars + 2;
+  const TmaPipeline<STAGES> k_ring{full_k, full_k + 2 * STAGES};
+  const TmaPipeline<STAGES> v_ring{full_k + STAGES, full_k + 3 * STAGES};
 
-  const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
-  const int kv_head = head / p.group;
+  // Work tile t (PersistentTiles over p.tiles): query rows m_block * kBlockM .. + kBlockM - 1 of
+  // one (batch, head), row blocks fastest so that the blocks at work share a head's K and V in
+  // L2; causal: the last row blocks, which see the most keys, first.
   const int lq = static_cast<int>(p.Lq);
-  Visibility vis{static_cast<int>(p.Lk), 0};
-  if constexpr (KV_LEN == 1) vis.lk = static_cast<const int*>(p.kv_len)[batch];
-  if constexpr (KV_LEN == 2) vis.lk = static_cast<int>(static_cast<const i64*>(p.kv_len)[batch]);
-  vis.lk = max(0, min(vis.lk, static_cast<int>(p.Lk)));
-  vis.diagonal = vis.lk - lq;
-  int n_tiles = (vis.lk + kBlockN - 1) / kBlockN;
-  if constexpr (CAUSAL) {
-    const int last_key = min(lq, (m_block + 1) * kBlockM) - 1 + vis.diagonal;
-    n_tiles = last_key < 0 ? 0 : min(n_tiles, last_key / kBlockN + 1);
-  }
+  const int m_blocks = (lq + kBlockM - 1) / kBlockM;
+  const int heads = static_cast<int>(p.Hq);
+  struct Work {
+    int m_block, head, batch;
+    Visibility vis;
+    int n_tiles;  // K/V tiles it reads
+  };
+  const auto work_at = [&](int tile) {
+    Work w;
+    const int m = tile % m_blocks;
+    w.m_block = CAUSAL ? m_blocks - 1 - m : m;
+    w.head = tile / m_blocks % heads;
+    w.batch = tile / m_blocks / heads;
+    w.vis = Visibility{static_cast<int>(p.Lk), 0};
+    if constexpr (KV_LEN == 1) w.vis.lk = static_cast<const int*>(p.kv_len)[w.batch];
+    if constexpr (KV_LEN == 2) {
+      w.vis.lk = static_cast<int>(static_cast<const i64*>(p.kv_len)[w.batch]);
+    }
+    w.vis.lk = max(0, min(w.vis.lk, static_cast<int>(p.Lk)));
+    w.vis.diagonal = w.vis.lk - lq;
+    w.n_tiles = (w.vis.lk + kBlockN - 1) / kBlockN;
+    if constexpr (CAUSAL) {
+      const int last_key = min(lq, (w.m_block + 1) * kBlockM) - 1 + w.vis.diagonal;
+      w.n_tiles = last_key < 0 ? 0 : min(w.n_tiles, last_key / kBlockN + 1);
+    }
+    return w;
+  };
 
   if (threadIdx.x == 0) {
-    mbarrier_init(bar_q, 1);
-    for (int s = 0; s < STAGES; ++s) {
-      mbarrier_init(full_k + s, 1);
-      mbarrier_init(full_v + s, 1);
-      mbarrier_init(empty_k + s, 2 * 128);  // every consumer thread releases the slot
-      mbarrier_init(empty_v + s, 2 * 128);
-    }
+    q_ring.init(2 * 128);  // every consumer thread releases Q and each K and V slot
+    k_ring.init(2 * 128);
+    v_ring.init(2 * 128);
     mbarrier_init_fence();
   }
   __syncthreads();
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    Registers::producer();
     if (threadIdx.x == 0) {
-      mbarrier_arrive_expect_tx(bar_q, kQBytes);
-      for (int pn = 0; pn < kPanels; ++pn) {
-        const int row = m_block * kBlockM;
-        tma_load_4d(s_q + pn * kBlockM * 128, &p.map_q, bar_q, 64 * pn, p.q_l_inner ? row : head,
-                    p.q_l_inner ? head : row, batch);
-      }
-      for (int j = 0; j < n_tiles; ++j) {
-        const int s = j % STAGES;
-        const u32 parity = ((j / STAGES) & 1) ^ 1;  // a fresh barrier's previous phase is complete
-        mbarrier_wait(empty_k + s, parity);
-        mbarrier_arrive_expect_tx(full_k + s, kKVBytes);
+      PipelineState<1> q_slot;  // Q tiles loaded
+      Slot kv;                  // K/V tiles loaded
+      for (const int tile : PersistentTiles{p.tiles}) {
+        const Work w = work_at(tile);
+        const int kv_head = w.head / p.group, row = w.m_block * kBlockM;
+        u64* landed = q_ring.producer_acquire(q_slot, kQBytes);
         for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_4d(s_k + s * kKVBytes + pn * kBlockN * 128, &p.map_k, full_k + s, 64 * pn,
-                      p.k_l_inner ? j * kBlockN : kv_head, p.k_l_inner ? kv_head : j * kBlockN,
-                      batch);
+          tma_load_4d(s_q + pn * kBlockM * 128, &p.map_q, landed, 64 * pn,
+                      p.q_l_inner ? row : w.head, p.q_l_inner ? w.head : row, w.batch);
         }
-        mbarrier_wait(empty_v + s, parity);
-        mbarrier_arrive_expect_tx(full_v + s, kKVBytes);
-        for (int pn = 0; pn < kPanels; ++pn) {
-          tma_load_4d(s_v + s * kKVBytes + pn * kBlockN * 128, &p.map_v, full_v + s, 64 * pn,
-                      p.v_l_inner ? j * kBlockN : kv_head, p.v_l_inner ? kv_head : j * kBlockN,
-                      batch);
+        ++q_slot;
+        for (int j = 0; j < w.n_tiles; ++j, ++kv) {
+          const int s = kv.index();
+          landed = k_ring.producer_acquire(kv, kKVBytes);
+          for (int pn = 0; pn < kPanels; ++pn) {
+            tma_load_4d(s_k + s * kKVBytes + pn * kBlockN * 128, &p.map_k, landed, 64 * pn,
+                        p.k_l_inner ? j * kBlockN : kv_head, p.k_l_inner ? kv_head : j * kBlockN,
+                        w.batch);
+          }
+          landed = v_ring.producer_acquire(kv, kKVBytes);
+          for (int pn = 0; pn < kPanels; ++pn) {
+            tma_load_4d(s_v + s * kKVBytes + pn * kBlockN * 128, &p.map_v, landed, 64 * pn,
+                        p.v_l_inner ? j * kBlockN : kv_head, p.v_l_inner ? kv_head : j * kBlockN,
+                        w.batch);
+          }
         }
       }
     }
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
-  const int c = warpgroup - 1;  // consumer 0 or 1: rows 64 c .. 64 c + 63 of the block
+  Registers::consumer();
+  const int c = warpgroup - 1;  // consumer 0 or 1: rows 64 c .. 64 c + 63 of a work tile
   const int t = threadIdx.x % 128, warp = t / 32, lane = t % 32;
-  const int row0 = m_block * kBlockM + 64 * c + 16 * warp + lane / 4;  // and row0 + 8
-  // Ping-pong: consumer c issues its GEMMs after named barrier c + 1, then lets the other go.
+  // Ping-pong: consumer c issues its GEMMs once its turn barrier completes, then lets the other go.
+  // The turns run on across work tiles: consumer 1's last arrive of one tile opens consumer 0's
+  // first turn of the next, so each barrier sees its arrivals in pairs however many tiles a block
+  // takes.
+  constexpr NamedBarrier kTurn0 = NamedBarrier::consumer0_turn,
+                         kTurn1 = NamedBarrier::consumer1_turn;
   const auto my_turn = [&] {
     if (c == 0) {
-      asm volatile("bar.sync 1, 256;" ::: "memory");
+      named_barrier_sync<kTurn0, 256>();
     } else {
-      asm volatile("bar.sync 2, 256;" ::: "memory");
+      named_barrier_sync<kTurn1, 256>();
     }
   };
   const auto your_turn = [&] {
     if (c == 0) {
-      asm volatile("bar.arrive 2, 256;" ::: "memory");
+      named_barrier_arrive<kTurn1, 256>();
     } else {
-      asm volatile("bar.arrive 1, 256;" ::: "memory");
+      named_barrier_arrive<kTurn0, 256>();
     }
   };
-  if (c == 1) asm volatile("bar.arrive 1, 256;" ::: "memory");  // consumer 0 goes first
+  if (c == 1) named_barrier_arrive<kTurn0, 256>();  // consumer 0 goes first
 
-  float o[D / 2];  // (64 rows, D) accumulator of this warpgroup
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f}, alpha[2];
-  mbarrier_wait(bar_q, 0);
   const u32 q_base = smem_addr(s_q) + 64 * c * 128;
-  const int first_row_last_key = m_block * kBlockM + vis.diagonal;
-  const auto need_mask = [&](int j) {
-    return (j + 1) * kBlockN > vis.lk || (CAUSAL && (j + 1) * kBlockN - 1 > first_row_last_key);
-  };
-  const auto issue_s = [&](float(&sc)[kBlockN / 2], int j) {  // S (64, kBlockN) = Q K_j^T
-    const int s = j % STAGES;
-    mbarrier_wait(full_k + s, (j / STAGES) & 1);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int panel = kk / 4, offset = (kk % 4) * 32;
-      const u64 a = swizzle128_desc(q_base + panel * kBlockM * 128 + offset, 16, 1024);
-      const u64 b =
-          swizzle128_desc(smem_addr(s_k + s * kKVBytes) + panel * kBlockN * 128 + offset, 16, 1024);
-      Wgmma<T, kBlockN, 0, 0>::ss(sc, a, b, kk > 0 ? 1 : 0);
-    }
-    wgmma_commit();
-  };
-  const auto issue_pv = [&](u32(&pa)[kBlockN / 16][4], int j) {  // O (64, D) += P V_j
-    const int s = j % STAGES;
-    mbarrier_wait(full_v + s, (j / STAGES) & 1);
-#pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      const u64 b =
-          swizzle128_desc(smem_addr(s_v + s * kKVBytes) + ks * 16 * 128, kBlockN * 128, 1024);
-      Wgmma<T, D, 0, 1>::rs(o, pa[ks], b, 1);
-    }
-    wgmma_commit();
-  };
-  if (n_tiles > 0) {
-    u32 pa[kBlockN / 16][4];  // P of the previous tile, as A fragments
-    {
-      float sc[kBlockN / 2];
-      my_turn();
-      wgmma_fence();
-      issue_s(sc, 0);
-      your_turn();
-      wgmma_wait<0>();
-      register_fence(sc);
-      mbarrier_arrive(empty_k);
-      softmax_tile<CAUSAL, SOFTCAP>(sc, m_run, l_run, alpha, p, vis, 0, row0, lane, need_mask(0));
-      to_fragments<T>(sc, pa);
-    }
-    // S_j and P_{j-1} V_{j-1} issued together; softmax of S_j under the PV; then O rescaled and
-    // P_j converted once the PV has read P_{j-1}.
-    for (int j = 1; j < n_tiles; ++j) {
-      float sc[kBlockN / 2];
-      register_fence(o);
-      register_fence(pa);
-      my_turn();
-      wgmma_fence();
-      issue_s(sc, j);
-      issue_pv(pa, j - 1);
-      your_turn();
-      wgmma_wait<1>();
-      register_fence(sc);
-      mbarrier_arrive(empty_k + j % STAGES);
-      softmax_tile<CAUSAL, SOFTCAP>(sc, m_run, l_run, alpha, p, vis, j, row0, lane, need_mask(j));
-      wgmma_wait<0>();
-      register_fence(o);
-      register_fence(pa);
-      mbarrier_arrive(empty_v + (j - 1) % STAGES);
-      to_fragments<T>(sc, pa);
-#pragma unroll
-      for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i % 4) / 2];
-    }
-    register_fence(o);
-    register_fence(pa);
-    my_turn();
-    wgmma_fence();
-    issue_pv(pa, n_tiles - 1);
-    your_turn();
-    wgmma_wait<0>();
-    register_fence(o);
-    mbarrier_arrive(empty_v + (n_tiles - 1) % STAGES);
-  }
-  if (c == 0) asm volatile("bar.sync 1, 256;" ::: "memory");  // consumer 1's last arrive
+  PipelineState<1> q_slot;  // Q tiles taken
+  Slot kv;                  // K/V tiles taken before this work tile
+  for (const int tile : PersistentTiles{p.tiles}) {
+    const Work w = work_at(tile);
+    const Visibility& vis = w.vis;
+    const int n_tiles = w.n_tiles;
+    const int row0 = w.m_block * kBlockM + 64 * c + 16 * warp + lane / 4;  // and row0 + 8
 
-  float inv_l[2];
+    float o[D / 2];  // (64 rows, D) accumulator of this warpgroup
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
-    inv_l[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
-  }
-  const i64 head_row = (static_cast<i64>(batch) * p.Hq + head) * p.Lq;  // row 0 of (batch, head)
-  if (p.lse != nullptr && lane % 4 == 0) {
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f}, alpha[2];
+    q_ring.consumer_wait(q_slot);
+    const int first_row_last_key = w.m_block * kBlockM + vis.diagonal;
+    const auto need_mask = [&](int j) {
+      return (j + 1) * kBlockN > vis.lk || (CAUSAL && (j + 1) * kBlockN - 1 > first_row_last_key);
+    };
+    // K/V tile j of this work tile is the ring's slot state kv + j.
+    const auto slot = [&](int j) { return Slot{kv.count + j}; };
+    const auto issue_s = [&](float(&sc)[kBlockN / 2], int j) {  // S (64, kBlockN) = Q K_j^T
+      const int s = slot(j).index();
+      k_ring.consumer_wait(slot(j));
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int panel = kk / 4, offset = (kk % 4) * 32;
+        const u64 a = swizzle128_desc(q_base + panel * kBlockM * 128 + offset, 16, 1024);
+        const u64 b = swizzle128_desc(
+            smem_addr(s_k + s * kKVBytes) + panel * kBlockN * 128 + offset, 16, 1024);
+        Wgmma<T, kBlockN, 0, 0>::ss(sc, a, b, kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+    };
+    const auto issue_pv = [&](u32(&pa)[kBlockN / 16][4], int j) {  // O (64, D) += P V_j
+      const int s = slot(j).index();
+      v_ring.consumer_wait(slot(j));
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks) {
+        const u64 b =
+            swizzle128_desc(smem_addr(s_v + s * kKVBytes) + ks * 16 * 128, kBlockN * 128, 1024);
+        Wgmma<T, D, 0, 1>::rs(o, pa[ks], b, 1);
+      }
+      wgmma_commit();
+    };
+    if (n_tiles > 0) {
+      u32 pa[kBlockN / 16][4];  // P of the previous tile, as A fragments
+      {
+        float sc[kBlockN / 2];
+        my_turn();
+        wgmma_fence();
+        issue_s(sc, 0);
+        your_turn();
+        wgmma_wait<0>();
+        register_fence(sc);
+        k_ring.consumer_release(slot(0));
+        softmax_tile<CAUSAL, SOFTCAP>(sc, m_run, l_run, alpha, p, vis, 0, row0, lane, need_mask(0));
+        to_fragments<T>(sc, pa);
+      }
+      // S_j and P_{j-1} V_{j-1} issued together; softmax of S_j under the PV; then O rescaled and
+      // P_j converted once the PV has read P_{j-1}.
+      for (int j = 1; j < n_tiles; ++j) {
+        float sc[kBlockN / 2];
+        register_fence(o);
+        register_fence(pa);
+        my_turn();
+        wgmma_fence();
+        issue_s(sc, j);
+        issue_pv(pa, j - 1);
+        your_turn();
+        wgmma_wait<1>();
+        register_fence(sc);
+        k_ring.consumer_release(slot(j));
+        softmax_tile<CAUSAL, SOFTCAP>(sc, m_run, l_run, alpha, p, vis, j, row0, lane, need_mask(j));
+        wgmma_wait<0>();
+        register_fence(o);
+        register_fence(pa);
+        v_ring.consumer_release(slot(j - 1));
+        to_fragments<T>(sc, pa);
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i % 4) / 2];
+      }
+      register_fence(o);
+      register_fence(pa);
+      my_turn();
+      wgmma_fence();
+      issue_pv(pa, n_tiles - 1);
+      your_turn();
+      wgmma_wait<0>();
+      register_fence(o);
+      v_ring.consumer_release(slot(n_tiles - 1));
+    }
+    // Every wgmma of this tile has completed: Q may be overwritten by the next tile's, which the
+    // producer loads under this epilogue.
+    q_ring.consumer_release(q_slot);
+    ++q_slot;
+    kv.count += n_tiles;
+
+    float inv_l[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = row0 + 8 * r;
-      if (row < lq) {
-        p.lse[head_row + row] =
-            l_run[r] > 0.f ? (m_run[r] + __log2f(l_run[r])) * 0.6931471805599453f : neg_inf();
-      }
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+      inv_l[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
     }
-  }
-  TO* out = static_cast<TO*>(p.out) + head_row * D;
+    const i64 head_row = (static_cast<i64>(w.batch) * p.Hq + w.head) * p.Lq;  // row 0 of it
+    if (p.lse != nullptr && lane % 4 == 0) {
 #pragma unroll
-  for (int i = 0; i < D / 2; i += 2) {
-    const int r = (i % 4) / 2;
-    const int row = row0 + 8 * r;
-    const int col = 8 * (i / 4) + 2 * (lane % 4);
-    if (row < lq) {
-      TO* dst = out + static_cast<i64>(row) * D + col;
-      if constexpr (sizeof(TO) == 4) {
-        *reinterpret_cast<float2*>(dst) = float2{o[i] * inv_l[r], o[i + 1] * inv_l[r]};
-      } else {
-        *reinterpret_cast<u32*>(dst) = pack_float2<TO>(o[i] * inv_l[r], o[i + 1] * inv_l[r]);
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
+        if (row < lq) {
+          p.lse[head_row + row] =
+              l_run[r] > 0.f ? (m_run[r] + __log2f(l_run[r])) * 0.6931471805599453f : neg_inf();
+        }
+      }
+    }
+    TO* out = static_cast<TO*>(p.out) + head_row * D;
+#pragma unroll
+    for (int i = 0; i < D / 2; i += 2) {
+      const int r = (i % 4) / 2;
+      const int row = row0 + 8 * r;
+      const int col = 8 * (i / 4) + 2 * (lane % 4);
+      if (row < lq) {
+        TO* dst = out + static_cast<i64>(row) * D + col;
+        if constexpr (sizeof(TO) == 4) {
+          *reinterpret_cast<float2*>(dst) = float2{o[i] * inv_l[r], o[i + 1] * inv_l[r]};
+        } else {
+          *reinterpret_cast<u32*>(dst) = pack_float2<TO>(o[i] * inv_l[r], o[i + 1] * inv_l[r]);
+        }
       }
     }
   }
+  if (c == 0) named_barrier_sync<kTurn0, 256>();  // consumer 1's last arrive
 }
 
 }  // namespace kiln

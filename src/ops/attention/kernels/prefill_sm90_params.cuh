@@ -20,6 +20,7 @@ struct AttentionSm90Params {
   long long Hq;
   long long Lq;
   long long Lk;
+  int tiles;                 // work tiles: ceil(Lq / 128) x Hq x N
   int group;                 // Hq / Hkv
   int q_l_inner;             // q's map is (D, L, H, N) (1) or (D, H, L, N) (0)
   int k_l_inner;             // the same for k

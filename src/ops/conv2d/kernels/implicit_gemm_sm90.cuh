@@ -22,13 +22,14 @@
 // padding and dilation on both dims; C % 8 == 0 (channels past C read as zeros, so any such C
 // works); OC % BN == 0.
 //
-// Measured on an H200 (standalone harness, bf16, batch 1, 3x3 pad 1, TFLOP/s): 512 ch @ 128^2
-// 682, 512 @ 256^2 704, 256 @ 512^2 658, 128 @ 1024^2 538, 512 -> 256 @ 512^2 735; before the grid
-// was persistent 659 / 687 / 643 / 486 (NOTES.md).
+// The persistent grid measured faster than one block a tile on every VAE shape (NOTES.md,
+// "sm_90a implicit GEMM").
 #pragma once
 
 #include "device/numeric.cuh"
+#include "device/pipeline.cuh"
 #include "device/sm90.cuh"
+#include "device/tile_scheduler.cuh"
 #include "ops/conv2d/kernels/implicit_gemm_sm90_params.cuh"
 
 namespace kiln {
@@ -38,6 +39,7 @@ namespace conv2d_sm90 {
 constexpr int kBlockM = 128;  // output pixels per tile (64 per consumer warpgroup)
 constexpr int kBlockK = 64;   // channels per k-step: one 128-byte row of 16-bit elements
 constexpr int kThreads = 384;
+using Registers = WarpgroupRegisters<40, 232>;  // producer, consumers
 
 }  // namespace conv2d_sm90
 
@@ -58,7 +60,7 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
   char* s_a = smem;
   char* s_b = s_a + STAGES * kABytes;
   u64* full = reinterpret_cast<u64*>(s_b + STAGES * kBBytes);
-  u64* empty = full + STAGES;
+  const TmaPipeline<STAGES> ring{full, full + STAGES};
 
   const int c_steps = (p.C + kBlockK - 1) / kBlockK;
   const int k_steps = p.KH * p.KW * c_steps;
@@ -78,61 +80,57 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
     }
   };
   if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbarrier_init(full + s, 1);
-      mbarrier_init(empty + s, 2 * 128);  // every consumer thread releases the slot
-    }
+    ring.init(2 * 128);  // every consumer thread releases the slot
     mbarrier_init_fence();
   }
   __syncthreads();
 
   if (threadIdx.x / 128 == 0) {  // producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    Registers::producer();
     if (threadIdx.x == 0) {
-      int step = 0;  // k-steps issued, across tiles
-      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      PipelineState<STAGES> slot;  // k-steps issued, across tiles
+      for (const int tile : PersistentTiles{tiles}) {
         const int oc0 = tile % n_tiles * BN;
         int m0, m_end;
         pixels_of(tile / n_tiles, m0, m_end);
         const int ow = m0 % p.OW, oh = m0 / p.OW % p.OH, n = m0 / (p.OW * p.OH);
         const int w0 = ow * p.stride - p.pad, h0 = oh * p.stride - p.pad;  // window corner
-        for (int kt = 0; kt < k_steps; ++kt, ++step) {
-          const int s = step % STAGES;
-          mbarrier_wait(empty + s, ((step / STAGES) & 1) ^ 1);
-          mbarrier_arrive_expect_tx(full + s, kABytes + kBBytes);
+        for (int kt = 0; kt < k_steps; ++kt, ++slot) {
+          const int s = slot.index();
+          u64* landed = ring.producer_acquire(slot, kABytes + kBBytes);
           const int tap = kt / c_steps, c0 = kt % c_steps * kBlockK;
           const int kh = tap / p.KW, kw = tap % p.KW;
           if constexpr (A_MN_MAJOR) {  // two (64 channels, 64 pixels) panels, pixels contiguous
             const int first = m0 - n * p.OH * p.OW;
-            tma_load_3d(s_a + s * kABytes, &p.map_x, full + s, first, c0, n);
-            tma_load_3d(s_a + s * kABytes + kABytes / 2, &p.map_x, full + s, first + kBlockM / 2,
-                        c0, n);
+            tma_load_3d(s_a + s * kABytes, &p.map_x, landed, first, c0, n);
+            tma_load_3d(s_a + s * kABytes + kABytes / 2, &p.map_x, landed, first + kBlockM / 2, c0,
+                        n);
           } else {
-            tma_load_im2col_4d(s_a + s * kABytes, &p.map_x, full + s, c0, w0, h0, n,
+            tma_load_im2col_4d(s_a + s * kABytes, &p.map_x, landed, c0, w0, h0, n,
                                static_cast<unsigned short>(kw * p.dilation),
                                static_cast<unsigned short>(kh * p.dilation));
           }
-          tma_load_2d(s_b + s * kBBytes, &p.map_w, full + s, tap * p.C + c0, oc0);
+          tma_load_2d(s_b + s * kBBytes, &p.map_w, landed, tap * p.C + c0, oc0);
         }
       }
     }
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  Registers::consumer();
   const int c = threadIdx.x / 128 - 1;  // consumer 0 or 1: pixels 64 c .. 64 c + 63 of a tile
   const int lane = threadIdx.x % 32, warp = threadIdx.x % 128 / 32;
-  int step = 0;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  PipelineState<STAGES> slot;  // k-steps taken, across tiles
+  for (const int tile : PersistentTiles{tiles}) {
     const int oc0 = tile % n_tiles * BN;
     int m0, m_end;
     pixels_of(tile / n_tiles, m0, m_end);
     float acc[BN / 2];  // (64, BN) accumulator of this warpgroup
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-    for (int kt = 0; kt < k_steps; ++kt, ++step) {
-      const int s = step % STAGES;
-      mbarrier_wait(full + s, (step / STAGES) & 1);
+    for (int kt = 0; kt < k_steps; ++kt, ++slot) {
+      const int s = slot.index();
+      ring.consumer_wait(slot);
       register_fence(acc);
       wgmma_fence();
 #pragma unroll
@@ -148,11 +146,11 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
       wgmma_commit();
       wgmma_wait<1>();  // the previous step's group is done: release its slot
       register_fence(acc);
-      if (kt > 0) mbarrier_arrive(empty + (step - 1) % STAGES);
+      if (kt > 0) ring.consumer_release(slot.before(1));
     }
     wgmma_wait<0>();
     register_fence(acc);
-    mbarrier_arrive(empty + (step - 1) % STAGES);
+    ring.consumer_release(slot.before(1));
 
     // Epilogue: thread holds rows row0 and row0 + 8, columns 8 j + 2 (lane % 4) + {0, 1}.
     const int row0 = m0 + 64 * c + 16 * warp + lane / 4;

@@ -28,10 +28,8 @@
 // Limits: M, N, K < 2^31; K % 32 == 0 for Q8_0; BN <= 128 and 128 % BN == 0 with block128 scales
 // (one scale per CTA and k-tile). Offsets into a and w are 64-bit.
 //
-// Measured on an H200 (NOTES.md has every version and the tile sweep): e4m3fn weight with
-// per-channel scales, bf16 a and out, 128 x 128 tiles of 8 warps: 158-169 TFLOP/s at Flux.2's
-// M = 4608 linears, 0.22x cuBLAS bf16 (705-741 TFLOP/s with a bf16 weight): mma.sync on Hopper
-// has no path to wgmma's rate, which is why gemm_sm90.cuh takes those problems there.
+// mma.sync on Hopper has no path to wgmma's rate, which is why gemm_sm90.cuh takes those problems
+// there (NOTES.md, "GEMM versions" and the tile sweep).
 #pragma once
 
 #include "device/fp8.cuh"
@@ -41,20 +39,6 @@
 
 namespace kiln {
 namespace gemm_detail {
-
-template <bool C, typename A, typename B>
-struct select_type {
-  using type = A;
-};
-template <typename A, typename B>
-struct select_type<false, A, B> {
-  using type = B;
-};
-
-template <typename A, typename B>
-constexpr bool same_type = false;
-template <typename A>
-constexpr bool same_type<A, A> = true;
 
 // --- decode of 4 packed 8-bit weights (byte i = element i) into 2 words of T pairs ----------
 

@@ -32,14 +32,14 @@
 // aligned (K % 16 == 0 when contiguous); M, N, K < 2^31. Tokens, weights and k past M, N and K
 // read as zeros (TMA's out-of-bounds fill).
 //
-// Measured on an H200 (bf16 a and out, e4m3 per-channel, NOTES.md "Hopper GEMM"): Flux.2's
-// 4608 x 3072 x 9216 in 0.39 ms (660 TFLOP/s, 0.86x cuBLAS bf16; the mma.sync kernel took 1.56);
-// ncu: tensor pipe 75% active against cuBLAS's 91%, 3.5x its instructions (the decode).
+// Where it stands against cuBLAS, and why (the decode's instructions): NOTES.md, "Hopper GEMM".
 #pragma once
 
 #include "device/fp8.cuh"
 #include "device/numeric.cuh"
+#include "device/pipeline.cuh"
 #include "device/sm90.cuh"
+#include "device/tile_scheduler.cuh"
 #include "ops/matmul/kernels/gemm_params.cuh"
 
 namespace kiln {
@@ -50,15 +50,7 @@ constexpr int kBlockW = 128;                // weight rows per block, 64 per con
 constexpr int kBlockK = 64;                 // k per tile: 64 fp8 bytes, 128 bytes of a
 constexpr int kWBytes = kBlockW * kBlockK;  // one fp8 weight slot
 constexpr int kThreads = 384;
-
-template <bool C, typename A, typename B>
-struct select_type {
-  using type = A;
-};
-template <typename A, typename B>
-struct select_type<false, A, B> {
-  using type = B;
-};
+using Registers = WarpgroupRegisters<40, 232>;  // producer, consumers
 
 }  // namespace gemm_sm90
 
@@ -121,7 +113,7 @@ __global__ void __launch_bounds__(gemm_sm90::kThreads, 1)
   char* s_a = smem;
   char* s_w = s_a + STAGES * kABytes;
   u64* full = reinterpret_cast<u64*>(s_w + STAGES * kWBytes);
-  u64* empty = full + STAGES;
+  const TmaPipeline<STAGES> ring{full, full + STAGES};
 
   // Work units: (weight tile, token tile, k slice), weight tiles fastest so that the blocks at
   // work share a's token tile in L2.
@@ -141,33 +133,29 @@ __global__ void __launch_bounds__(gemm_sm90::kThreads, 1)
   };
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbarrier_init(full + s, 1);
-      mbarrier_init(empty + s, 2 * 128);  // every consumer thread releases the slot
-    }
+    ring.init(2 * 128);  // every consumer thread releases the slot
     mbarrier_init_fence();
   }
   __syncthreads();
 
   if (threadIdx.x / 128 == 0) {  // producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    Registers::producer();
     if (threadIdx.x == 0) {
-      int step = 0;  // k-tiles issued, across units
-      for (int u = blockIdx.x; u < units; u += gridDim.x) {
+      PipelineState<STAGES> slot;  // k-tiles issued, across units
+      for (const int u : PersistentTiles{units}) {
         const Unit w = unit_at(u);
-        for (int i = 0; i < w.tiles; ++i, ++step) {
-          const int s = step % STAGES, k = (w.kt0 + i) * kBlockK;
-          mbarrier_wait(empty + s, ((step / STAGES) & 1) ^ 1);
-          mbarrier_arrive_expect_tx(full + s, kABytes + kWBytes);
-          tma_load_2d(s_a + s * kABytes, &p.map_a, full + s, k, w.m0);
-          tma_load_2d(s_w + s * kWBytes, &p.map_w, full + s, k, w.n0);
+        for (int i = 0; i < w.tiles; ++i, ++slot) {
+          const int s = slot.index(), k = (w.kt0 + i) * kBlockK;
+          u64* landed = ring.producer_acquire(slot, kABytes + kWBytes);
+          tma_load_2d(s_a + s * kABytes, &p.map_a, landed, k, w.m0);
+          tma_load_2d(s_w + s * kWBytes, &p.map_w, landed, k, w.n0);
         }
       }
     }
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  Registers::consumer();
   const int c = threadIdx.x / 128 - 1;  // consumer 0 or 1: weight rows 64 c .. 64 c + 63
   const int warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32;
   const int q = lane % 4, odd = lane / 4 % 2;
@@ -179,13 +167,13 @@ __global__ void __launch_bounds__(gemm_sm90::kThreads, 1)
 
   float acc[BT / 2];
   u32 frag0[4][4], frag1[4][4];  // A fragments of two k-tiles: [k16 step][register]
-  int step = 0;                  // k-tiles taken, across units
+  PipelineState<STAGES> slot;    // k-tiles taken, across units
   int taken = 0;                 // k-tiles taken in this unit
   // Waits for the next tile, decodes its weights into `frag` and issues its 4 wgmma into d
   // (`fresh`: the first overwrites d).
   const auto issue = [&](u32(&frag)[4][4], float(&d)[BT / 2], bool fresh) {
-    const int s = step % STAGES;
-    mbarrier_wait(full + s, (step / STAGES) & 1);
+    const int s = slot.index();
+    ring.consumer_wait(slot);
     const u32 w_slot = w_lane + s * kWBytes;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -204,12 +192,13 @@ __global__ void __launch_bounds__(gemm_sm90::kThreads, 1)
                              fresh && kk == 0 ? 0 : 1);
     }
     wgmma_commit();
-    ++step;
+    ++slot;
     ++taken;
   };
-  const auto release = [&](int tile) { mbarrier_arrive(empty + tile % STAGES); };
+  // Done with the k-tile taken `back` tiles ago.
+  const auto release = [&](int back) { ring.consumer_release(slot.before(back)); };
 
-  for (int u = blockIdx.x; u < units; u += gridDim.x) {
+  for (const int u : PersistentTiles{units}) {
     const Unit w = unit_at(u);
 #pragma unroll
     for (int i = 0; i < BT / 2; ++i) acc[i] = 0.f;
@@ -226,8 +215,8 @@ __global__ void __launch_bounds__(gemm_sm90::kThreads, 1)
         register_fence(part);
         register_fence(frag0);
         register_fence(frag1);
-        release(step - 1);
-        if (pair) release(step - 2);
+        release(1);
+        if (pair) release(2);
         const float scale = scales[chunk];
 #pragma unroll
         for (int i = 0; i < BT / 2; ++i) acc[i] += scale * part[i];
@@ -240,7 +229,7 @@ __global__ void __launch_bounds__(gemm_sm90::kThreads, 1)
         issue(frag, acc, false);
         wgmma_wait<1>();
         register_fence(other);
-        if (taken > 1) release(step - 2);
+        if (taken > 1) release(2);
       };
       while (taken + 2 <= w.tiles) {
         take(frag0, frag1);
@@ -251,7 +240,7 @@ __global__ void __launch_bounds__(gemm_sm90::kThreads, 1)
       register_fence(acc);
       register_fence(frag0);
       register_fence(frag1);
-      release(step - 1);
+      release(1);
     }
 
     // Epilogue, from registers: register 4 j + 2 h + e holds weight row r0 + 8 h, token
