@@ -239,7 +239,8 @@ void run_on_backend(const OpCase& c, CaseRun& r) {
   if (c.options.twice) {
     const std::vector<std::string> names = r.outputs();
     std::vector<std::vector<std::uint8_t>> first;
-    for (const std::string& n : names) first.push_back(bytes(r.got()[n]));
+    const Views& got = r.got();
+    for (const std::string& n : names) first.push_back(bytes(got[n]));
     once();
     const Views& again = r.got();
     for (std::size_t i = 0; i < names.size(); ++i) {
