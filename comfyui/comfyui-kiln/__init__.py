@@ -10,9 +10,10 @@ When ComfyUI loads it, the node
     instead of casting the activations with scale 1 (linear.py);
   - adds object patches to every VAE's patcher that run the decoder's convolutions on
     kiln.conv2d (vae.py);
-  - applies kiln.torch.patch(): torch._scaled_mm / scaled_mm with fp8 operands on kiln where
-    that pays, kiln registered as comfy-kitchen's first backend (RoPE, RMSNorm + RoPE,
-    per-tensor fp8 quantize / dequantize) for the ComfyUI versions that call comfy-kitchen;
+  - registers kiln as comfy-kitchen's first backend (RoPE, RMSNorm + RoPE, per-tensor fp8
+    quantize / dequantize; kiln.comfy_kitchen) for the ComfyUI versions that call comfy-kitchen,
+    on the device types of KILN_COMFY_DEVICES, and applies kiln.torch.patch():
+    torch._scaled_mm / scaled_mm with fp8 operands on kiln where that pays;
   - makes comfy.model_management.supports_fp8_compute() answer yes on CUDA GPUs from sm_80
     (ComfyUI says yes from sm_89), so fp8 checkpoints take the fp8 path there too.
 Each rebinding calls ComfyUI's own function for what kiln does not take, logged once per reason
@@ -20,11 +21,12 @@ on the "kiln.comfyui" logger; what kiln takes is logged once per part. The load 
 hooks in place; one this ComfyUI does not have is skipped.
 
 Install: put (or symlink) this folder into ComfyUI/custom_nodes/ and install kiln into the
-Python environment ComfyUI runs in (kiln's README, "ComfyUI"). Environment:
+Python environment ComfyUI runs in (kiln's README, "ComfyUI and comfy-kitchen"). Environment:
   KILN_PATCH=0                load without changing anything
   KILN_COMFY_PARTS=...        the parts on by default, of attention,fp8_linear,vae_conv2d (all)
   KILN_COMFY_DEVICES=cuda     device types kiln takes ComfyUI's work on; "cuda,cpu" also runs
                               kiln's CPU code (its reference: exact and slow) on CPU work
+  KILN_COMFY_KITCHEN_PRIORITY=0  kiln's place in comfy-kitchen's backend priority (0: first)
   KILN_PATCH_MODE=always      send every fp8 torch._scaled_mm kiln can take to kiln (default
                               auto, see kiln.torch)
   KILN_COMFY_FP8_COMPUTE=0    leave ComfyUI's supports_fp8_compute() as it is
@@ -89,13 +91,27 @@ def _install_comfy_hooks() -> list[str]:
     ]
 
 
+def _register_comfy_kitchen() -> list[str]:
+    """kiln as comfy-kitchen's backend on the node's device types, at the priority
+    KILN_COMFY_KITCHEN_PRIORITY (0: first); [] where comfy-kitchen is not installed."""
+    if importlib.util.find_spec("comfy_kitchen") is None:
+        return []
+    import kiln.comfy_kitchen
+
+    priority = int(os.environ.get("KILN_COMFY_KITCHEN_PRIORITY", "0"))
+    devices = parts.settings()["devices"]
+    kiln.comfy_kitchen.register(priority=priority, devices=devices)
+    return [f"comfy-kitchen backend 'kiln' ({','.join(devices)}, priority {priority})"]
+
+
 def _apply() -> None:
     import kiln
     import kiln.torch
 
     mode = os.environ.get("KILN_PATCH_MODE", "auto")
+    hooks = _register_comfy_kitchen()  # before patch(), which then leaves the registration be
     kiln.torch.patch(mode=mode)
-    hooks = _install_comfy_hooks()
+    hooks += _install_comfy_hooks()
     _log.info("kiln %s: parts %s on %s; hooks: %s; fp8 matmuls routed to kiln (mode %s)",
               kiln.__version__, ",".join(parts.settings()["parts"]) or "none",
               ",".join(parts.settings()["devices"]), "; ".join(hooks) or "none (no ComfyUI)",

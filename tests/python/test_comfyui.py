@@ -121,7 +121,8 @@ def test_comfyui_loads_the_node(cpu_run):
     assert "IMPORT FAILED" not in log
     assert "comfyui-kiln" in log  # ComfyUI's list of custom nodes and their import times
     hooks = cpu_run["metrics"]["load line"]
-    for hook in ("comfy.ldm.flux.layers.attention", "attention function 'kiln'",
+    for hook in ("comfy-kitchen backend 'kiln' (cpu,cuda, priority 0)",
+                 "comfy.ldm.flux.layers.attention", "attention function 'kiln'",
                  "comfy.ops.fp8_linear", "comfy.sd.VAE"):
         assert hook in hooks, hooks
     assert cpu_run["metrics"]["Kiln node registered"]
