@@ -20,6 +20,13 @@ stages=${*:-build tests sanitize python bench perf}
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
 # Peers the machine lacks (comfy_kitchen, say) can come along as packages in .peers/.
 [ -d .peers ] && export PYTHONPATH="$root/.peers${PYTHONPATH:+:$PYTHONPATH}"
+# ComfyUI's snapshot and the wheels its imports need (scripts/prepare_comfyui.sh) in .comfyui/:
+# for tests/python/test_comfyui.py and kiln bench comfyui.
+comfyui_site=$(mktemp -d)
+if [ -d .comfyui/wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --target "$comfyui_site" .comfyui/wheels/*.whl
+  export PYTHONPATH="$comfyui_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONUNBUFFERED=1
 export PYTHONFAULTHANDLER=1  # a crash in an extension prints the Python stack
 build=build/gpu
@@ -107,6 +114,10 @@ if want python; then
   run pytest python3 -m pytest tests/python -q -rs
 fi
 if want bench; then
+  if [ ! -d .comfyui ]; then
+    echo "==== bench: no .comfyui/ here, so kiln bench comfyui measures nothing (run" \
+         "scripts/prepare_comfyui.sh where pip reaches PyPI and carry .comfyui)" | tee -a "$log"
+  fi
   run bench python3 -m kiln.bench
 fi
 if want perf; then

@@ -1,4 +1,4 @@
-"""Routes torch's fp8 matmuls and comfy-kitchen's fp8 quantize / dequantize to kiln.
+"""Routes torch's fp8 matmuls to kiln, and registers kiln as comfy-kitchen's backend.
 
     import kiln.torch
     kiln.torch.patch()    # idempotent; kiln.torch.unpatch() restores the originals
@@ -27,10 +27,11 @@ w.t() of a row-major [N, K] weight: kiln reads w = mat2.t() in place (a copy onl
 not column-major). Recipes kiln does not read (1 x 128 weight blocks, MX / NV block formats,
 swizzled scales), fp8 outputs and non-fp8 operands fall through to torch.
 
-When comfy_kitchen is installed, patch() also registers kiln as its first-priority backend for
-`quantize_per_tensor_fp8` and `dequantize_per_tensor_fp8` (the entry points its FP8 layout and
-torch.ops.comfy_kitchen.quantize_fp8 / dequantize_fp8 dispatch through); unpatch() disables it.
-comfy_kitchen's fp8 linear reaches torch._scaled_mm / scaled_mm, which the patch covers.
+When comfy_kitchen is installed, patch() also registers kiln as its first-priority backend
+(kiln.comfy_kitchen.register(): RoPE, RMSNorm + RoPE, per-tensor fp8 quantize / dequantize, the
+entry points its FP8 layout and torch.ops.comfy_kitchen.* dispatch through) unless kiln was
+registered already; unpatch() takes out what patch() registered. comfy_kitchen's fp8 linear
+reaches torch._scaled_mm / scaled_mm, which the patch covers.
 
 Callers that bound the functions before patch() (`from torch import _scaled_mm`) keep the
 originals.
@@ -39,7 +40,6 @@ originals.
 import importlib.util
 import inspect
 import logging
-import sys
 import threading
 
 import torch
@@ -74,7 +74,7 @@ _lock = threading.Lock()
 # originals: what patch() replaced, kept after unpatch() so that a wrapper someone still holds
 # calls through to torch.
 _state = {"patched": False, "mode": "auto", "originals": {}, "signature": None,
-          "comfy_priority": None}
+          "registered_comfy_kitchen": False}
 _capability: dict[int, tuple[int, int]] = {}
 
 
@@ -87,8 +87,8 @@ def is_patched() -> bool:
 
 
 def patch(*, mode: str = "auto") -> None:
-    """Routes torch._scaled_mm, torch.nn.functional.scaled_mm (where present) and
-    comfy_kitchen's per-tensor fp8 quantize / dequantize (when installed) to kiln. Idempotent;
+    """Routes torch._scaled_mm, torch.nn.functional.scaled_mm (where present) to kiln and
+    registers kiln as comfy_kitchen's first backend (when installed). Idempotent;
     a second call only updates `mode`.
 
     mode: "auto" (kiln where the device has no fp8 tensor cores, where torch cannot take the
@@ -112,7 +112,7 @@ def patch(*, mode: str = "auto") -> None:
             originals["scaled_mm"] = torch.nn.functional.scaled_mm
             _state["signature"] = inspect.signature(originals["scaled_mm"])
             torch.nn.functional.scaled_mm = _scaled_mm_v2
-        _patch_comfy_kitchen()
+        _register_comfy_kitchen()
         _state["patched"] = True
     _log.debug("kiln.torch: patched (mode %s)", mode)
 
@@ -126,7 +126,11 @@ def unpatch() -> None:
         torch._scaled_mm = originals["_scaled_mm"]
         if "scaled_mm" in originals:
             torch.nn.functional.scaled_mm = originals["scaled_mm"]
-        _unpatch_comfy_kitchen()
+        if _state["registered_comfy_kitchen"]:
+            from . import comfy_kitchen
+
+            comfy_kitchen.unregister()
+            _state["registered_comfy_kitchen"] = False
         _state["patched"] = False
     _log.debug("kiln.torch: unpatched")
 
@@ -395,82 +399,15 @@ def _scaled_mm_v2(*args, **kwargs):
 # ---- comfy_kitchen ---------------------------------------------------------------------------
 
 
-class _ComfyKitchenBackend:
-    """kiln as a comfy_kitchen backend: per-tensor fp8 quantize / dequantize with the
-    semantics of comfy_kitchen's eager backend (q = saturate(x / scale), x = q * scale)."""
-
-    @staticmethod
-    def quantize_per_tensor_fp8(x, scale, output_type=torch.float8_e4m3fn):
-        q, _ = _matmul.quantize_fp8(x, output_type, "tensor", scale.reshape(1))
-        return q
-
-    @staticmethod
-    def dequantize_per_tensor_fp8(x, scale, output_type=torch.bfloat16):
-        return _matmul.dequantize(x, scale.reshape(1).to(torch.float32), out_dtype=output_type)
-
-
-def _comfy_kitchen():
-    """The comfy_kitchen module when it is installed (imported here if it was not yet)."""
-    module = sys.modules.get("comfy_kitchen")
-    if module is None and importlib.util.find_spec("comfy_kitchen") is not None:
-        import comfy_kitchen as module
-    return module
-
-
-def _patch_comfy_kitchen() -> None:
-    ck = _comfy_kitchen()
-    if ck is None:
+def _register_comfy_kitchen() -> None:
+    """kiln.comfy_kitchen.register() where comfy_kitchen is installed and kiln is not yet its
+    backend; unpatch() undoes only what this did."""
+    if importlib.util.find_spec("comfy_kitchen") is None:
         return
-    from comfy_kitchen.constraints import FunctionConstraints, ParamConstraint, ValidationResult
+    from . import comfy_kitchen
 
-    floats = frozenset(_OUT_DTYPES)
-    fp8 = frozenset(_FP8)
-
-    def one_scale(kwargs):
-        scale = kwargs.get("scale")
-        x = kwargs.get("x")
-        if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
-            return ValidationResult.fail("scale", "kiln takes a one-element per-tensor scale")
-        if isinstance(x, torch.Tensor) and scale.device != x.device:
-            return ValidationResult.fail("scale", "scale lives on another device than x")
-        return ValidationResult.ok()
-
-    devices = frozenset({"cpu", "cuda"})
-    capabilities = {
-        "quantize_per_tensor_fp8": FunctionConstraints(
-            params={
-                "x": ParamConstraint(dtypes=floats),
-                "scale": ParamConstraint(dtypes=frozenset({torch.float32})),
-                "output_type": ParamConstraint(dtypes=fp8),
-            },
-            default_devices=devices,
-            call_rules=(one_scale,),
-        ),
-        "dequantize_per_tensor_fp8": FunctionConstraints(
-            params={
-                "x": ParamConstraint(dtypes=fp8),
-                "scale": ParamConstraint(dtypes=floats),
-                "output_type": ParamConstraint(dtypes=floats),
-            },
-            default_devices=devices,
-            call_rules=(one_scale,),
-        ),
-    }
-    registry = ck.registry
-    registry.register("kiln", _ComfyKitchenBackend, capabilities)
-    registry.enable("kiln")
-    priority = list(registry._priority)
-    _state["comfy_priority"] = priority
-    registry.set_priority(["kiln"] + [name for name in priority if name != "kiln"])
-    _log.debug("kiln.torch: kiln is comfy_kitchen's first backend for per-tensor fp8 "
-               "quantize / dequantize")
-
-
-def _unpatch_comfy_kitchen() -> None:
-    priority = _state["comfy_priority"]
-    if priority is None:
+    if comfy_kitchen.is_registered():
         return
-    ck = sys.modules["comfy_kitchen"]
-    ck.registry.set_priority(priority)
-    ck.registry.disable("kiln")
-    _state["comfy_priority"] = None
+    comfy_kitchen.register()
+    _state["registered_comfy_kitchen"] = True
+    _log.debug("kiln.torch: kiln is comfy_kitchen's first backend")

@@ -310,6 +310,23 @@ def test_comfy_kitchen_quantize_dequantize(routes):
                        eager_q.view(torch.uint8))
 
 
+def test_patch_keeps_a_registration_it_did_not_make():
+    """kiln registered with comfy-kitchen before patch() stays registered after unpatch()."""
+    pytest.importorskip("comfy_kitchen")
+    import kiln.comfy_kitchen
+
+    kiln.comfy_kitchen.register(priority=1)
+    try:
+        kiln_torch.patch()
+        kiln_torch.unpatch()
+        assert kiln.comfy_kitchen.is_registered()
+    finally:
+        kiln.comfy_kitchen.unregister()
+    kiln_torch.patch()
+    kiln_torch.unpatch()
+    assert not kiln.comfy_kitchen.is_registered()
+
+
 def test_comfy_kitchen_installed():
     """The CI command installs the real comfy-kitchen: make its absence a failure, not a skip."""
     import comfy_kitchen  # noqa: F401

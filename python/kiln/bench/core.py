@@ -120,6 +120,15 @@ class Bench:
         }
 
 
+def relative_error(torch, got, want, what: str) -> float:
+    """||got - want|| / ||want|| in f64; fails loudly on a zero reference (`what` names it)."""
+    want64 = want.double()
+    norm = want64.norm().item()
+    if not norm > 0:
+        raise AssertionError(f"{what}: the reference output is all zeros")
+    return ((got.double() - want64).norm() / norm).item()
+
+
 def _import_torch():
     try:
         import torch
