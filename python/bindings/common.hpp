@@ -52,6 +52,7 @@ void bind_conv2d(nb::module_& m);
 void bind_errors(nb::module_& m);
 void bind_jit(nb::module_& m);
 void bind_matmul(nb::module_& m);
+void bind_rope(nb::module_& m);
 void bind_rope_flux(nb::module_& m);
 void bind_attention(nb::module_& m);
 

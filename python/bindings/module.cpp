@@ -7,6 +7,7 @@ NB_MODULE(_C, m) {
   kiln_python::bind_errors(m);
   kiln_python::bind_jit(m);
   kiln_python::bind_matmul(m);
+  kiln_python::bind_rope(m);
   kiln_python::bind_rope_flux(m);
   kiln_python::bind_attention(m);
   kiln_python::bind_conv2d(m);

@@ -45,6 +45,7 @@ from ._matmul import (
     quantize_q8_0,
     select_path,
 )
+from ._rope import rope
 from .device import (
     cuda_arch,
     cuda_available,
@@ -63,6 +64,7 @@ if sys.modules.get("torch") is not None:
     from . import _torch_attention  # noqa: F401
     from . import _torch_conv2d  # noqa: F401
     from . import _torch_matmul  # noqa: F401
+    from . import _torch_rope  # noqa: F401
 
 
 def __getattr__(name: str):
@@ -96,6 +98,7 @@ __all__ = [
     "quantize_fp8",
     "quantize_q8_0",
     "reset_workspace_peak",
+    "rope",
     "rope_flux",
     "select_path",
     "workspace_peak_bytes",

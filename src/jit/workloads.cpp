@@ -8,14 +8,16 @@
 #include "ops/attention/attention.hpp"
 #include "ops/conv2d/conv2d.hpp"
 #include "ops/matmul/matmul.hpp"
+#include "ops/rope/rope.hpp"
 #include "ops/rope_flux/rope_flux.hpp"
 
 namespace kiln::jit {
 
 namespace {
 // "flux": Flux.1/Flux.2 inference; "flux-unfused": the A/B chains behind KILN_DISABLE;
-// "flux-vae": the Flux VAE decoder's convolutions; "llm": LLM prefill and decode attention and
-// the matmuls of ANCHORS' LLM shapes; "attention-head-dims": attention at every head dim in use.
+// "flux-vae": the Flux VAE decoder's convolutions; "llm": LLM prefill and decode attention, RoPE
+// and the matmuls of ANCHORS' LLM shapes; "attention-head-dims": attention at every head dim in
+// use.
 const std::vector<std::string> kWorkloads = {"flux", "flux-unfused", "flux-vae", "llm",
                                              "attention-head-dims"};
 }  // namespace
@@ -41,8 +43,9 @@ std::vector<KernelSpec> workload_variants(const std::string& workload) {
   std::vector<KernelSpec> specs;
   std::set<std::string> seen;
   for (const auto& name : selected) {
-    for (auto* family : {&rope_flux_detail::variants, &conv2d_detail::variants,
-                         &attention_detail::variants, &matmul_detail::variants}) {
+    for (auto* family :
+         {&rope_flux_detail::variants, &conv2d_detail::variants, &attention_detail::variants,
+          &matmul_detail::variants, &rope_detail::variants}) {
       for (auto& spec : family(name)) {
         if (seen.insert(spec.key()).second) specs.push_back(std::move(spec));
       }
