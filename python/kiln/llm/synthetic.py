@@ -27,17 +27,20 @@ Vocabulary: a made-up SentencePiece ("llama" tokenizer model) vocabulary: <unk>,
 Qwen3 tokenizers are BPE; only the size matters here (the models are fed token ids).
 
 Values: random with fixed seeds per tensor (numpy's PCG64 seeded from the model seed and the
-tensor name, so a file is the same wherever it is written), scaled so activations stay near unit RMS through any depth, with a planted successor
-map that makes greedy decoding robust: the output head row of token succ(v) is alpha * the
-embedding of v plus a random part, so the logit of succ(current token) leads the others by a
-margin many times the logit error of quantized activations (llama.cpp quantizes activations to
-Q8_0 on its CPU path). The layers' contribution moves every other logit (the random part), so
-logits compared position by position test every layer; the greedy path itself follows the
-successor map.
+tensor name, so a file is the same wherever it is written), scaled so activations stay near
+unit RMS through any depth, with a planted successor map that makes greedy decoding robust: the
+output head row of token succ(v) is alpha * the embedding of v plus a random part, so the logit
+of succ(current token) leads the others by a margin many times the logit error of quantized
+activations (llama.cpp quantizes activations to Q8_0 on its CPU path). The layers' contribution
+moves every other logit (the random part), so logits compared position by position test every
+layer; the greedy path itself follows the successor map.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
+import math
+import os
 import sys
 import zlib
 
@@ -45,6 +48,8 @@ import numpy as np
 
 WEIGHT_TYPES = ("q8_0", "bf16", "f16")
 SEED = 20261207
+# Random values are drawn in chunks of this many, each from its own seeded generator.
+RANDOM_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +137,19 @@ def tensor_shape(shape: Shape, name: str) -> tuple:
 
 
 def _randn(torch, size, seed: int, device):
-    """Standard normal f32 values from numpy's PCG64 (the same on every machine), on device."""
-    values = np.random.default_rng(seed).standard_normal(size, dtype=np.float32)
-    return torch.from_numpy(values).to(device)
+    """Standard normal f32 values from numpy's PCG64, on device: chunk i of RANDOM_CHUNK values
+    comes from the generator seeded with (seed, i), so the values are the same on every machine
+    while the chunks are drawn in parallel (numpy releases the GIL while it fills)."""
+    count = math.prod(size)
+    values = np.empty(count, dtype=np.float32)
+
+    def fill(i):
+        chunk = values[i * RANDOM_CHUNK:(i + 1) * RANDOM_CHUNK]
+        np.random.default_rng([seed, i]).standard_normal(chunk.size, dtype=np.float32, out=chunk)
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(fill, range(-(-count // RANDOM_CHUNK))))
+    return torch.from_numpy(values.reshape(size)).to(device)
 
 
 def make_tensor(torch, shape: Shape, name: str, seed: int, device, embedding=None):

@@ -87,13 +87,14 @@ def _sync(torch):
     torch.cuda.synchronize()
 
 
-def _kiln_rates(bench, torch, model) -> dict:
-    """{(test, depth): tokens/s} for pp512 and tg128 at each depth (median of REPS)."""
+def _kiln_rates(bench, torch, model, label: str) -> dict:
+    """{(test, depth): tokens/s} for pp512 and tg128 at each depth the filter wants (median of
+    REPS)."""
     generator = torch.Generator().manual_seed(0)
     vocab = model.hparams.n_vocab
     rates = {}
     for depth in DEPTHS:
-        if not (bench.wants(f"pp{PP} d{depth}") or bench.wants(f"tg{TG} d{depth}")):
+        if not (bench.wants(f"pp{PP} d{depth} {label}") or bench.wants(f"tg{TG} d{depth} {label}")):
             continue
         model.reset()
         if depth:
@@ -216,7 +217,7 @@ def run(bench) -> None:
                   f"{model.weight_bytes / 2**30:.2f} GiB of matmul weights, "
                   f"{model.kv_bytes_per_token} KV bytes a token")
         _logits_against_llama_cpp(bench, torch, model, path)
-        kiln_rates = _kiln_rates(bench, torch, model)
+        kiln_rates = _kiln_rates(bench, torch, model, label)
         weight_bytes, kv_per_token = model.weight_bytes, model.kv_bytes_per_token
         del model
         torch.cuda.empty_cache()
