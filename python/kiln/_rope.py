@@ -11,14 +11,10 @@ import numpy as np
 
 from . import _C
 from ._C import InvalidArgumentError
-from .ops import dtype_name
+from .ops import _shape_str, dtype_name
 
 _STYLES = ("normal", "neox")
 _NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
-
-
-def _shape_str(shape) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
 def out_shape(x_shape) -> tuple:

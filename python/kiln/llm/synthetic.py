@@ -38,7 +38,6 @@ layer; the greedy path itself follows the successor map.
 
 import argparse
 import concurrent.futures
-import dataclasses
 import math
 import os
 import sys
@@ -46,36 +45,19 @@ import zlib
 
 import numpy as np
 
+from .gguf_file import Hparams
+
 WEIGHT_TYPES = ("q8_0", "bf16", "f16")
 SEED = 20261207
 # Random values are drawn in chunks of this many, each from its own seeded generator.
 RANDOM_CHUNK = 1 << 20
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    arch: str  # "llama" or "qwen3"
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_vocab: int
-    rope_theta: float
-    rms_eps: float
-    context_length: int
-
-    @property
-    def qk_norm(self) -> bool:
-        return self.arch == "qwen3"
-
-
 SHAPES = {
-    "llama-8b": Shape("llama", 32, 4096, 32, 8, 128, 14336, 128256, 500000.0, 1e-5, 131072),
-    "qwen3-8b": Shape("qwen3", 36, 4096, 32, 8, 128, 12288, 151936, 1000000.0, 1e-6, 40960),
-    "llama-small": Shape("llama", 2, 256, 8, 2, 32, 704, 384, 500000.0, 1e-5, 4096),
-    "qwen3-small": Shape("qwen3", 2, 256, 8, 2, 64, 768, 384, 1000000.0, 1e-6, 4096),
+    "llama-8b": Hparams("llama", 32, 4096, 32, 8, 128, 14336, 128256, 500000.0, 1e-5, 131072),
+    "qwen3-8b": Hparams("qwen3", 36, 4096, 32, 8, 128, 12288, 151936, 1000000.0, 1e-6, 40960),
+    "llama-small": Hparams("llama", 2, 256, 8, 2, 32, 704, 384, 500000.0, 1e-5, 4096),
+    "qwen3-small": Hparams("qwen3", 2, 256, 8, 2, 64, 768, 384, 1000000.0, 1e-6, 4096),
 }
 
 # Residual-stream scale: the layers together add about RESIDUAL_SHARE of the embedding's RMS.
@@ -94,13 +76,13 @@ def tensor_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
 
 
-def successor(shape: Shape, seed: int):
+def successor(shape: Hparams, seed: int):
     """The planted successor map: a random permutation of the token ids (int64 numpy [V])."""
     return np.random.default_rng(tensor_seed(seed, f"{shape.arch}.successor")).permutation(
         shape.n_vocab)
 
 
-def tensor_names(shape: Shape) -> list[str]:
+def tensor_names(shape: Hparams) -> list[str]:
     """Tensor names in file order (llama.cpp's names)."""
     names = ["token_embd.weight", "output_norm.weight", "output.weight"]
     for i in range(shape.n_layer):
@@ -114,7 +96,7 @@ def tensor_names(shape: Shape) -> list[str]:
     return names
 
 
-def tensor_shape(shape: Shape, name: str) -> tuple:
+def tensor_shape(shape: Hparams, name: str) -> tuple:
     """[rows, cols] of a 2-D weight (rows = output features), or [n] of a norm."""
     q_dim, kv_dim = shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
     part = name.split(".")[-2]
@@ -152,7 +134,7 @@ def _randn(torch, size, seed: int, device):
     return torch.from_numpy(values.reshape(size)).to(device)
 
 
-def make_tensor(torch, shape: Shape, name: str, seed: int, device, embedding=None):
+def make_tensor(torch, shape: Hparams, name: str, seed: int, device, embedding=None):
     """One f32 tensor of the model. `embedding` (token_embd.weight) is needed for the output
     head."""
     size = tensor_shape(shape, name)

@@ -1,6 +1,5 @@
 // rope: argument checks, dispatch by device, the kernel plan and its launch.
 #include <algorithm>
-#include <bit>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -9,6 +8,7 @@
 #include "core/check.hpp"
 #include "core/cuda.hpp"
 #include "jit/kernel_cache.hpp"
+#include "ops/rope/heads.hpp"
 #include "ops/rope/kernels/params.cuh"
 #include "ops/rope/rope.hpp"
 
@@ -17,8 +17,6 @@ namespace rope_detail {
 namespace {
 
 constexpr const char* kSource = "ops/rope/kernels/rope.cuh";
-// Rows in flight per block: rope_flux's measured choice (its NOTES), the same layout.
-constexpr int kRowsInFlight = 4;
 
 bool aligned(const void* p, std::size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
@@ -28,14 +26,8 @@ bool aligned(const void* p, std::size_t bytes) {
 void validate(const char* op, const char* out_arg, const TensorView& x, const TensorView& positions,
               const TensorView& out, bool at_positions, const RopeOptions& options) {
   static constexpr std::initializer_list<DType> kFloat = {DType::f32, DType::f16, DType::bf16};
-  check::dims(op, "x", x, 4);
-  check::dtype_in(op, "x", x, kFloat);
+  rope_heads::check_x(op, x);
   const std::int64_t N = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3);
-  if (D % 2 != 0) {
-    check::fail(op, ErrorCode::invalid_argument,
-                "x has head dim D = " + std::to_string(D) + " (shape " + x.shape_str() +
-                    "), expected an even number: RoPE rotates pairs");
-  }
   const std::string nthd = "N = " + std::to_string(N) + ", T = " + std::to_string(T) +
                            ", H = " + std::to_string(H) + ", D = " + std::to_string(D);
   check::dtype_in(op, "positions", positions, {DType::i32, DType::i64});
@@ -72,17 +64,7 @@ void validate(const char* op, const char* out_arg, const TensorView& x, const Te
                 "theta = " + std::to_string(*options.theta) + ", expected a finite value > 0");
   }
   if (options.norm_weight) {
-    const TensorView& w = *options.norm_weight;
-    check::dtype_in(op, "norm_weight", w, kFloat);
-    const std::int64_t w_shape[] = {D};
-    check::shape(op, "norm_weight", w, w_shape, "D = " + std::to_string(D));
-    check::contiguous(op, "norm_weight", w);
-    check::non_null(op, "norm_weight", w);
-    check::no_overlap(op, out_arg, out, "norm_weight", w);
-    if (!(options.eps >= 0.f) || !std::isfinite(options.eps)) {
-      check::fail(op, ErrorCode::invalid_argument,
-                  "eps = " + std::to_string(options.eps) + ", expected a finite value >= 0");
-    }
+    rope_heads::check_norm_weight(op, out_arg, out, *options.norm_weight, D, options.eps);
   }
 }
 
@@ -173,13 +155,10 @@ Plan plan_kernel(DType x, DType out, DType weight, DType positions, int head_dim
   plan.norm = norm;
   plan.vector = vector;
   plan.pairs = vector ? vector_pairs(x, style) : 1;
-  const int chunks = std::max(1, head_dim / 2 / plan.pairs);
-  plan.lanes = std::min(32, int(std::bit_ceil(unsigned(chunks))));
-  const long long h = std::max(1LL, heads);
-  plan.hpt = int((h + kRowsInFlight - 1) / kRowsInFlight);
-  const int groups = int((h + plan.hpt - 1) / plan.hpt);
-  // Whole warps, so that the row shuffles of the norm see full warps.
-  plan.head_groups = (groups * plan.lanes + 31) / 32 * 32 / plan.lanes;
+  const rope_heads::HeadBlock block = rope_heads::head_block(head_dim / 2 / plan.pairs, heads);
+  plan.lanes = block.lanes;
+  plan.head_groups = block.head_groups;
+  plan.hpt = block.hpt;
   return plan;
 }
 

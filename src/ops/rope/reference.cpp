@@ -5,6 +5,7 @@
 
 #include "core/check.hpp"
 #include "core/numeric.hpp"
+#include "ops/rope/heads.hpp"
 #include "ops/rope/rope.hpp"
 
 namespace kiln::rope_detail {
@@ -46,17 +47,7 @@ void reference(const TensorView& x, const TensorView& positions, const TensorVie
               n * x.stride(0) + t * x.stride(1) + h * x.stride(2) + d * x.stride(3);
           row[std::size_t(d)] = numeric::load_float(x.data(), x.dtype(), i);
         }
-        if (options.norm_weight) {
-          const TensorView& w = *options.norm_weight;
-          double sum_sq = 0;
-          for (float v : row) sum_sq += double(v) * double(v);
-          const float inv_rms =
-              static_cast<float>(1.0 / std::sqrt(sum_sq / double(D) + double(options.eps)));
-          for (std::int64_t d = 0; d < D; ++d) {
-            row[std::size_t(d)] *=
-                inv_rms * numeric::load_float(w.data(), w.dtype(), d * w.stride(0));
-          }
-        }
+        if (options.norm_weight) rope_heads::rms_norm_row(row, *options.norm_weight, options.eps);
         if (options.theta) {
           for (std::int64_t i = 0; i < half; ++i) {
             // Pair i: adjacent elements (normal) or one from each half (neox).
