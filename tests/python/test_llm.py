@@ -127,6 +127,14 @@ def test_gguf_errors(model_files, tmp_path):
         f.tensor("blk.0.attn_q.weight", (512, 256))
     with pytest.raises(kiln.llm.GgufError, match="has no tensor blk.9.attn_q.weight"):
         f.tensor("blk.9.attn_q.weight", (256, 256))
+    not_gguf = tmp_path / "not.gguf"
+    not_gguf.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(kiln.llm.GgufError, match="is not a GGUF file"):
+        kiln.llm.GgufFile(not_gguf)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(model_files["llama-small-bf16"].read_bytes()[:-4096])
+    with pytest.raises(kiln.llm.GgufError, match=r"ffn_down.weight ends at byte \d+, past the "):
+        kiln.llm.GgufFile(truncated).tensor("blk.1.ffn_down.weight", (256, 704))
     path = tmp_path / "gpt2.gguf"
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))

@@ -59,7 +59,8 @@ def run(args) -> int:
     sync()
     loaded = time.perf_counter()
     _say(f"{hp.arch}, {hp.n_layer} layers, hidden {hp.n_embd}, {model.weight_format} weights "
-         f"({model.weight_bytes / 2**30:.2f} GiB) on {device}: loaded in {loaded - start:.2f} s")
+         f"({model.weight_bytes / 2**20:.1f} MiB) on {device}: loaded in {loaded - start:.2f} s "
+         "(imports included)")
     if prompt is None:
         generator = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(3, hp.n_vocab, (n_prompt,), generator=generator).tolist()
@@ -72,15 +73,18 @@ def run(args) -> int:
          f"({len(prompt) / (prefilled - loaded):.1f} tokens/s); first token after "
          f"{prefilled - start:.2f} s")
     ids = [first]
+    # A terminal gets one progress line rewritten in place, a log one line a chunk.
+    end = "\r" if sys.stderr.isatty() else "\n"
     while len(ids) < args.tokens:
         ids += model.decode(ids[-1], min(PROGRESS_EVERY, args.tokens - len(ids)))
         elapsed = time.perf_counter() - prefilled
-        print(f"\rkiln generate: {len(ids)}/{args.tokens} tokens, "
-              f"{(len(ids) - 1) / elapsed:.1f} tokens/s", end="", file=sys.stderr, flush=True)
+        print(f"kiln generate: {len(ids)}/{args.tokens} tokens, "
+              f"{(len(ids) - 1) / elapsed:.1f} tokens/s", end=end, file=sys.stderr, flush=True)
     sync()
     if args.tokens > 1:
         elapsed = time.perf_counter() - prefilled
-        print(file=sys.stderr)
+        if end == "\r":
+            print(file=sys.stderr)
         _say(f"decode {args.tokens - 1} tokens: {elapsed:.3f} s "
              f"({(args.tokens - 1) / elapsed:.1f} tokens/s)")
     print(" ".join(map(str, ids)))

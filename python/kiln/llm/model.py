@@ -121,9 +121,9 @@ class Model:
             return f.tensor(name, (n,)).to(self.device, torch.float32)
 
         def matrix(names, rows, cols):
-            parts = [f.tensor(name, (n, cols)) for name, n in zip(names, rows)]
-            data = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-            return self._weight(data.to(self.device), weights)
+            # Each part goes to the device as it is mapped, the concatenation happens there.
+            parts = [f.tensor(name, (n, cols)).to(self.device) for name, n in zip(names, rows)]
+            return self._weight(parts[0] if len(parts) == 1 else torch.cat(parts, 0), weights)
 
         self.tok_embd = f.tensor("token_embd.weight", (hp.n_vocab, D)).to(self.device)
         self.output_norm = vector("output_norm.weight", D)
