@@ -258,3 +258,34 @@ def test_cuda_graphs_equal_eager(model_files, monkeypatch):
     assert ids_g == ids_e
     assert sorted(graphed._graphs) == [16, 32, 64]
     assert relative_error(logits_g, logits_e.cpu()) < 1e-6
+
+
+def test_bench_reads_llama_bench_json(tmp_path, monkeypatch):
+    """The llm suite's reading of llama-bench's JSON output (fields as llama-bench.cpp writes
+    them), through a stand-in executable named by KILN_LLAMA_BENCH."""
+    from kiln.bench.suites import llm
+
+    rows = [{"build_commit": "0c1e5709", "build_number": 1, "n_prompt": p, "n_gen": g,
+             "n_depth": d, "avg_ts": ts, "samples_ts": [ts]}
+            for p, g, d, ts in [(512, 0, 0, 9000.5), (0, 128, 0, 120.25),
+                                (512, 0, 32768, 4000.0), (0, 128, 32768, 80.0)]]
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nassert '-d' in sys.argv\n"
+                    f"print({json.dumps(json.dumps(rows))})\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("KILN_LLAMA_BENCH", str(fake))
+
+    class Bench:
+        lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    bench = Bench()
+    rates = llm._llama_rates(bench, tmp_path / "model.gguf")
+    assert rates == {("pp", 0): 9000.5, ("tg", 0): 120.25, ("pp", 32768): 4000.0,
+                     ("tg", 32768): 80.0}
+    assert any("0c1e5709" in line for line in bench.lines)
+    monkeypatch.setenv("KILN_LLAMA_BENCH", str(tmp_path / "absent"))
+    assert llm._llama_rates(bench, tmp_path / "model.gguf") is None
+    assert "llama.cpp peer skipped" in bench.lines[-1]
