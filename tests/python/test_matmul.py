@@ -582,6 +582,32 @@ def test_matmul_fp8_activations_gate_residual(a_scale_kind, batch, device):
                          tol=3e-3 if fp8_cores else None, gate=gate, residual=residual)
 
 
+@pytest.mark.parametrize("path", ["auto", "gemv", "gemm"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_matmul_in_place_residual(path, device):
+    """The C++ API takes out == residual (an in-place add; kiln.matmul itself returns a fresh
+    array): through the binding, on every path; a partial overlap is an error."""
+    if device == "cpu":
+        path = "auto"
+    n, k = 72, 128
+    for m in (3, 40):
+        if path == "gemv" and m > 16:
+            continue
+        w, w_scale, w64 = make_weight("e4m3fn", "row", n, k, device)
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        gate = modulation_gate(1, n, device)
+        stream = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+        before = stream.clone()
+        kiln._C.matmul(a, w, "f8_e4m3fn", n, k, w_scale, "row_major", stream, None, None, path,
+                       torch.cuda.current_stream().cuda_stream if device == "cuda" else 0,
+                       gate=gate, residual=stream)
+        check_matmul(stream, a, w64, None, None, torch.bfloat16, device, gate=gate,
+                     residual=before)
+        with pytest.raises(kiln.InvalidArgumentError, match=r"out overlaps residual"):
+            kiln._C.matmul(a[:m - 1], w, "f8_e4m3fn", n, k, w_scale, "row_major", stream[1:],
+                           None, None, path, 0, gate=None, residual=stream[:m - 1])
+
+
 def test_numpy_matmul_gate_residual():
     n, k, m = 40, 64, 6
     w, w_scale, _ = make_weight("e4m3fn", "row", n, k, "cpu")
