@@ -15,6 +15,10 @@ kiln.group_norm (+ SiLU); rms_norm and layer_norm can also write fp8 with per-to
 the next fp8 x fp8 matmul (quantize="e4m3fn"). MLP activations: kiln.glu (SwiGLU / GEGLU) and
 kiln.gelu_tanh, with the same fp8 option.
 
+LLM RoPE: kiln.rope (llama.cpp's "normal" and "neox" rotations at device-side positions, with
+the per-head QK-norm and the write into a KV cache fused in). Whole GGUF LLMs (llama, qwen3):
+kiln.llm.load(path).generate(ids, n).
+
 Quantized matmul: kiln.quantize_fp8, kiln.dequantize, kiln.quantize_q8_0, kiln.matmul (fp8,
 Q8_0, f16 or bf16 weights) and kiln.prepare_weight; kiln.torch.patch() routes torch._scaled_mm
 and torch.nn.functional.scaled_mm to kiln where that pays (see kiln.torch).
