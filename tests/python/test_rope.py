@@ -236,7 +236,8 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_numpy(dtype):
     x = np.random.randn(2, 5, 3, 32).astype(dtype)
-    positions = np.random.randint(0, 100, (2, 5)).astype(np.int64)
+    # Distinct positions per sequence: the cache rows they name are all written.
+    positions = np.stack([np.random.permutation(100)[:5] for _ in range(2)]).astype(np.int64)
     got = kiln.rope(x, positions, theta=10000.0, style="neox")
     assert isinstance(got, np.ndarray) and got.dtype == dtype and got.flags.c_contiguous
     want = reference(torch.from_numpy(x), torch.from_numpy(positions), 10000.0, "neox")
