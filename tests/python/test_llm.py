@@ -289,3 +289,21 @@ def test_bench_reads_llama_bench_json(tmp_path, monkeypatch):
     monkeypatch.setenv("KILN_LLAMA_BENCH", str(tmp_path / "absent"))
     assert llm._llama_rates(bench, tmp_path / "model.gguf") is None
     assert "llama.cpp peer skipped" in bench.lines[-1]
+
+
+def test_bench_first_token_time(model_files, monkeypatch, tmp_path):
+    """The llm suite's first-token figure: a fresh `kiln generate` process, read from its
+    stderr (on CPU here, the small model)."""
+    from kiln.bench.suites import llm
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+
+    class Bench:
+        lines = []
+
+        def log(self, message):
+            self.lines.append(message)
+
+    seconds = llm._first_token_seconds(Bench(), model_files["llama-small-q8_0"])
+    assert seconds is not None and 0 < seconds < 600
+    assert "after the command started" in Bench.lines[-1]
