@@ -5,18 +5,27 @@
 # ./out).
 #
 #   scripts/gpu_check.sh                  # every stage
-#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python bench perf
+#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python peers bench perf
 #
 # Uses the machine's python3 (with torch) and needs no network. GoogleTest comes from the system,
 # or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it);
 # Python peers the machine lacks can be unpacked into .peers/ (both folders are git-ignored).
+#
+# llama.cpp, the peer of `kiln bench llm`: the "peers" stage builds its CUDA backend, llama-bench
+# and kiln's logits dumper (dev/llm/llama_cpp.sh build cuda, sm_90) when its trimmed source came
+# along in .peers/llama.cpp/src (22 MiB: `dev/llm/llama_cpp.sh fetch` makes it on a machine with
+# network, with .peers/gguf and .peers/yaml, the GGUF reader kiln.llm needs; carry those three
+# folders, not a build). The 8B GGUF models the llm suite times are too large to carry (8.5 GiB
+# each): the suite writes them on this machine with kiln.llm.synthetic into $KILN_LLM_MODEL_DIR
+# (default: the temp folder; two files, about 17 GiB of disk). Each stage fits the 10-minute
+# command limit alone (`scripts/gpu_check.sh peers`, then `bench`), not all of them together.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=${OUT:-$root/out}
 mkdir -p "$out"
 log="$out/gpu_check.log"
-stages=${*:-build tests sanitize python bench perf}
+stages=${*:-build tests sanitize python peers bench perf}
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
 # Peers the machine lacks (comfy_kitchen, say) can come along as packages in .peers/.
 [ -d .peers ] && export PYTHONPATH="$root/.peers${PYTHONPATH:+:$PYTHONPATH}"
@@ -112,6 +121,14 @@ if want python; then
   run py_install python3 -m pip install -q --no-build-isolation --no-deps --no-index \
     --config-settings=build-dir=build/gpu-python .
   run pytest python3 -m pytest tests/python -q -rs
+fi
+if want peers; then
+  if [ -d .peers/llama.cpp/src ]; then
+    run llama_cpp dev/llm/llama_cpp.sh build cuda
+  else
+    echo "==== llama_cpp: no .peers/llama.cpp/src carried: kiln bench llm runs without its peer" |
+      tee -a "$log"
+  fi
 fi
 if want bench; then
   if [ ! -d .comfyui ]; then

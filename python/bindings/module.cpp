@@ -7,7 +7,10 @@ NB_MODULE(_C, m) {
   kiln_python::bind_errors(m);
   kiln_python::bind_jit(m);
   kiln_python::bind_matmul(m);
+  kiln_python::bind_rope(m);
   kiln_python::bind_rope_flux(m);
   kiln_python::bind_attention(m);
   kiln_python::bind_conv2d(m);
+  kiln_python::bind_norm(m);
+  kiln_python::bind_activation(m);
 }

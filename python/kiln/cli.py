@@ -1,6 +1,9 @@
 """The `kiln` command (also `python -m kiln`).
 
   kiln bench [suite] [options]       time kiln against its peers (see kiln.bench)
+  kiln generate MODEL.gguf [--prompt-tokens N] [--tokens M]
+                                     greedy decoding of a GGUF LLM with kiln.llm (timings on
+                                     stderr, ids on stdout)
   kiln cache list [--json]           the disk cache's entries
   kiln cache clear                   empty the disk cache
   kiln cache warmup [--workload NAME] [--arch sm_80,sm_90a] [--device N]
@@ -67,6 +70,12 @@ def _bench(args) -> int:
     return bench.run(args)
 
 
+def _generate(args) -> int:
+    from .llm import cli
+
+    return cli.run(args)
+
+
 def parser() -> argparse.ArgumentParser:
     from .bench import add_arguments
 
@@ -81,6 +90,12 @@ def parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time kiln against its peers")
     add_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    generate = commands.add_parser("generate", help="greedy decoding of a GGUF LLM")
+    from .llm.cli import add_arguments as add_generate_arguments
+
+    add_generate_arguments(generate)
+    generate.set_defaults(func=_generate)
 
     cache = commands.add_parser("cache", help="inspect, clear or fill the kernel cache")
     actions = cache.add_subparsers(dest="action", required=True)

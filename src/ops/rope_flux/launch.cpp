@@ -1,6 +1,5 @@
 // rope_flux: argument checks, dispatch by device, kernel plans and launches.
 #include <algorithm>
-#include <bit>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -11,6 +10,7 @@
 #include "core/log.hpp"
 #include "jit/kernel_cache.hpp"
 #include "jit/variants.hpp"
+#include "ops/rope/heads.hpp"
 #include "ops/rope_flux/kernels/params.cuh"
 #include "ops/rope_flux/rope_flux.hpp"
 
@@ -21,23 +21,12 @@ namespace {
 constexpr const char* kOp = "rope_flux";
 constexpr const char* kFusedSource = "ops/rope_flux/kernels/rope_flux.cuh";
 constexpr const char* kUnfusedSource = "ops/rope_flux/kernels/rope_flux_unfused.cuh";
-// Rows in flight per block of the fused kernel. Measured on an H200 (H = 24, D = 128, one block
-// per token, bf16 out), 4 rows (6 heads a thread) is within 2% of the best of 2, 4, 8, 12 and 24
-// rows for every case and the best with the norm: at L = 4608, bf16 rope + norm 0.0198 ms
-// (0.0197 at 8 rows, 0.0262 at 24), f32 rope + norm 0.0258 (0.0273 at 8, 0.0388 at 24).
-constexpr int kRowsInFlight = 4;
 
 void validate(const TensorView& x, const std::optional<TensorView>& pe, const TensorView& out,
               const RopeFluxOptions& options) {
   static constexpr std::initializer_list<DType> kFloat = {DType::f32, DType::f16, DType::bf16};
-  check::dims(kOp, "x", x, 4);
-  check::dtype_in(kOp, "x", x, kFloat);
+  rope_heads::check_x(kOp, x);
   const std::int64_t N = x.size(0), L = x.size(1), H = x.size(2), D = x.size(3);
-  if (D % 2 != 0) {
-    check::fail(kOp, ErrorCode::invalid_argument,
-                "x has head dim D = " + std::to_string(D) + " (shape " + x.shape_str() +
-                    "), expected an even number: RoPE rotates pairs");
-  }
   const std::string nlhd = "N = " + std::to_string(N) + ", L = " + std::to_string(L) +
                            ", H = " + std::to_string(H) + ", D = " + std::to_string(D);
   if (pe) {
@@ -68,17 +57,7 @@ void validate(const TensorView& x, const std::optional<TensorView>& pe, const Te
                     std::to_string(INT_MAX) + " on CUDA (one block per token)");
   }
   if (options.norm_weight) {
-    const TensorView& w = *options.norm_weight;
-    check::dtype_in(kOp, "norm_weight", w, kFloat);
-    const std::int64_t w_shape[] = {D};
-    check::shape(kOp, "norm_weight", w, w_shape, "D = " + std::to_string(D));
-    check::contiguous(kOp, "norm_weight", w);
-    check::non_null(kOp, "norm_weight", w);
-    check::no_overlap(kOp, "out", out, "norm_weight", w);
-    if (!(options.eps >= 0.f) || !std::isfinite(options.eps)) {
-      check::fail(kOp, ErrorCode::invalid_argument,
-                  "eps = " + std::to_string(options.eps) + ", expected a finite value >= 0");
-    }
+    rope_heads::check_norm_weight(kOp, "out", out, *options.norm_weight, D, options.eps);
   }
 }
 
@@ -229,13 +208,10 @@ FusedPlan plan_fused(DType x, DType out, DType weight, int head_dim, long long h
   plan.has_norm = has_norm;
   plan.vector = vector;
   plan.ept = vector ? vector_ept(x, head_dim) : 2;
-  const int chunks = head_dim / plan.ept;
-  plan.lanes = std::min(32, int(std::bit_ceil(unsigned(chunks))));
-  const long long h = std::max(1LL, heads);
-  plan.hpt = int((h + kRowsInFlight - 1) / kRowsInFlight);
-  const int groups = int((h + plan.hpt - 1) / plan.hpt);
-  // Whole warps, so that the row shuffles of the norm see full warps.
-  plan.head_groups = (groups * plan.lanes + 31) / 32 * 32 / plan.lanes;
+  const rope_heads::HeadBlock block = rope_heads::head_block(head_dim / plan.ept, heads);
+  plan.lanes = block.lanes;
+  plan.head_groups = block.head_groups;
+  plan.hpt = block.hpt;
   return plan;
 }
 

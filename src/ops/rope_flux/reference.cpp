@@ -1,8 +1,8 @@
 // CPU reference of rope_flux: written to be read, not to be fast.
-#include <cmath>
 #include <vector>
 
 #include "core/numeric.hpp"
+#include "ops/rope/heads.hpp"
 #include "ops/rope_flux/rope_flux.hpp"
 
 namespace kiln::rope_flux_detail {
@@ -25,17 +25,7 @@ void reference(const TensorView& x, const std::optional<TensorView>& pe, const T
               n * x.stride(0) + l * x.stride(1) + h * x.stride(2) + d * x.stride(3);
           row[std::size_t(d)] = numeric::load_float(x.data(), x.dtype(), i);
         }
-        if (options.norm_weight) {
-          const TensorView& w = *options.norm_weight;
-          double sum_sq = 0;
-          for (float v : row) sum_sq += double(v) * double(v);
-          const float inv_rms =
-              static_cast<float>(1.0 / std::sqrt(sum_sq / double(D) + double(options.eps)));
-          for (std::int64_t d = 0; d < D; ++d) {
-            row[std::size_t(d)] *=
-                inv_rms * numeric::load_float(w.data(), w.dtype(), d * w.stride(0));
-          }
-        }
+        if (options.norm_weight) rope_heads::rms_norm_row(row, *options.norm_weight, options.eps);
         if (pe) {
           // pe[(n,) l, p, r, c]: the 2x2 rotation of pair p.
           const int o = batched_pe ? 1 : 0;
