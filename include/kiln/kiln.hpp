@@ -7,5 +7,6 @@
 #include "kiln/error.hpp"
 #include "kiln/jit.hpp"
 #include "kiln/matmul.hpp"
+#include "kiln/norm.hpp"
 #include "kiln/rope_flux.hpp"
 #include "kiln/tensor.hpp"

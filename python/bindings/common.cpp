@@ -1,5 +1,8 @@
 #include "common.hpp"
 
+#include <optional>
+#include <string>
+
 namespace kiln_python {
 
 [[noreturn]] void invalid(const char* op, const char* arg, const std::string& what) {
@@ -49,6 +52,29 @@ kiln::Device to_device(const char* op, const char* arg, int device_type, int dev
   invalid(op, arg,
           "lives on DLPack device type " + std::to_string(device_type) +
               ", expected cpu (1) or cuda (2)");
+}
+
+kiln::DType to_dtype_name(const char* op, const char* arg, const std::string& name) {
+  for (kiln::DType d : {kiln::DType::f32, kiln::DType::f16, kiln::DType::bf16,
+                        kiln::DType::f8_e4m3fn, kiln::DType::f8_e5m2}) {
+    if (name == kiln::dtype_name(d)) return d;
+  }
+  invalid(op, arg, "is '" + name + "', expected f32, f16, bf16, f8_e4m3fn or f8_e5m2");
+}
+
+kiln::TensorView as_fp8(const char* op, const char* arg, const kiln::TensorView& view,
+                        const std::optional<std::string>& format) {
+  if (!format) return view;
+  const kiln::DType fp8 = to_dtype_name(op, arg, *format);
+  if (fp8 != kiln::DType::f8_e4m3fn && fp8 != kiln::DType::f8_e5m2) {
+    invalid(op, arg, "format is '" + *format + "', expected f8_e4m3fn or f8_e5m2");
+  }
+  if (view.dtype() != kiln::DType::u8 && view.dtype() != fp8) {
+    invalid(op, arg,
+            std::string("is ") + kiln::dtype_name(view.dtype()) + " with format " + *format +
+                ", expected uint8 bytes (or that fp8 dtype)");
+  }
+  return kiln::TensorView(view.data(), fp8, view.shape(), view.strides(), view.device());
 }
 
 }  // namespace kiln_python

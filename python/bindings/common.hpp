@@ -11,6 +11,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "kiln/error.hpp"
@@ -27,6 +28,12 @@ using OutArray = nb::ndarray<>;
 [[noreturn]] void invalid(const char* op, const char* arg, const std::string& what);
 kiln::DType to_dtype(const char* op, const char* arg, nb::dlpack::dtype dt);
 kiln::Device to_device(const char* op, const char* arg, int device_type, int device_id);
+// A dtype by kiln's name: "f32", "f16", "bf16", "f8_e4m3fn" or "f8_e5m2".
+kiln::DType to_dtype_name(const char* op, const char* arg, const std::string& name);
+// numpy and CuPy have no fp8 dtype: fp8 data arrives as uint8 bytes with its format named
+// ("f8_e4m3fn" or "f8_e5m2"); the view is re-typed, the bytes are the same. No format: `view`.
+kiln::TensorView as_fp8(const char* op, const char* arg, const kiln::TensorView& view,
+                        const std::optional<std::string>& format);
 
 template <typename Array>
 kiln::TensorView to_view(const char* op, const char* arg, const Array& a) {
@@ -52,6 +59,7 @@ void bind_conv2d(nb::module_& m);
 void bind_errors(nb::module_& m);
 void bind_jit(nb::module_& m);
 void bind_matmul(nb::module_& m);
+void bind_norm(nb::module_& m);
 void bind_rope_flux(nb::module_& m);
 void bind_attention(nb::module_& m);
 

@@ -49,32 +49,7 @@ kiln::MatmulPath to_path(const char* op, const std::string& name) {
   invalid(op, "path", "is '" + name + "', expected auto, gemv, gemm, fp8_native or reference");
 }
 
-kiln::DType to_dtype_name(const char* op, const char* arg, const std::string& name) {
-  for (kiln::DType d : {kiln::DType::f32, kiln::DType::f16, kiln::DType::bf16,
-                        kiln::DType::f8_e4m3fn, kiln::DType::f8_e5m2}) {
-    if (name == kiln::dtype_name(d)) return d;
-  }
-  invalid(op, arg, "is '" + name + "', expected f32, f16, bf16, f8_e4m3fn or f8_e5m2");
-}
-
 kiln::Stream to_stream(std::uintptr_t stream) { return reinterpret_cast<kiln::Stream>(stream); }
-
-// numpy and CuPy have no fp8 dtype: fp8 data arrives as uint8 bytes with its format named
-// ("f8_e4m3fn" or "f8_e5m2"); the view is re-typed, the bytes are the same.
-kiln::TensorView as_fp8(const char* op, const char* arg, const kiln::TensorView& view,
-                        const std::optional<std::string>& format) {
-  if (!format) return view;
-  const kiln::DType fp8 = to_dtype_name(op, arg, *format);
-  if (fp8 != kiln::DType::f8_e4m3fn && fp8 != kiln::DType::f8_e5m2) {
-    invalid(op, arg, "format is '" + *format + "', expected f8_e4m3fn or f8_e5m2");
-  }
-  if (view.dtype() != kiln::DType::u8 && view.dtype() != fp8) {
-    invalid(op, arg,
-            std::string("is ") + kiln::dtype_name(view.dtype()) + " with format " + *format +
-                ", expected uint8 bytes (or that fp8 dtype)");
-  }
-  return kiln::TensorView(view.data(), fp8, view.shape(), view.strides(), view.device());
-}
 
 kiln::Weight to_weight(const char* op, const InArray& w, const std::string& format, std::int64_t n,
                        std::int64_t k, const std::optional<InArray>& scale,

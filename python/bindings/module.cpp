@@ -10,4 +10,5 @@ NB_MODULE(_C, m) {
   kiln_python::bind_rope_flux(m);
   kiln_python::bind_attention(m);
   kiln_python::bind_conv2d(m);
+  kiln_python::bind_norm(m);
 }

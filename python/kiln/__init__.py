@@ -10,6 +10,10 @@ hold them), numpy arrays (CPU) and CuPy arrays (CUDA), and return an array of th
     q = kiln.rope_flux(qkv[:, :, 0], pe, norm_weight=q_norm_scale)  # [N, H, L, D], contiguous
     v = kiln.rope_flux(qkv[:, :, 2])                                 # permute only
 
+Norms of whole models: kiln.rms_norm, kiln.layer_norm (with AdaLN shift / scale) and
+kiln.group_norm (+ SiLU); rms_norm and layer_norm can also write fp8 with per-token scales for
+the next fp8 x fp8 matmul (quantize="e4m3fn").
+
 Quantized matmul: kiln.quantize_fp8, kiln.dequantize, kiln.quantize_q8_0, kiln.matmul (fp8,
 Q8_0, f16 or bf16 weights) and kiln.prepare_weight; kiln.torch.patch() routes torch._scaled_mm
 and torch.nn.functional.scaled_mm to kiln where that pays (see kiln.torch).
@@ -45,6 +49,7 @@ from ._matmul import (
     quantize_q8_0,
     select_path,
 )
+from ._norm import group_norm, layer_norm, rms_norm
 from .device import (
     cuda_arch,
     cuda_available,
@@ -63,6 +68,7 @@ if sys.modules.get("torch") is not None:
     from . import _torch_attention  # noqa: F401
     from . import _torch_conv2d  # noqa: F401
     from . import _torch_matmul  # noqa: F401
+    from . import _torch_norm  # noqa: F401
 
 
 def __getattr__(name: str):
@@ -90,12 +96,15 @@ __all__ = [
     "cuda_device_count",
     "cuda_unavailable_reason",
     "dequantize",
+    "group_norm",
     "jit",
+    "layer_norm",
     "matmul",
     "prepare_weight",
     "quantize_fp8",
     "quantize_q8_0",
     "reset_workspace_peak",
+    "rms_norm",
     "rope_flux",
     "select_path",
     "workspace_peak_bytes",

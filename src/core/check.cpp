@@ -74,6 +74,31 @@ void non_null(const char* op, const char* arg, const TensorView& t) {
   }
 }
 
+bool row_scaled_out(const char* op, const TensorView& out,
+                    const std::optional<TensorView>& out_scale, std::int64_t rows) {
+  dtype_in(op, "out", out, {DType::f32, DType::f16, DType::bf16, DType::f8_e4m3fn, DType::f8_e5m2});
+  const bool fp8 = out.dtype() == DType::f8_e4m3fn || out.dtype() == DType::f8_e5m2;
+  if (!fp8) {
+    if (out_scale) {
+      fail(op, ErrorCode::invalid_argument,
+           std::string("out_scale given with ") + dtype_name(out.dtype()) +
+               " out, expected it only with an fp8 out (f8_e4m3fn or f8_e5m2)");
+    }
+    return false;
+  }
+  if (!out_scale) {
+    fail(op, ErrorCode::invalid_argument,
+         std::string("out is ") + dtype_name(out.dtype()) +
+             " without out_scale, expected an f32 [" + std::to_string(rows) +
+             "] out_scale for its per-row scales");
+  }
+  dtype_in(op, "out_scale", *out_scale, {DType::f32});
+  const std::int64_t expected[] = {rows};
+  shape(op, "out_scale", *out_scale, expected, "one scale per row of out");
+  contiguous(op, "out_scale", *out_scale);
+  return true;
+}
+
 Device common_device(const char* op,
                      std::initializer_list<std::pair<const char*, const TensorView*>> args) {
   const auto* first = args.begin();

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -29,6 +30,12 @@ void non_null(const char* op, const char* arg, const TensorView& t);
 // devices are an error naming both arguments. The first entry must not be null.
 Device common_device(const char* op,
                      std::initializer_list<std::pair<const char*, const TensorView*>> args);
+
+// The output of an op that may write fp8 for the next GEMM: `out` f32/f16/bf16, or f8_e4m3fn /
+// f8_e5m2 with `out_scale` f32 [rows] contiguous (one scale per row); out_scale must be absent
+// for a 16/32-bit out. Returns whether out is fp8.
+bool row_scaled_out(const char* op, const TensorView& out,
+                    const std::optional<TensorView>& out_scale, std::int64_t rows);
 
 std::string shape_str(std::span<const std::int64_t> shape);
 

@@ -18,6 +18,7 @@
 #pragma once
 
 #include "device/numeric.cuh"
+#include "device/vec.cuh"
 
 namespace kiln {
 
@@ -112,6 +113,52 @@ struct fp8_traits<e5m2> {
   static constexpr bool is_e4m3 = false;
   static constexpr float max = 57344.f;
 };
+
+template <typename T>
+inline constexpr bool is_fp8_type = false;
+template <>
+inline constexpr bool is_fp8_type<e4m3> = true;
+template <>
+inline constexpr bool is_fp8_type<e5m2> = true;
+
+// ---- per-group scales: scale = amax / max, q = encode(v / scale) --------------------------------
+
+// The scale of a group whose largest magnitude is `amax`: amax / max of the format, 1 for an
+// all-zero group (what quantize_fp8 computes, and the fused per-token outputs of the norm and
+// activation kernels, so their codes are the same bits).
+template <typename Tq>
+__device__ __forceinline__ float scale_from_amax(float amax) {
+  const float s = amax / fp8_traits<Tq>::max;
+  return s == 0.f ? 1.f : s;
+}
+
+// Encodes N values as v / scale (IEEE division, as the CPU reference) and stores the N codes at
+// `dst` (global memory) with the widest store: 16-byte stores for N % 16 == 0, 8 / 4 / 2 bytes
+// for N = 8 / 4 / 2 (dst aligned to min(16, N) bytes), bytes otherwise.
+template <typename Tq, int N>
+__device__ __forceinline__ void store_fp8(unsigned char* dst, const float (&v)[N], float scale) {
+  if constexpr (N == 4 || N == 8 || N % 16 == 0) {
+    float words[N / 4];  // the codes' 32-bit words, as f32 bit patterns for store_vec
+#pragma unroll
+    for (int w = 0; w < N / 4; ++w) {
+      u32 word = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        word |= u32(fp8_from_float<Tq>(v[4 * w + i] / scale).bits) << (8 * i);
+      }
+      words[w] = __uint_as_float(word);
+    }
+    store_vec(reinterpret_cast<float*>(dst), words);
+  } else if constexpr (N == 2) {
+    const u32 lo = fp8_from_float<Tq>(v[0] / scale).bits;
+    const u32 hi = fp8_from_float<Tq>(v[1] / scale).bits;
+    *static_cast<unsigned short*>(__builtin_assume_aligned(dst, 2)) =
+        static_cast<unsigned short>(lo | hi << 8);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = fp8_from_float<Tq>(v[i] / scale).bits;
+  }
+}
 
 // ---- four codes of a 32-bit word at once (byte i = element i) ----------------------------------
 

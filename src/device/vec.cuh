@@ -94,4 +94,34 @@ __device__ __forceinline__ void store_vec(T* p, const T (&src)[N]) {
   }
 }
 
+// N elements at `p` as f32: one load_vec when VECTOR (p aligned as load_vec requires), else N
+// element loads.
+template <typename T, int N, bool VECTOR>
+__device__ __forceinline__ void load_floats(const T* p, float (&v)[N]) {
+  if constexpr (VECTOR) {
+    T raw[N];
+    load_vec(raw, p);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = to_float(raw[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = to_float(p[i]);
+  }
+}
+
+// N f32 values rounded to T (nearest even) and stored at `p` (global memory): one store_vec when
+// VECTOR (p aligned as store_vec requires), else N element stores.
+template <typename T, int N, bool VECTOR>
+__device__ __forceinline__ void store_floats(T* p, const float (&v)[N]) {
+  T raw[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) raw[i] = from_float<T>(v[i]);
+  if constexpr (VECTOR) {
+    store_vec(p, raw);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = raw[i];
+  }
+}
+
 }  // namespace kiln

@@ -8,6 +8,7 @@
 #include "ops/attention/attention.hpp"
 #include "ops/conv2d/conv2d.hpp"
 #include "ops/matmul/matmul.hpp"
+#include "ops/norm/norm.hpp"
 #include "ops/rope_flux/rope_flux.hpp"
 
 namespace kiln::jit {
@@ -41,8 +42,9 @@ std::vector<KernelSpec> workload_variants(const std::string& workload) {
   std::vector<KernelSpec> specs;
   std::set<std::string> seen;
   for (const auto& name : selected) {
-    for (auto* family : {&rope_flux_detail::variants, &conv2d_detail::variants,
-                         &attention_detail::variants, &matmul_detail::variants}) {
+    for (auto* family :
+         {&rope_flux_detail::variants, &conv2d_detail::variants, &attention_detail::variants,
+          &matmul_detail::variants, &norm_detail::variants}) {
       for (auto& spec : family(name)) {
         if (seen.insert(spec.key()).second) specs.push_back(std::move(spec));
       }

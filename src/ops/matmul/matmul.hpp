@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,13 @@ float fp8_to_float(std::uint8_t code, DType format);
 std::uint8_t float_to_fp8(float value, DType format);
 // Largest finite value of an fp8 format.
 float fp8_max(DType format);
+// Row r of a contiguous [R, C] `out` from C f32 values y: rounded to out's dtype (f32/f16/bf16),
+// or, for an fp8 out, quantized with the row's own scale as quantize_fp8_reference does per row
+// (scale = amax / fp8_max, 1 for an all-zero row; codes = float_to_fp8(y / scale)), the scale
+// written to out_scale[r]. The CPU side of the fused per-token outputs of the norm and activation
+// ops.
+void store_row_reference(const TensorView& out, float* out_scale, std::int64_t r,
+                         std::span<const float> y);
 bool is_fp8(DType dtype);
 DType fp8_dtype(WeightFormat format);  // f8_e4m3fn or f8_e5m2 (fp8 formats only)
 bool is_fp8(WeightFormat format);

@@ -117,6 +117,26 @@ std::uint8_t float_to_fp8(float value, DType format) {
 
 float fp8_max(DType format) { return format == DType::f8_e4m3fn ? kE4m3Max : kE5m2Max; }
 
+void store_row_reference(const TensorView& out, float* out_scale, std::int64_t r,
+                         std::span<const float> y) {
+  const auto cols = std::int64_t(y.size());
+  if (!is_fp8(out.dtype())) {
+    for (std::int64_t c = 0; c < cols; ++c) {
+      numeric::store_float(out.data(), out.dtype(), r * cols + c, y[std::size_t(c)]);
+    }
+    return;
+  }
+  float amax = 0.f;
+  for (float v : y) amax = std::fmax(amax, std::fabs(v));
+  float scale = amax / fp8_max(out.dtype());
+  if (scale == 0.f) scale = 1.f;
+  auto* codes = static_cast<std::uint8_t*>(out.data()) + r * cols;
+  for (std::int64_t c = 0; c < cols; ++c) {
+    codes[c] = float_to_fp8(y[std::size_t(c)] / scale, out.dtype());
+  }
+  out_scale[r] = scale;
+}
+
 bool is_fp8(DType dtype) { return dtype == DType::f8_e4m3fn || dtype == DType::f8_e5m2; }
 
 bool is_fp8(WeightFormat format) {

@@ -78,13 +78,6 @@ struct gemv_weight<kWeightE5m2> {
   static constexpr int per_chunk = 16;
 };
 
-template <typename T>
-inline constexpr bool is_fp8_type = false;
-template <>
-inline constexpr bool is_fp8_type<e4m3> = true;
-template <>
-inline constexpr bool is_fp8_type<e5m2> = true;
-
 // 16 bytes of the weight stream, read once: through the non-coherent path without allocating in
 // L1 (the activations are what L1 should keep; measured neutral against a plain load, NOTES.md).
 __device__ __forceinline__ uint4 load_weight_16(const void* p) {

@@ -23,15 +23,6 @@
 
 namespace kiln {
 
-// Stores 16 bytes (four words) to global memory; `p` 16-byte aligned.
-__device__ __forceinline__ void store_16_bytes(void* p, const u32 (&w)[4]) {
-  asm volatile(
-      "{\n\t.reg .u64 g;\n\tcvta.to.global.u64 g, %0;\n\t"
-      "st.global.v4.b32 [g], {%1, %2, %3, %4};\n\t}" ::"l"(p),
-      "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-      : "memory");
-}
-
 // VEC elements of row r from column c of x, as f32.
 template <typename Tin, int VEC>
 __device__ __forceinline__ void load_x(const QuantizeParams& p, long long r, long long c,
@@ -51,22 +42,7 @@ __device__ __forceinline__ void load_x(const QuantizeParams& p, long long r, lon
 template <typename Tq, int VEC>
 __device__ __forceinline__ void store_codes(const QuantizeParams& p, long long r, long long c,
                                             const float (&v)[VEC], float scale) {
-  unsigned char* q = static_cast<unsigned char*>(p.q) + r * p.cols + c;
-  if constexpr (VEC == 1) {
-    q[0] = fp8_from_float<Tq>(v[0] / scale).bits;
-  } else {
-    u32 words[VEC / 4];
-#pragma unroll
-    for (int w = 0; w < VEC / 4; ++w) {
-      u32 word = 0;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        word |= u32(fp8_from_float<Tq>(v[4 * w + i] / scale).bits) << (8 * i);
-      }
-      words[w] = word;
-    }
-    store_16_bytes(q, words);
-  }
+  store_fp8<Tq, VEC>(static_cast<unsigned char*>(p.q) + r * p.cols + c, v, scale);
 }
 
 template <int KIND>
@@ -74,13 +50,6 @@ __device__ __forceinline__ float group_scale(const QuantizeParams& p, long long 
   if constexpr (KIND == kScaleTensor) return p.scale[0];
   if constexpr (KIND == kScaleRow) return p.scale[r];
   return p.scale[(r / 128) * p.scale_cols + c / 128];
-}
-
-// scale = amax / max of the format, 1 for an all-zero group.
-template <typename Tq>
-__device__ __forceinline__ float scale_from_amax(float amax) {
-  const float s = amax / fp8_traits<Tq>::max;
-  return s == 0.f ? 1.f : s;
 }
 
 // Max over the block (all threads get it); `shared` holds one float per warp.

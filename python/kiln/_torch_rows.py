@@ -1,0 +1,36 @@
+"""Shared pieces of the row ops' torch custom ops (_torch_norm.py, _torch_activation.py)."""
+
+import math
+
+import torch
+
+from .ops import dtype_name
+
+_TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+FP8_DTYPES = {"f8_e4m3fn": torch.float8_e4m3fn, "f8_e5m2": torch.float8_e5m2}
+
+
+def stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+
+
+def resolve_dtype(op: str, dtype):
+    """out_dtype as a torch dtype (None stays None: the op's default)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return _TORCH_DTYPES[dtype_name(op, dtype)]
+
+
+def fp8_outputs(like: torch.Tensor, shape, fmt: torch.dtype):
+    """(q, scale): fp8 codes of `shape` and f32 [R] scales (R = the product of the leading dims;
+    1 where a row has no elements: the kernels write nothing there)."""
+    q = like.new_empty(shape, dtype=fmt)
+    rows = math.prod(shape[:-1])
+    if shape[-1] == 0:
+        return q, like.new_ones((rows,), dtype=torch.float32)
+    return q, like.new_empty((rows,), dtype=torch.float32)
+
+
+def fp8_outputs_fake(like: torch.Tensor, shape, fmt: torch.dtype):
+    return like.new_empty(shape, dtype=fmt), like.new_empty((math.prod(shape[:-1]),),
+                                                           dtype=torch.float32)

@@ -1,0 +1,44 @@
+#include "core/rows.hpp"
+
+#include <algorithm>
+#include <bit>
+
+namespace kiln {
+
+RowLayout row_layout(const TensorView& x) {
+  RowLayout layout{};
+  layout.rows = 1;
+  for (int d = 0; d + 1 < x.dim(); ++d) {
+    const long long size = x.size(d), stride = x.stride(d);
+    layout.rows *= size;
+    if (size == 1) continue;
+    if (layout.dims > 0 && layout.stride[layout.dims - 1] == stride * size) {
+      // The previous dim steps exactly over this one: one dim of both.
+      layout.size[layout.dims - 1] *= size;
+      layout.stride[layout.dims - 1] = stride;
+      continue;
+    }
+    layout.size[layout.dims] = size;
+    layout.stride[layout.dims] = stride;
+    ++layout.dims;
+  }
+  return layout;
+}
+
+int vector_ept(DType dtype, std::int64_t cols) {
+  int ept = 16 / int(dtype_size(dtype));
+  while (ept > 1 && cols % ept != 0) ept /= 2;
+  return ept;
+}
+
+RowThreads row_threads(std::int64_t cols, int ept) {
+  constexpr std::int64_t kChunksPerThread = 4;
+  const std::int64_t chunks = std::max<std::int64_t>(1, cols / ept);
+  const std::int64_t want = (chunks + kChunksPerThread - 1) / kChunksPerThread;
+  RowThreads t;
+  t.tpr = int(std::min<std::uint64_t>(1024, std::bit_ceil(std::uint64_t(want))));
+  t.rows = std::max(1, 128 / t.tpr);
+  return t;
+}
+
+}  // namespace kiln
