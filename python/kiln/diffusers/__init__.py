@@ -32,7 +32,8 @@ offload_replaced: with fp8 weights, move the bf16 weights kiln replaced to host 
    as before; its state_dict() does not hold the weights until remove()). False keeps both.
 
 Handle.remove() restores every forward, processor and weight (the model's outputs are then
-bit-identical to before apply); a Handle is also a context manager. apply logs one line on the
+bit-identical to before apply); a Handle is also a context manager. Apply after the model is on
+its device and dtype: kiln's weights do not follow a later .to(); remove() first. apply logs one line on the
 "kiln.diffusers" logger saying what it replaced.
 
 What runs where (transformer block, per stream): LayerNorm + AdaLN shift/scale (+ fp8 quantize)

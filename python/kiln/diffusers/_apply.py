@@ -219,6 +219,8 @@ class _TransformerPatch:
     def remove(self) -> None:
         self.swaps.undo()
         self.originals.restore()
+        if self.runner is not None:
+            self.runner.graphs.clear()  # the captured graphs' memory pools go with them
 
 
 def _linears_of(block):
