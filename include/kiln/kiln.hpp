@@ -1,6 +1,7 @@
 // kiln: fused, shape-specialized GPU kernels for generative-model inference.
 #pragma once
 
+#include "kiln/activation.hpp"
 #include "kiln/attention.hpp"
 #include "kiln/conv2d.hpp"
 #include "kiln/device.hpp"

@@ -55,6 +55,7 @@ kiln::TensorView to_view(const char* op, const char* arg, const Array& a) {
 }
 
 // The parts of the module, each defined in its own file.
+void bind_activation(nb::module_& m);
 void bind_conv2d(nb::module_& m);
 void bind_errors(nb::module_& m);
 void bind_jit(nb::module_& m);

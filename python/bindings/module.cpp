@@ -11,4 +11,5 @@ NB_MODULE(_C, m) {
   kiln_python::bind_attention(m);
   kiln_python::bind_conv2d(m);
   kiln_python::bind_norm(m);
+  kiln_python::bind_activation(m);
 }

@@ -12,7 +12,8 @@ hold them), numpy arrays (CPU) and CuPy arrays (CUDA), and return an array of th
 
 Norms of whole models: kiln.rms_norm, kiln.layer_norm (with AdaLN shift / scale) and
 kiln.group_norm (+ SiLU); rms_norm and layer_norm can also write fp8 with per-token scales for
-the next fp8 x fp8 matmul (quantize="e4m3fn").
+the next fp8 x fp8 matmul (quantize="e4m3fn"). MLP activations: kiln.glu (SwiGLU / GEGLU) and
+kiln.gelu_tanh, with the same fp8 option.
 
 Whole models: kiln.diffusers.apply(pipe) runs diffusers' Flux.2 and FLUX.1 transformers and their
 VAE decoders on kiln's fused ops (see kiln.diffusers).
@@ -41,6 +42,7 @@ from ._C import (
     OutOfMemoryError,
     UnsupportedError,
 )
+from ._activation import gelu_tanh, glu
 from ._attention import attention
 from ._conv2d import conv2d
 from ._matmul import (
@@ -68,6 +70,7 @@ __version__ = jit.version()
 if sys.modules.get("torch") is not None:
     # Register torch.ops.kiln.* now, so a first call under torch.compile finds them.
     from . import _torch  # noqa: F401
+    from . import _torch_activation  # noqa: F401
     from . import _torch_attention  # noqa: F401
     from . import _torch_conv2d  # noqa: F401
     from . import _torch_matmul  # noqa: F401
@@ -99,6 +102,8 @@ __all__ = [
     "cuda_device_count",
     "cuda_unavailable_reason",
     "dequantize",
+    "gelu_tanh",
+    "glu",
     "group_norm",
     "jit",
     "layer_norm",

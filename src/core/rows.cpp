@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdint>
 
 namespace kiln {
 
@@ -29,6 +30,19 @@ int vector_ept(DType dtype, std::int64_t cols) {
   int ept = 16 / int(dtype_size(dtype));
   while (ept > 1 && cols % ept != 0) ept /= 2;
   return ept;
+}
+
+bool vector_aligned(const void* data, DType dtype, int ept) {
+  const std::size_t bytes = std::min<std::size_t>(16, std::size_t(ept) * dtype_size(dtype));
+  return reinterpret_cast<std::uintptr_t>(data) % bytes == 0;
+}
+
+bool rows_vector_aligned(const TensorView& x, const RowLayout& layout, int ept) {
+  if (!vector_aligned(x.data(), x.dtype(), ept)) return false;
+  for (int d = 0; d < layout.dims; ++d) {
+    if (layout.stride[d] % ept != 0) return false;
+  }
+  return true;
 }
 
 RowThreads row_threads(std::int64_t cols, int ept) {

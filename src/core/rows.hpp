@@ -19,6 +19,12 @@ RowLayout row_layout(const TensorView& x);
 // divides; 1 when nothing larger does).
 int vector_ept(DType dtype, std::int64_t cols);
 
+// Whether `data` of `dtype` allows vector accesses of `ept` elements (load_vec / store_vec:
+// aligned to min(16, ept * element size) bytes), and whether every row of x does (its data and
+// every leading stride of `layout`).
+bool vector_aligned(const void* data, DType dtype, int ept);
+bool rows_vector_aligned(const TensorView& x, const RowLayout& layout, int ept);
+
 // A row of `cols` elements in chunks of `ept` held in registers: TPR threads a row (a power of two
 // giving about 4 chunks a thread, at most 1024), ROWS rows a block (at least 128 threads a block).
 struct RowThreads {

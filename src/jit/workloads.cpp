@@ -5,6 +5,7 @@
 
 #include "core/check.hpp"
 #include "jit/kernel_cache.hpp"
+#include "ops/activation/activation.hpp"
 #include "ops/attention/attention.hpp"
 #include "ops/conv2d/conv2d.hpp"
 #include "ops/matmul/matmul.hpp"
@@ -44,7 +45,7 @@ std::vector<KernelSpec> workload_variants(const std::string& workload) {
   for (const auto& name : selected) {
     for (auto* family :
          {&rope_flux_detail::variants, &conv2d_detail::variants, &attention_detail::variants,
-          &matmul_detail::variants, &norm_detail::variants}) {
+          &matmul_detail::variants, &norm_detail::variants, &activation_detail::variants}) {
       for (auto& spec : family(name)) {
         if (seen.insert(spec.key()).second) specs.push_back(std::move(spec));
       }

@@ -11,7 +11,6 @@
 #include "core/log.hpp"
 #include "core/rows.hpp"
 #include "jit/kernel_cache.hpp"
-#include "ops/matmul/matmul.hpp"
 #include "ops/norm/kernels/params.cuh"
 #include "ops/norm/norm.hpp"
 
@@ -27,12 +26,9 @@ constexpr std::int64_t kGroupSliceElems = 16384;
 constexpr int kGroupThreads = 256;  // group_norm.cuh's kGroupNormThreads (NCHW blocks)
 constexpr std::int64_t kMaxGroups = 4096;
 
-using matmul_detail::aligned;
-
-// Whether `t` (a [D] vector, or rows of one with `row_stride`) allows `ept`-element accesses.
+// Whether a [D] vector, or rows of one `row_stride` apart, allow `ept`-element accesses.
 bool vector_ok(const void* data, DType dtype, int ept, std::int64_t row_stride = 0) {
-  const std::size_t bytes = std::min<std::size_t>(16, std::size_t(ept) * dtype_size(dtype));
-  return aligned(data, bytes) && row_stride % ept == 0;
+  return vector_aligned(data, dtype, ept) && row_stride % ept == 0;
 }
 
 void check_eps(const char* op, float eps) {
@@ -147,9 +143,8 @@ void run_rows(const char* op, const RowCall& call, Stream stream) {
   }
   const RowLayout layout = row_layout(x);
   const int ept = vector_ept(x.dtype(), D);
-  bool vector =
-      ept >= 2 && vector_ok(x.data(), x.dtype(), ept) && vector_ok(out.data(), out.dtype(), ept);
-  for (int d = 0; d < layout.dims; ++d) vector = vector && layout.stride[d] % ept == 0;
+  bool vector = ept >= 2 && rows_vector_aligned(x, layout, ept) &&
+                vector_aligned(out.data(), out.dtype(), ept);
   const TensorView* vectors[] = {call.weight, call.bias, call.shift, call.scale};
   for (const TensorView* v : vectors) {
     if (v != nullptr) {
