@@ -282,11 +282,13 @@ class _ScaledMmLinear:
     def __call__(self, x):
         torch = self.torch
         rows = x.reshape(-1, x.shape[-1]).float()
+        m = rows.shape[0]
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, -m % 16))  # M a multiple of 16
         scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
         q = (rows / scale).to(torch.float8_e4m3fn)
         y = torch._scaled_mm(q, self.w.t(), scale_a=scale, scale_b=self.w_scale,
                              bias=self.bias, out_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y[:m].reshape(*x.shape[:-1], y.shape[-1])
 
 
 # ---- kiln's first call in a fresh process --------------------------------------------------------
