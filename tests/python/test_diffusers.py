@@ -32,8 +32,8 @@ from kiln.diffusers import configs  # noqa: E402
 
 FP8_MAX = 448.0
 BATCH = 2  # two batch elements with different timesteps: per-batch gates and modulations
-TEXT_TOKENS = 16
-LATENT = 8  # latent grid of the transformer inputs (tokens = LATENT^2)
+TEXT_TOKENS = 12
+LATENT = 6  # latent grid of the transformer inputs (tokens = LATENT^2)
 
 # Tiny variants: the real configs with fewer, narrower blocks (2 heads of the real 128).
 TINY_FLUX2 = {**configs.FLUX2_KLEIN_4B, "num_layers": 2, "num_single_layers": 2,
