@@ -74,13 +74,26 @@ struct Weight {
 struct MatmulOptions {
   std::optional<TensorView> a_scale;  // a fp8 only: f32 [1] or [M]; std::nullopt = 1
   std::optional<TensorView> bias;     // [N] f32/f16/bf16, contiguous
+  // AdaLN's gated residual (Flux's attention-out and MLP-out linears) and the plain residual add
+  // (an LLM's o_proj / down_proj), in the epilogue of every path:
+  // gate: [N] contiguous, or [B, N] with unit stride along N and any row stride (a chunk of a
+  //   modulation output), M a multiple of B: rows b * L .. b * L + L - 1 of out (L = M / B, a read
+  //   as [B, L, K]) use gate[b]. f32/f16/bf16; M < 2^31.
+  std::optional<TensorView> gate;
+  // residual: [M, N], f32/f16/bf16, unit stride along N, any row stride. It may be `out` itself
+  //   (the same data, dtype and strides: an in-place residual add, safe on every path: each
+  //   output element is read and written by one thread, and cuBLASLt takes C == D); otherwise
+  //   it must not overlap out.
+  std::optional<TensorView> residual;
   MatmulPath path = MatmulPath::automatic;
 };
 
-// out [M, N] (f32/f16/bf16, contiguous) = (a [M, K] . w^T) * a_scale * w_scale + bias, with the
-// scales and bias applied in f32 in the epilogue. a: f32/f16/bf16 with any row stride and unit
-// column stride, or fp8 (with an fp8 weight only) with a_scale. M = 0, N = 0 give an empty out;
-// K = 0 gives out = bias (or 0). Returns the path that ran (`reference` on CPU).
+// out [M, N] (f32/f16/bf16, contiguous) = residual + gate * ((a [M, K] . w^T) * a_scale * w_scale
+// + bias), with the scales, bias, gate and residual applied in f32 in the epilogue and out rounded
+// once. a: f32/f16/bf16 with any row stride and unit column stride, or fp8 (with an fp8 weight
+// only) with a_scale. M = 0, N = 0 give an empty out; K = 0 gives out = residual + gate * bias
+// (bias or 0). Returns the path that ran (`reference` on CPU).
+// CHANGED: gate and residual (MatmulOptions).
 MatmulPath matmul(const TensorView& a, const Weight& w, const TensorView& out,
                   const MatmulOptions& options = {}, Stream stream = nullptr);
 

@@ -104,13 +104,16 @@ std::string matmul(const InArray& a, const InArray& w, const std::string& w_form
                    const std::string& w_layout, const OutArray& out,
                    const std::optional<InArray>& a_scale, const std::optional<InArray>& bias,
                    const std::string& path, std::uintptr_t stream,
-                   const std::optional<std::string>& a_format) {
+                   const std::optional<std::string>& a_format, const std::optional<InArray>& gate,
+                   const std::optional<InArray>& residual) {
   const kiln::TensorView av = as_fp8("matmul", "a", to_view("matmul", "a", a), a_format);
   const kiln::Weight weight = to_weight("matmul", w, w_format, n, k, w_scale, w_layout);
   const kiln::TensorView ov = to_view("matmul", "out", out);
   kiln::MatmulOptions options;
   if (a_scale) options.a_scale = to_view("matmul", "a_scale", *a_scale);
   if (bias) options.bias = to_view("matmul", "bias", *bias);
+  if (gate) options.gate = to_view("matmul", "gate", *gate);
+  if (residual) options.residual = to_view("matmul", "residual", *residual);
   options.path = to_path("matmul", path);
   kiln::MatmulPath ran;
   {
@@ -172,9 +175,11 @@ void bind_matmul(nb::module_& m) {
   m.def("matmul", &matmul, nb::arg("a"), nb::arg("w"), nb::arg("w_format"), nb::arg("n"),
         nb::arg("k"), nb::arg("w_scale").none(), nb::arg("w_layout"), nb::arg("out"),
         nb::arg("a_scale").none(), nb::arg("bias").none(), nb::arg("path"), nb::arg("stream"),
-        nb::arg("a_format").none() = nb::none(),
-        "out = (a . w^T) * a_scale * w_scale + bias; returns the path that ran. a_format: the "
-        "fp8 format of uint8 a; a uint8 w with an fp8 w_format is read as that format.");
+        nb::arg("a_format").none() = nb::none(), nb::arg("gate").none() = nb::none(),
+        nb::arg("residual").none() = nb::none(),
+        "out = residual + gate * ((a . w^T) * a_scale * w_scale + bias); returns the path that "
+        "ran. a_format: the fp8 format of uint8 a; a uint8 w with an fp8 w_format is read as "
+        "that format.");
   m.def("matmul_select_path", &matmul_select_path, nb::arg("m"), nb::arg("n"), nb::arg("k"),
         nb::arg("w_format"), nb::arg("w_layout"), nb::arg("a_dtype"), nb::arg("device"),
         "The path `auto` runs for this problem on CUDA device `device` (-1: CPU).");

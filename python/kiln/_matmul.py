@@ -442,9 +442,9 @@ def _activation_scale(op: str, a_scale, like, m: int, framework: str):
 
 
 def matmul(a, w, *, w_scale=None, a_scale=None, bias=None, out_dtype=None, path="auto",
-           w_fmt=None, a_fmt=None):
-    """out [..., N] = (a [..., K] . w^T) * a_scale * w_scale + bias, scales and bias applied in
-    f32 in the epilogue.
+           w_fmt=None, a_fmt=None, gate=None, residual=None):
+    """out [..., N] = residual + gate * ((a [..., K] . w^T) * a_scale * w_scale + bias), scales,
+    bias, gate and residual applied in f32 in the epilogue, out rounded once.
 
     a: f32/f16/bf16 [..., K] (leading dims are flattened into M; a 2-D a may have any row
        stride), or fp8 with an fp8 weight (a_scale [1] or [M]; numpy/CuPy: uint8 bytes with
@@ -453,6 +453,11 @@ def matmul(a, w, *, w_scale=None, a_scale=None, bias=None, out_dtype=None, path=
        = 1), f16/bf16, uint8 Q8_0 blocks [N, K/32*34], uint8 fp8 bytes with w_fmt, or a
        PreparedWeight.
     bias: [N] f32/f16/bf16.
+    gate: [N], or [B, N] where a is [B, L, K] (one gate vector per batch element: rows
+       b * L .. b * L + L - 1 use gate[b]; rows may be strided, e.g. a chunk of Flux's AdaLN
+       modulation), f32/f16/bf16.
+    residual: out's shape [..., N], f32/f16/bf16 (any dtype pairing with out), rows may be
+       strided: the residual stream the linear adds into (the output is a fresh array).
     out_dtype: "f32"/"f16"/"bf16" or a framework dtype; default a's dtype (bf16 for an fp8 a
        in torch, f32 in numpy/CuPy).
     path: "auto" (kiln.select_path's choice), "gemv" (M <= 16), "gemm", "fp8_native" (sm_90,
@@ -469,6 +474,23 @@ def matmul(a, w, *, w_scale=None, a_scale=None, bias=None, out_dtype=None, path=
     lead = tuple(a.shape[:-1])
     m = math.prod(lead)
     a_name = array_dtype_name(a)
+    if residual is not None:
+        if _framework("matmul", "residual", residual) != framework:
+            raise InvalidArgumentError(
+                f"kiln::matmul: residual is a {_type_str(residual)}, expected the same framework "
+                f"as a ({framework})"
+            )
+        if tuple(residual.shape) != (*lead, spec.n):
+            raise InvalidArgumentError(
+                f"kiln::matmul: residual has shape {_shape_str(residual.shape)}, expected out's "
+                f"shape {_shape_str((*lead, spec.n))}"
+            )
+        residual = residual.reshape(m, spec.n)
+    if gate is not None and _framework("matmul", "gate", gate) != framework:
+        raise InvalidArgumentError(
+            f"kiln::matmul: gate is a {_type_str(gate)}, expected the same framework as a "
+            f"({framework})"
+        )
     if framework == "torch":
         from . import _torch_matmul
 
@@ -478,7 +500,7 @@ def matmul(a, w, *, w_scale=None, a_scale=None, bias=None, out_dtype=None, path=
             fmt = fp8_format("matmul", "a_fmt", a_fmt)
             a2 = a2.view(torch.float8_e4m3fn if fmt == "f8_e4m3fn" else torch.float8_e5m2)
         out = _torch_matmul.matmul(a2, spec, _activation_scale("matmul", a_scale, a, m, framework),
-                                   bias, out_dtype, path)
+                                   bias, out_dtype, path, gate, residual)
         return out.reshape(*lead, spec.n)
 
     a2 = a if a.ndim == 2 else a.reshape(m, spec.k)
@@ -494,7 +516,7 @@ def matmul(a, w, *, w_scale=None, a_scale=None, bias=None, out_dtype=None, path=
     out = _empty(framework, a, (m, spec.n), _out_dtype("matmul", framework, out_dtype, default))
     _C.matmul(a2, spec.data, spec.format, spec.n, spec.k, spec.scale, spec.layout, out,
               _activation_scale("matmul", a_scale, a, m, framework), bias, path,
-              _stream(a, framework), a_format=a_format)
+              _stream(a, framework), a_format=a_format, gate=gate, residual=residual)
     return out.reshape(*lead, spec.n)
 
 

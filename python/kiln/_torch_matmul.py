@@ -36,7 +36,8 @@ _lib.define("quantize_q8_0(Tensor x) -> Tensor")
 _lib.define("dequantize(Tensor q, Tensor? scale, ScalarType out_dtype) -> Tensor")
 _lib.define(
     "matmul(Tensor a, Tensor w, str w_format, int n, int k, Tensor? w_scale, str w_layout,"
-    " Tensor? a_scale, Tensor? bias, ScalarType out_dtype, str path) -> Tensor"
+    " Tensor? a_scale, Tensor? bias, ScalarType out_dtype, str path, Tensor? gate=None,"
+    " Tensor? residual=None) -> Tensor"
 )
 
 
@@ -86,9 +87,11 @@ def _dequantize_kernel(q, scale, out_dtype):
     return out
 
 
-def _matmul_kernel(a, w, w_format, n, k, w_scale, w_layout, a_scale, bias, out_dtype, path):
+def _matmul_kernel(a, w, w_format, n, k, w_scale, w_layout, a_scale, bias, out_dtype, path,
+                   gate=None, residual=None):
     out = torch.empty((a.shape[0], n), dtype=out_dtype, device=a.device)
-    _C.matmul(a, w, w_format, n, k, w_scale, w_layout, out, a_scale, bias, path, _stream(a))
+    _C.matmul(a, w, w_format, n, k, w_scale, w_layout, out, a_scale, bias, path, _stream(a),
+              gate=gate, residual=residual)
     return out
 
 
@@ -125,7 +128,8 @@ def _dequantize_fake(q, scale, out_dtype):
 
 
 @torch.library.register_fake("kiln::matmul")
-def _matmul_fake(a, w, w_format, n, k, w_scale, w_layout, a_scale, bias, out_dtype, path):
+def _matmul_fake(a, w, w_format, n, k, w_scale, w_layout, a_scale, bias, out_dtype, path,
+                 gate=None, residual=None):
     return a.new_empty((a.shape[0], n), dtype=out_dtype)
 
 
@@ -171,8 +175,8 @@ def dequantize(q, scale, out_dtype, q_fmt: str):
     return out.reshape(*q.shape[:-1], out.shape[-1])
 
 
-def matmul(a, spec: WeightSpec, a_scale, bias, out_dtype, path: str):
-    """kiln.matmul for a 2-D torch a and a WeightSpec."""
+def matmul(a, spec: WeightSpec, a_scale, bias, out_dtype, path: str, gate=None, residual=None):
+    """kiln.matmul for a 2-D torch a and a WeightSpec (residual [M, N] or None)."""
     if out_dtype is None:
         out_dtype = a.dtype if a.dtype in _TORCH_DTYPES.values() else torch.bfloat16
     else:
@@ -180,4 +184,5 @@ def matmul(a, spec: WeightSpec, a_scale, bias, out_dtype, path: str):
     if a.dim() == 2 and a.shape[1] > 0 and a.stride(1) != 1:
         a = a.contiguous()  # kiln reads rows with unit column stride
     return torch.ops.kiln.matmul(a, spec.data, spec.format, spec.n, spec.k, spec.scale,
-                                 spec.layout, _scale_tensor(a_scale, a), bias, out_dtype, path)
+                                 spec.layout, _scale_tensor(a_scale, a), bias, out_dtype, path,
+                                 gate, residual)

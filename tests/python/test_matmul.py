@@ -326,13 +326,21 @@ def make_weight(fmt: str, scale_kind: str, n: int, k: int, device):
     return q.to(device), scale.to(device), deq
 
 
-def check_matmul(out, a, w64, a_scale, bias, out_dtype, device, tol=None):
+def check_matmul(out, a, w64, a_scale, bias, out_dtype, device, tol=None, gate=None,
+                 residual=None):
+    """out against residual + gate * (a . w64^T * a_scale + bias) in f64; a gate [B, N] covers
+    M / B rows each."""
     a64 = to_numpy64(a.float() if a.dtype in FP8.values() else a)
     if a_scale is not None:
         a64 = a64 * expand_scale(to_numpy64(a_scale).reshape(-1), a64.shape[0], 1)
     want = a64.reshape(-1, w64.shape[1]) @ w64.T
     if bias is not None:
         want = want + to_numpy64(bias)
+    if gate is not None:
+        g = to_numpy64(gate).reshape(-1, w64.shape[0])
+        want = want * np.repeat(g, want.shape[0] // g.shape[0], axis=0)
+    if residual is not None:
+        want = want + to_numpy64(residual).reshape(want.shape)
     want = want.reshape(*a.shape[:-1], w64.shape[0])
     assert out.dtype == out_dtype and tuple(out.shape) == want.shape
     got = to_numpy64(out)
@@ -469,6 +477,184 @@ def test_numpy_matmul_matches_torch():
     assert rel_error(out.astype(np.float64), want) < 1e-6
 
 
+# ---- epilogue: gate and residual ----------------------------------------------------------------
+
+
+def modulation_gate(b, n, device, dtype=torch.bfloat16):
+    """A [B, N] gate as Flux makes it: a chunk of a [B, 3 N] modulation output (strided rows)."""
+    return (torch.randn(b, 3 * n, device=device) * 0.5).to(dtype)[:, n:2 * n]
+
+
+# CPU tensors run the reference whatever the path (test_matmul_every_m covers the refusal of
+# CUDA paths there); CUDA tensors run each path.
+DEVICE_PATHS = [("cpu", "auto")] + [
+    pytest.param("cuda", path, marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))
+    for path in ("auto", "gemv", "gemm")
+]
+
+
+@pytest.mark.parametrize("fmt,scale_kind", [("e4m3fn", "row"), ("e4m3fn", "block"),
+                                            ("q8_0", None), ("bf16", None)])
+@pytest.mark.parametrize("device,path", DEVICE_PATHS)
+def test_matmul_gate_residual_every_m(fmt, scale_kind, device, path):
+    """out = residual + gate * (a . w^T + bias) on every path, M odd and round, B = 1 and > 1."""
+    n, k = 131, 320 if fmt == "q8_0" else 200
+    w, w_scale, w64 = make_weight(fmt, scale_kind, n, k, device)
+    bias = torch.randn(n, device=device)
+    for m in M_VALUES:
+        if path == "gemv" and m > 16:
+            continue
+        batch = 1 if m % 2 else m  # [M, N] gates for even M: one row per token
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        gate = modulation_gate(batch, n, device)
+        residual = torch.randn(m, n, device=device, dtype=[torch.float32, torch.bfloat16,
+                                                          torch.float16][m % 3])
+        out = kiln.matmul(a, w, w_scale=w_scale, bias=bias, gate=gate, residual=residual,
+                          path=path)
+        check_matmul(out, a, w64, None, bias, torch.bfloat16, device, gate=gate,
+                     residual=residual)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matmul_gate_per_batch_element(device):
+    """a [B, L, K] with gate [B, N]: rows b * L .. b * L + L - 1 take gate[b]."""
+    b_, l_, n, k = 3, 7, 96, 128
+    w, w_scale, w64 = make_weight("e4m3fn", "row", n, k, device)
+    a = torch.randn(b_, l_, k, device=device, dtype=torch.bfloat16)
+    gate = modulation_gate(b_, n, device)
+    residual = torch.randn(b_, l_, n, device=device, dtype=torch.bfloat16)
+    out = kiln.matmul(a, w, w_scale=w_scale, gate=gate, residual=residual)
+    assert out.shape == (b_, l_, n)
+    check_matmul(out, a, w64, None, None, torch.bfloat16, device, gate=gate, residual=residual)
+    # A [N] gate, a gate alone, a residual alone.
+    g1 = torch.randn(n, device=device)
+    check_matmul(kiln.matmul(a, w, w_scale=w_scale, gate=g1), a, w64, None, None,
+                 torch.bfloat16, device, gate=g1)
+    check_matmul(kiln.matmul(a, w, w_scale=w_scale, residual=residual, out_dtype=torch.float32),
+                 a, w64, None, None, torch.float32, device, residual=residual)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matmul_residual_strided_rows(device):
+    m, n, k = 33, 64, 96
+    w, w_scale, w64 = make_weight("e4m3fn", "tensor", n, k, device)
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    stream = torch.randn(m, 3 * n, device=device, dtype=torch.bfloat16)
+    residual = stream[:, n:2 * n]  # row stride 3 N
+    out = kiln.matmul(a, w, w_scale=w_scale, residual=residual)
+    check_matmul(out, a, w64, None, None, torch.bfloat16, device, residual=residual)
+    assert torch.equal(out, kiln.matmul(a, w, w_scale=w_scale, residual=residual.contiguous()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matmul_k0_gate_residual(device):
+    """K = 0: out = residual + gate * bias."""
+    w = torch.zeros(8, 0, device=device, dtype=torch.bfloat16)
+    a = torch.zeros(4, 0, device=device, dtype=torch.bfloat16)
+    bias, gate = torch.randn(8, device=device), torch.randn(2, 8, device=device)
+    residual = torch.randn(4, 8, device=device)
+    out = kiln.matmul(a, w, bias=bias, gate=gate, residual=residual, out_dtype=torch.float32)
+    want = residual + gate.repeat_interleave(2, 0) * bias
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    assert kiln.matmul(torch.zeros(0, 0, device=device, dtype=torch.bfloat16), w,
+                       gate=gate, residual=torch.zeros(0, 8, device=device)).shape == (0, 8)
+
+
+@pytest.mark.parametrize("a_scale_kind", ["tensor", "row"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("device", DEVICES)
+def test_matmul_fp8_activations_gate_residual(a_scale_kind, batch, device):
+    """fp8 x fp8 (cuBLASLt on sm_89+): the fused gate / residual (C, beta = 1; the gate folded
+    into the weight's scale vector) and the second pass over the product, against the
+    reference."""
+    n, k = 96, 256
+    w, w_scale, w64 = make_weight("e4m3fn", "row", n, k, device)
+    for m in (16, 128, 256):
+        a_q, a_scale = kiln.quantize_fp8(torch.randn(m, k, device=device), "e4m3fn",
+                                         a_scale_kind)
+        gate = modulation_gate(batch, n, device)
+        for residual_dtype in (torch.bfloat16, torch.float32):
+            residual = torch.randn(m, n, device=device, dtype=residual_dtype)
+            out = kiln.matmul(a_q, w, w_scale=w_scale, a_scale=a_scale, gate=gate,
+                              residual=residual, out_dtype=torch.bfloat16)
+            fp8_cores = device == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+            check_matmul(out, a_q, w64, a_scale, None, torch.bfloat16, device,
+                         tol=3e-3 if fp8_cores else None, gate=gate, residual=residual)
+
+
+@pytest.mark.parametrize("path", ["auto", "gemv", "gemm"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_matmul_in_place_residual(path, device):
+    """The C++ API takes out == residual (an in-place add; kiln.matmul itself returns a fresh
+    array): through the binding, on every path; a partial overlap is an error."""
+    if device == "cpu":
+        path = "auto"
+    n, k = 72, 128
+    for m in (3, 40):
+        if path == "gemv" and m > 16:
+            continue
+        w, w_scale, w64 = make_weight("e4m3fn", "row", n, k, device)
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        gate = modulation_gate(1, n, device)
+        stream = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+        before = stream.clone()
+        kiln._C.matmul(a, w, "f8_e4m3fn", n, k, w_scale, "row_major", stream, None, None, path,
+                       torch.cuda.current_stream().cuda_stream if device == "cuda" else 0,
+                       gate=gate, residual=stream)
+        check_matmul(stream, a, w64, None, None, torch.bfloat16, device, gate=gate,
+                     residual=before)
+        with pytest.raises(kiln.InvalidArgumentError, match=r"out overlaps residual"):
+            kiln._C.matmul(a[:m - 1], w, "f8_e4m3fn", n, k, w_scale, "row_major", stream[1:],
+                           None, None, path, 0, gate=None, residual=stream[:m - 1])
+
+
+def test_numpy_matmul_gate_residual():
+    n, k, m = 40, 64, 6
+    w, w_scale, _ = make_weight("e4m3fn", "row", n, k, "cpu")
+    a = np.random.standard_normal((m, k)).astype(np.float32)
+    gate = np.random.standard_normal((2, n)).astype(np.float32)
+    residual = np.random.standard_normal((m, n)).astype(np.float16)
+    out = kiln.matmul(a, codes(w), w_scale=w_scale.numpy(), w_fmt="e4m3fn", gate=gate,
+                      residual=residual)
+    want = kiln.matmul(torch.from_numpy(a), w, w_scale=w_scale, gate=torch.from_numpy(gate),
+                       residual=torch.from_numpy(residual))
+    np.testing.assert_array_equal(out, want.numpy())
+
+
+def test_matmul_gate_residual_errors():
+    w, w_scale, _ = make_weight("e4m3fn", "row", 16, 64, "cpu")
+    a = torch.randn(6, 64)
+    invalid = kiln.InvalidArgumentError
+    with pytest.raises(invalid, match=r"kiln::matmul: gate has shape \[4, 16\], expected \[16\] "
+                                      r"or \[B, 16\] with B dividing M = 6"):
+        kiln.matmul(a, w, w_scale=w_scale, gate=torch.randn(4, 16))
+    with pytest.raises(invalid, match=r"kiln::matmul: gate has shape \[17\]"):
+        kiln.matmul(a, w, w_scale=w_scale, gate=torch.randn(17))
+    with pytest.raises(invalid, match=r"kiln::matmul: residual has shape \[6, 15\], expected "
+                                      r"out's shape \[6, 16\]"):
+        kiln.matmul(a, w, w_scale=w_scale, residual=torch.randn(6, 15))
+    with pytest.raises(invalid, match=r"kiln::matmul: residual has stride 2 along N"):
+        kiln.matmul(a, w, w_scale=w_scale, residual=torch.randn(6, 32)[:, ::2])
+    with pytest.raises(invalid, match=r"kiln::matmul: gate has dtype i32"):
+        kiln.matmul(a, w, w_scale=w_scale, gate=torch.ones(16, dtype=torch.int32))
+    with pytest.raises(invalid, match=r"kiln::matmul: residual is a numpy.ndarray"):
+        kiln.matmul(a, w, w_scale=w_scale, residual=np.zeros((6, 16), dtype=np.float32))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_gate_residual_auto_equals_chosen_path():
+    n, k = 200, 256
+    w, w_scale, _ = make_weight("e4m3fn", "row", n, k, "cuda")
+    for m in (1, 8, 16, 17, 100, 300):
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        gate = modulation_gate(1, n, "cuda")
+        residual = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        chosen = kiln.select_path(m, w, a_dtype=torch.bfloat16)
+        auto = kiln.matmul(a, w, w_scale=w_scale, gate=gate, residual=residual)
+        explicit = kiln.matmul(a, w, w_scale=w_scale, gate=gate, residual=residual, path=chosen)
+        assert torch.equal(auto, explicit), f"auto differs from {chosen} at M = {m}"
+
+
 # ---- torch integration ----------------------------------------------------------------------
 
 
@@ -492,6 +678,9 @@ def test_torch_ops_opcheck():
         (matmul, (a, q8, "q8_0", 33, 64, None, "row_major", None, a[0, :33], torch.bfloat16,
                   "auto")),
     ]
+    gate, residual = torch.randn(5, 33), torch.randn(5, 33, dtype=torch.bfloat16)
+    fp8_free.append((matmul, (a, w16, "bf16", 33, 64, None, "row_major", None, None,
+                              torch.float32, "auto", gate, residual)))
     for op, args in fp8_free:
         torch.library.opcheck(op, args)
     fp8_inputs = [
@@ -507,11 +696,13 @@ def test_torch_ops_opcheck():
 
 def test_torch_compile_fullgraph():
     w, w_scale, w64 = make_weight("e4m3fn", "row", 48, 64, "cpu")
+    gate, residual = torch.randn(2, 48), torch.randn(2, 7, 48)
 
     def f(a):
         q, s = kiln.quantize_fp8(a, "e4m3fn", "row")
         back = kiln.dequantize(q, s, out_dtype=torch.float32)
-        return kiln.matmul(back, w, w_scale=w_scale, out_dtype=torch.float32)
+        return kiln.matmul(back, w, w_scale=w_scale, out_dtype=torch.float32, gate=gate,
+                           residual=residual)
 
     a = torch.randn(2, 7, 64)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)

@@ -69,7 +69,7 @@ void set(const char* op, cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes
 // process.
 struct Plan {
   cublasLtMatmulDesc_t op_desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;  // c: C unlike D
   cublasLtMatmulAlgo_t algo{};
   std::mutex mutex;  // the pointer attributes are set per call, then the call is enqueued
   Plan() = default;
@@ -77,6 +77,7 @@ struct Plan {
   Plan& operator=(const Plan&) = delete;
   ~Plan() {
     if (d) cublasLtMatrixLayoutDestroy(d);
+    if (c) cublasLtMatrixLayoutDestroy(c);
     if (b) cublasLtMatrixLayoutDestroy(b);
     if (a) cublasLtMatrixLayoutDestroy(a);
     if (op_desc) cublasLtMatmulDescDestroy(op_desc);
@@ -84,7 +85,12 @@ struct Plan {
 };
 
 using PlanKey = std::tuple<int, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                           std::int64_t, int, int, int, int, int, int>;
+                           std::int64_t, int, int, int, int, int, int, int, std::int64_t>;
+
+// Whether C needs a layout of its own (a dtype or row stride unlike out's).
+bool c_differs(const LtMatmul& p) {
+  return p.c != nullptr && (p.c_dtype != p.out_dtype || p.c_stride != p.n);
+}
 
 // Descriptors (cuBLASLt is column-major: D^T [N, M] = W [N, K] . A^T, with cuBLASLt's A := w,
 // transposed, K-major, ld = w_stride, and B := a, not transposed, ld = a_stride; D column-major
@@ -118,6 +124,11 @@ void build_plan(const char* op, const LtMatmul& p, bool fp8, Plan& plan) {
   lt_check(cublasLtMatrixLayoutCreate(&plan.d, cuda_type(op, p.out_dtype), std::uint64_t(p.n),
                                       std::uint64_t(p.m), p.n),
            op, "cublasLtMatrixLayoutCreate(out)");
+  if (c_differs(p)) {
+    lt_check(cublasLtMatrixLayoutCreate(&plan.c, cuda_type(op, p.c_dtype), std::uint64_t(p.n),
+                                        std::uint64_t(p.m), p.c_stride),
+             op, "cublasLtMatrixLayoutCreate(c)");
+  }
   cublasLtMatmulPreference_t pref = nullptr;
   lt_check(cublasLtMatmulPreferenceCreate(&pref), op, "cublasLtMatmulPreferenceCreate");
   const std::uint64_t workspace_bytes = kWorkspaceBytes;
@@ -125,8 +136,9 @@ void build_plan(const char* op, const LtMatmul& p, bool fp8, Plan& plan) {
                                        &workspace_bytes, sizeof(workspace_bytes));
   cublasLtMatmulHeuristicResult_t result{};
   int count = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-      handle(op, p.device), plan.op_desc, plan.a, plan.b, plan.d, plan.d, pref, 1, &result, &count);
+  const cublasStatus_t status =
+      cublasLtMatmulAlgoGetHeuristic(handle(op, p.device), plan.op_desc, plan.a, plan.b,
+                                     plan.c ? plan.c : plan.d, plan.d, pref, 1, &result, &count);
   cublasLtMatmulPreferenceDestroy(pref);
   if (status != CUBLAS_STATUS_SUCCESS || count == 0) {
     check::fail(op, ErrorCode::unsupported,
@@ -136,6 +148,8 @@ void build_plan(const char* op, const LtMatmul& p, bool fp8, Plan& plan) {
                     ", K = " + std::to_string(p.k) + (p.outer ? " with per-row scales" : "") +
                     (p.bias ? std::string(" with a ") + dtype_name(p.bias_dtype) + " bias"
                             : std::string()) +
+                    (p.c ? std::string(" with a ") + dtype_name(p.c_dtype) + " C (beta = 1)"
+                         : std::string()) +
                     " (status " + std::to_string(status) + ")");
   }
   plan.algo = result.algo;
@@ -148,37 +162,52 @@ void lt_matmul(const char* op, const LtMatmul& p) {
   const auto address_bits = [](const void* ptr) {
     return int(reinterpret_cast<std::uintptr_t>(ptr) % 256);  // the heuristic looks at alignment
   };
-  const PlanKey key{
-      p.device,
-      p.m,
-      p.n,
-      p.k,
-      p.a_stride,
-      p.w_stride,
-      int(p.a_dtype),
-      int(p.w_dtype),
-      int(p.out_dtype),
-      p.bias ? int(p.bias_dtype) : -1,
-      (p.a_scale ? 1 : 0) | (p.w_scale ? 2 : 0) | (p.outer ? 4 : 0),
-      address_bits(p.a) | address_bits(p.w) | address_bits(p.out) | address_bits(p.bias)};
+  const PlanKey key{p.device,
+                    p.m,
+                    p.n,
+                    p.k,
+                    p.a_stride,
+                    p.w_stride,
+                    int(p.a_dtype),
+                    int(p.w_dtype),
+                    int(p.out_dtype),
+                    p.bias ? int(p.bias_dtype) : -1,
+                    (p.a_scale ? 1 : 0) | (p.w_scale ? 2 : 0) | (p.outer ? 4 : 0),
+                    address_bits(p.a) | address_bits(p.w) | address_bits(p.out) |
+                        address_bits(p.bias) | address_bits(p.c),
+                    p.c ? int(p.c_dtype) : -1,
+                    p.c ? p.c_stride : 0};
   static std::mutex plans_mutex;
   static std::map<PlanKey, std::unique_ptr<Plan>> plans;
+  static std::map<PlanKey, std::string> refused;  // problems without an algorithm: the message
   Plan* plan = nullptr;
   {
     std::lock_guard<std::mutex> lock(plans_mutex);
     auto it = plans.find(key);
     if (it != plans.end()) plan = it->second.get();
+    auto no = refused.find(key);
+    if (no != refused.end()) throw Error(ErrorCode::unsupported, no->second);
   }
   if (plan == nullptr) {
     auto built = std::make_unique<Plan>();
-    build_plan(op, p, fp8, *built);
+    try {
+      build_plan(op, p, fp8, *built);
+    } catch (const Error& e) {
+      if (e.code() == ErrorCode::unsupported) {
+        std::lock_guard<std::mutex> lock(plans_mutex);
+        refused.emplace(key, e.what());
+      }
+      throw;
+    }
     std::lock_guard<std::mutex> lock(plans_mutex);
     plan = plans.emplace(key, std::move(built)).first->second.get();
   }
 
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const cuda::StreamScratch space(op, p.device, kWorkspaceBytes, p.stream);
-  const float alpha = 1.f, beta = 0.f;
+  const float alpha = 1.f, beta = p.c ? 1.f : 0.f;
+  const void* c = p.c ? p.c : p.out;
+  const cublasLtMatrixLayout_t c_layout = plan->c ? plan->c : plan->d;
   cublasStatus_t status;
   {
     std::lock_guard<std::mutex> lock(plan->mutex);
@@ -188,7 +217,7 @@ void lt_matmul(const char* op, const LtMatmul& p) {
     }
     if (p.bias) set(op, plan->op_desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, p.bias);
     status = cublasLtMatmul(handle(op, p.device), plan->op_desc, &alpha, p.w, plan->a, p.a, plan->b,
-                            &beta, p.out, plan->d, p.out, plan->d, &plan->algo, space.get(),
+                            &beta, c, c_layout, p.out, plan->d, &plan->algo, space.get(),
                             kWorkspaceBytes, stream);
   }
   lt_check(status, op, "cublasLtMatmul");

@@ -22,6 +22,11 @@ struct LtMatmul {
   DType out_dtype = DType::bf16;
   const void* bias = nullptr;  // [N] of bias_dtype (cuBLASLt's epilogue), or null
   DType bias_dtype = DType::bf16;
+  // C, added with beta = 1 (out = product + c + bias): [M, N] of c_dtype, rows c_stride elements
+  // apart, or null (beta = 0). May be out itself (then c_dtype is out's and c_stride N).
+  const void* c = nullptr;
+  DType c_dtype = DType::bf16;
+  std::int64_t c_stride = 0;
   // fp8 only. outer = false: a_scale, w_scale are f32 [1] (null = 1); outer = true: f32 [M] and
   // [N] vectors (cuBLASLt's outer-vector scaling).
   const float* a_scale = nullptr;
@@ -31,8 +36,9 @@ struct LtMatmul {
   Stream stream = nullptr;
 };
 
-// Runs one matmul; throws kiln::Error naming `op` when cuBLASLt has no algorithm for it or
-// fails. Descriptors and algorithms are cached per (device, problem); the 32 MiB workspace is a
+// Runs one matmul; throws kiln::Error naming `op` when cuBLASLt has no algorithm for it
+// (unsupported; remembered, so asking again costs no heuristic query) or fails (cuda_error).
+// Descriptors and algorithms are cached per (device, problem); the 32 MiB workspace is a
 // cuda::StreamScratch.
 void lt_matmul(const char* op, const LtMatmul& problem);
 

@@ -8,9 +8,13 @@
 // is broadcast into a stream-ordered scratch vector first (one tiny kernel, M + N floats).
 // cuBLASLt takes the whole problem where it can: tensor scales with no bias or a bias of its fp8
 // bias type (out's type, bf16 for f32 out), and per-row scales into bf16 without a bias at
-// M >= 128. Otherwise
-// it writes the f32 product and product_epilogue applies the per-row scales and the bias, rounding
-// once (an extra pass over M x N: NOTES.md has its cost).
+// M >= 128. The epilogue's residual goes in as cuBLASLt's C with beta = 1 (of out's dtype,
+// 16-byte aligned rows), and a gate that is one [N] vector for all rows (a [N] gate, or [1, N]) is
+// folded into the weight's outer-vector scale, which makes the scaling per row (so: bf16 out, no
+// bias, M >= 128). Otherwise cuBLASLt writes the f32 product and product_epilogue applies the
+// per-row scales, bias, gate and residual, rounding once (an extra pass over M x N: NOTES.md has
+// its cost; for a gate or residual that pass is logged once). A fused call that cuBLASLt refuses
+// (no algorithm) takes that path too, logged once.
 // 128x128 block scales are not offered: cuBLASLt's block mode needs both operands block-scaled
 // (a with 1x128 scales), which this API's per-tensor / per-row a_scale does not describe.
 #include <cuda_runtime.h>
@@ -22,6 +26,7 @@
 
 #include "core/check.hpp"
 #include "core/cuda.hpp"
+#include "core/log.hpp"
 #include "jit/kernel_cache.hpp"
 #include "ops/matmul/cublaslt.hpp"
 #include "ops/matmul/kernels/gemm_params.cuh"
@@ -83,15 +88,68 @@ void launch_simple(const jit::KernelSpec& spec, int device, std::int64_t threads
   jit::launch(kOp, kernel, dim3(unsigned(blocks)), dim3(kBlock), 0, stream, args);
 }
 
+constexpr const char* kSource = "ops/matmul/kernels/fp8_native.cuh";
+
+jit::KernelSpec scale_vectors_spec(int gate) {
+  return {kSource, "kiln::scale_vectors", {{"GATE", std::to_string(gate)}}};
+}
+
+jit::KernelSpec product_epilogue_spec(DType out, int bias, DType bias_dtype, int gate,
+                                      int residual) {
+  return {kSource,
+          "kiln::product_epilogue",
+          {{"TOut", jit::cpp_type(kOp, out)},
+           {"TBias", bias != kOperandNone ? jit::cpp_type(kOp, bias_dtype) : "float"},
+           {"GATE", std::to_string(gate)},
+           {"RESIDUAL", std::to_string(residual)}}};
+}
+
 }  // namespace
+
+std::vector<jit::KernelSpec> fp8_native_variants(const std::string& workload) {
+  std::vector<jit::KernelSpec> specs;
+  if (workload != "llm" && workload != "flux") return specs;
+  // The outer-vector scales without and with a folded [N] gate; the f32 product's epilogue into
+  // bf16 with per-row scales, with a bf16 residual (LLM) or a bf16 gate and residual (Flux's
+  // AdaLN-gated residual of a batch > 1).
+  specs.push_back(scale_vectors_spec(kOperandNone));
+  specs.push_back(
+      product_epilogue_spec(DType::bf16, kOperandNone, DType::bf16, kOperandNone, kOperandNone));
+  if (workload == "flux") {
+    specs.push_back(scale_vectors_spec(kOperandBf16));
+    specs.push_back(
+        product_epilogue_spec(DType::bf16, kOperandNone, DType::bf16, kOperandBf16, kOperandBf16));
+  } else {
+    specs.push_back(
+        product_epilogue_spec(DType::bf16, kOperandNone, DType::bf16, kOperandNone, kOperandBf16));
+  }
+  return specs;
+}
+
+void launch_product_epilogue(const MatmulProblem& p, const float* product, bool scales) {
+  ProductEpilogueParams pe{};
+  pe.src = product;
+  pe.a_scale = scales && p.a_scale_kind != ScaleKind::none ? p.a_scale : nullptr;
+  pe.w_scale = scales && p.w_scale_kind != ScaleKind::none ? p.w_scale : nullptr;
+  pe.a_row = p.a_scale_kind == ScaleKind::row;
+  pe.w_row = p.w_scale_kind == ScaleKind::row;
+  pe.bias = p.bias;
+  pe.out = p.out;
+  pe.m = p.m;
+  pe.n = p.n;
+  pe.epilogue = gate_residual_of(p);
+  launch_simple(product_epilogue_spec(p.out_dtype, operand_kind(p.bias, p.bias_dtype), p.bias_dtype,
+                                      operand_kind(p.gate, p.gate_dtype),
+                                      operand_kind(p.residual, p.residual_dtype)),
+                p.device, p.m * p.n, &pe, p.stream);
+}
 
 void launch_fp8_native(const MatmulProblem& p) {
   const std::string why = fp8_native_unsupported(p);
   if (!why.empty()) {
     check::fail(kOp, ErrorCode::unsupported, "the fp8_native path cannot run: " + why);
   }
-  constexpr const char* kSource = "ops/matmul/kernels/fp8_native.cuh";
-  const bool outer = p.a_scale_kind == ScaleKind::row || p.w_scale_kind == ScaleKind::row;
+  const bool row_scales = p.a_scale_kind == ScaleKind::row || p.w_scale_kind == ScaleKind::row;
   const float* a_scale = p.a_scale_kind == ScaleKind::none ? nullptr : p.a_scale;
   const float* w_scale = p.w_scale_kind == ScaleKind::none ? nullptr : p.w_scale;
   LtMatmul lt;
@@ -113,9 +171,17 @@ void launch_fp8_native(const MatmulProblem& p) {
   // outer-vector kernels ran bf16 out without a bias at M = 128 ... 4608, and answered
   // NOT_SUPPORTED at M <= 16 for f32 out and for a bias, with the scale vectors then packed
   // unaligned; the vectors are now 256-byte aligned, the unverified cases stay unfused).
+  // A gate folds into the weight's vector only when every row has the same one; a residual is C.
   constexpr std::int64_t kOuterMinM = 128;
-  const bool fused = outer ? p.out_dtype == DType::bf16 && p.bias == nullptr && p.m >= kOuterMinM
-                           : p.bias == nullptr || fused_bias(p);
+  const bool gate_folds = p.gate == nullptr || p.gate_stride == 0 || p.gate_rows >= p.m;
+  const bool residual_is_c =
+      p.residual == nullptr ||
+      (p.residual_dtype == p.out_dtype && aligned16(p.residual) &&
+       (p.residual_stride * std::int64_t(dtype_size(p.out_dtype))) % 16 == 0);
+  const bool outer = row_scales || p.gate != nullptr;
+  const bool fused = gate_folds && residual_is_c &&
+                     (outer ? p.out_dtype == DType::bf16 && p.bias == nullptr && p.m >= kOuterMinM
+                            : p.bias == nullptr || fused_bias(p));
   if (fused) {
     std::optional<cuda::StreamScratch> vectors;
     if (outer) {
@@ -126,12 +192,13 @@ void launch_fp8_native(const MatmulProblem& p) {
       sv.a_out = static_cast<float*>(vectors->get());
       sv.w_src = w_scale;
       sv.w_out = sv.a_out + w_offset;
+      sv.gate = p.gate;
       sv.m = p.m;
       sv.n = p.n;
       sv.a_row = p.a_scale_kind == ScaleKind::row;
       sv.w_row = p.w_scale_kind == ScaleKind::row;
-      launch_simple({kSource, "kiln::scale_vectors", {}}, p.device, std::max(p.m, p.n), &sv,
-                    p.stream);
+      launch_simple(scale_vectors_spec(operand_kind(p.gate, p.gate_dtype)), p.device,
+                    std::max(p.m, p.n), &sv, p.stream);
       lt.a_scale = sv.a_out;
       lt.w_scale = sv.w_out;
       lt.outer = true;
@@ -141,37 +208,51 @@ void launch_fp8_native(const MatmulProblem& p) {
     }
     lt.bias = p.bias;
     lt.bias_dtype = p.bias_dtype;
-    lt_matmul(kOp, lt);
-    return;
+    lt.c = p.residual;
+    lt.c_dtype = p.residual_dtype;
+    lt.c_stride = p.residual_stride;
+    try {
+      lt_matmul(kOp, lt);
+      return;
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::unsupported || (p.gate == nullptr && p.residual == nullptr)) {
+        throw;
+      }
+      log::warning_once("fp8_native_epilogue_refused",
+                        std::string("matmul: fp8_native: cuBLASLt refused the fused gate / "
+                                    "residual epilogue (") +
+                            e.what() + "); it runs as a second pass over an f32 product");
+    }
+  } else if (p.gate != nullptr || p.residual != nullptr) {
+    log::warning_once(
+        "fp8_native_epilogue_pass",
+        std::string("matmul: fp8_native: the gate / residual epilogue runs as a second pass over "
+                    "an f32 product (") +
+            (!gate_folds         ? "a gate per batch element"
+             : !residual_is_c    ? "a residual of another dtype than out, or unaligned rows"
+             : p.bias != nullptr ? "a bias with per-row scaling"
+                                 : "per-row scaling needs bf16 out and M >= 128") +
+            ")");
   }
-  // Otherwise the f32 product (in out itself when out is f32; tensor scales still applied by
-  // cuBLASLt), then per-row scales and the bias in one pass, rounded once.
+  // Otherwise the f32 product (in out itself when out is f32 and no residual can alias it;
+  // tensor scales still applied by cuBLASLt), then per-row scales, bias, gate and residual in one
+  // pass, rounded once.
+  lt.c = nullptr;
+  lt.bias = nullptr;
+  lt.outer = false;
   std::optional<cuda::StreamScratch> product;
-  if (p.out_dtype != DType::f32) {
+  if (p.out_dtype != DType::f32 || p.residual != nullptr) {
     product.emplace(kOp, p.device, std::size_t(p.m * p.n) * sizeof(float), p.stream);
     lt.out = product->get();
     lt.out_dtype = DType::f32;
+  } else {
+    lt.out = p.out;
+    lt.out_dtype = DType::f32;
   }
-  if (!outer) {
-    lt.a_scale = a_scale;
-    lt.w_scale = w_scale;
-  }
+  lt.a_scale = row_scales ? nullptr : a_scale;
+  lt.w_scale = row_scales ? nullptr : w_scale;
   lt_matmul(kOp, lt);
-  ProductEpilogueParams pe{};
-  pe.src = static_cast<const float*>(lt.out);
-  pe.a_scale = outer ? a_scale : nullptr;
-  pe.w_scale = outer ? w_scale : nullptr;
-  pe.a_row = p.a_scale_kind == ScaleKind::row;
-  pe.w_row = p.w_scale_kind == ScaleKind::row;
-  pe.bias = p.bias;
-  pe.out = p.out;
-  pe.m = p.m;
-  pe.n = p.n;
-  launch_simple({kSource,
-                 "kiln::product_epilogue",
-                 {{"TOut", jit::cpp_type(kOp, p.out_dtype)},
-                  {"TBias", p.bias ? jit::cpp_type(kOp, p.bias_dtype) : "float"}}},
-                p.device, p.m * p.n, &pe, p.stream);
+  launch_product_epilogue(p, static_cast<const float*>(lt.out), row_scales);
 }
 
 }  // namespace kiln::matmul_detail

@@ -33,7 +33,9 @@ struct GemmPlan {
   bool w_async = false;  // cp.async of w (else gathered)
   int w_scale = 0;       // gemm_scale::*
   bool a_row_scale = false;
-  int bias = 0;  // gemm_bias::*
+  int bias = 0;      // gemm_bias::*
+  int gate = 0;      // kOperand* (params.cuh)
+  int residual = 0;  // kOperand*
 
   std::size_t smem_bytes() const;
 };

@@ -2,6 +2,7 @@
 // and the family's JIT variant lists.
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -91,6 +92,47 @@ void validate(const TensorView& a, const Weight& w, const TensorView& out,
     check::shape(kOp, "bias", b, bias_shape, "[N], N = the weight's rows");
     check::contiguous(kOp, "bias", b);
   }
+  if (options.gate) {
+    const TensorView& g = *options.gate;
+    check::dtype_in(kOp, "gate", g, kFloat);
+    const bool batched = g.dim() == 2 && g.size(0) >= 1 && M % g.size(0) == 0;
+    if (!(g.dim() == 1 && g.size(0) == w.n) && !(batched && g.size(1) == w.n)) {
+      check::fail(kOp, ErrorCode::invalid_argument,
+                  "gate has shape " + g.shape_str() + ", expected [" + std::to_string(w.n) +
+                      "] or [B, " + std::to_string(w.n) + "] with B dividing M = " +
+                      std::to_string(M) + " (rows b * M / B .. (b + 1) * M / B - 1 use gate[b])");
+    }
+    if (g.dim() == 1) check::contiguous(kOp, "gate", g);
+    if (g.dim() == 2 && w.n > 1 && g.stride(1) != 1) {
+      check::fail(kOp, ErrorCode::invalid_argument,
+                  "gate has stride " + std::to_string(g.stride(1)) +
+                      " along N, expected 1 (rows may be strided)");
+    }
+    if (M > INT_MAX) {
+      check::fail(kOp, ErrorCode::unsupported,
+                  "a gate with M = " + std::to_string(M) + " rows, expected M < 2^31");
+    }
+  }
+  if (options.residual) {
+    const TensorView& r = *options.residual;
+    check::dims(kOp, "residual", r, 2);
+    check::dtype_in(kOp, "residual", r, kFloat);
+    check::shape(kOp, "residual", r, out_shape, "out's shape [M, N]");
+    if (w.n > 1 && M > 0 && r.stride(1) != 1) {
+      check::fail(kOp, ErrorCode::invalid_argument,
+                  "residual has stride " + std::to_string(r.stride(1)) +
+                      " along N, expected 1 (rows may be strided)");
+    }
+  }
+}
+
+// out may be the residual itself (the same elements, dtype and layout): an in-place add.
+bool same_view(const TensorView& a, const TensorView& b) {
+  if (a.data() != b.data() || a.dtype() != b.dtype() || a.dim() != b.dim()) return false;
+  for (int d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != b.size(d) || (a.size(d) > 1 && a.stride(d) != b.stride(d))) return false;
+  }
+  return a.device() == b.device();
 }
 
 }  // namespace
@@ -106,6 +148,32 @@ std::vector<std::int64_t> scale_shape(ScaleGranularity granularity, std::int64_t
       return {ceil_div(rows, kScaleBlock), ceil_div(cols, kScaleBlock)};
   }
   return {1};
+}
+
+int operand_kind(const void* data, DType dtype) {
+  if (data == nullptr) return kOperandNone;
+  switch (dtype) {
+    case DType::f32:
+      return kOperandF32;
+    case DType::f16:
+      return kOperandF16;
+    case DType::bf16:
+      return kOperandBf16;
+    default:
+      check::fail(kOp, ErrorCode::unsupported,
+                  std::string("an epilogue operand of dtype ") + dtype_name(dtype) +
+                      ", expected f32, f16 or bf16");
+  }
+}
+
+GateResidual gate_residual_of(const MatmulProblem& p) {
+  GateResidual e{};
+  e.gate = p.gate;
+  e.residual = p.residual;
+  e.gate_stride = p.gate_stride;
+  e.residual_stride = p.residual_stride;
+  e.gate_rows = int(p.gate_rows);
+  return e;
 }
 
 ScaleKind scale_kind(const char* op, const char* arg, const TensorView& scale, std::int64_t rows,
@@ -182,6 +250,7 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
         {WeightFormat::f8_e4m3fn, ScaleKind::tensor},   {WeightFormat::f8_e4m3fn, ScaleKind::row},
         {WeightFormat::f8_e4m3fn, ScaleKind::block128}, {WeightFormat::f8_e5m2, ScaleKind::tensor},
         {WeightFormat::q8_0, ScaleKind::none},          {WeightFormat::bf16, ScaleKind::none}};
+    alignas(16) static const unsigned char kAligned[16] = {};
     for (std::int64_t m : {1, 4, 16}) {
       for (const WeightCase& wc : weights) {
         MatmulProblem p;
@@ -193,10 +262,15 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
         p.w_scale_kind = wc.scale;
         p.out_dtype = DType::bf16;
         specs.push_back(gemv_spec_for(p));
+        // o_proj and down_proj add the residual stream (bf16) in the epilogue.
+        p.residual = kAligned;
+        p.residual_dtype = DType::bf16;
+        specs.push_back(gemv_spec_for(p));
       }
     }
   }
   for (auto& spec : gemm_variants(workload)) specs.push_back(std::move(spec));
+  for (auto& spec : fp8_native_variants(workload)) specs.push_back(std::move(spec));
   return specs;
 }
 
@@ -286,17 +360,25 @@ MatmulPath matmul(const TensorView& a, const Weight& w, const TensorView& out,
   const TensorView* a_scale = options.a_scale ? &*options.a_scale : nullptr;
   const TensorView* bias = options.bias ? &*options.bias : nullptr;
   const TensorView* w_scale = w.scale ? &*w.scale : nullptr;
+  const TensorView* gate = options.gate ? &*options.gate : nullptr;
+  const TensorView* residual = options.residual ? &*options.residual : nullptr;
   const Device device = check::common_device(kOp, {{"a", &a},
                                                    {"w.data", &w.data},
                                                    {"w.scale", w_scale},
                                                    {"a_scale", a_scale},
                                                    {"bias", bias},
+                                                   {"gate", gate},
+                                                   {"residual", residual},
                                                    {"out", &out}});
   check::no_overlap(kOp, "out", out, "a", a);
   check::no_overlap(kOp, "out", out, "w.data", w.data);
   if (w_scale) check::no_overlap(kOp, "out", out, "w.scale", *w_scale);
   if (a_scale) check::no_overlap(kOp, "out", out, "a_scale", *a_scale);
   if (bias) check::no_overlap(kOp, "out", out, "bias", *bias);
+  if (gate) check::no_overlap(kOp, "out", out, "gate", *gate);
+  if (residual && !same_view(out, *residual)) {
+    check::no_overlap(kOp, "out", out, "residual", *residual);
+  }
 
   if (device.type == DeviceType::cpu) {
     if (options.path != MatmulPath::automatic && options.path != MatmulPath::reference) {
@@ -344,6 +426,19 @@ MatmulPath matmul(const TensorView& a, const Weight& w, const TensorView& out,
   }
   p.out = out.data();
   p.out_dtype = out.dtype();
+  if (gate) {
+    check::non_null(kOp, "gate", *gate);
+    p.gate = gate->data();
+    p.gate_dtype = gate->dtype();
+    p.gate_stride = gate->dim() == 2 ? gate->stride(0) : 0;
+    p.gate_rows = gate->dim() == 2 && p.m > 0 ? p.m / gate->size(0) : 1;
+  }
+  if (residual) {
+    check::non_null(kOp, "residual", *residual);
+    p.residual = residual->data();
+    p.residual_dtype = residual->dtype();
+    p.residual_stride = residual->stride(0);
+  }
   p.device = device.index;
   p.arch = cuda_arch(device.index);
   p.stream = stream;

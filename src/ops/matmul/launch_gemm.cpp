@@ -170,6 +170,8 @@ GemmPlan plan_gemm(const MatmulProblem& p, const GemmTile& tile) {
       p.w_layout == WeightLayout::dequantized ? gemm_scale::none : static_cast<int>(p.w_scale_kind);
   plan.a_row_scale = p.a_scale_kind == ScaleKind::row;
   plan.bias = bias_kind(p);
+  plan.gate = operand_kind(p.gate, p.gate_dtype);
+  plan.residual = operand_kind(p.residual, p.residual_dtype);
   return plan;
 }
 
@@ -205,7 +207,9 @@ jit::KernelSpec gemm_spec(const GemmPlan& plan) {
            {"W_ASYNC", jit::cpp_bool(plan.w_async)},
            {"WSCALE", std::to_string(plan.w_scale)},
            {"A_ROW_SCALE", jit::cpp_bool(plan.a_row_scale)},
-           {"BIAS", std::to_string(plan.bias)}}};
+           {"BIAS", std::to_string(plan.bias)},
+           {"GATE", std::to_string(plan.gate)},
+           {"RESIDUAL", std::to_string(plan.residual)}}};
 }
 
 void launch_gemm_plan(const MatmulProblem& p, const GemmPlan& plan) {
@@ -223,6 +227,7 @@ void launch_gemm_plan(const MatmulProblem& p, const GemmPlan& plan) {
   params.k = int(p.k);
   params.n_pad = int(packed_q8_n_pad(p.n));
   params.scale_cols = int((p.k + 127) / 128);
+  params.epilogue = gate_residual_of(p);
   if (plan.w_kind == gemm_kind::q8_0 && p.w_layout == WeightLayout::gemm_packed) {
     params.w_d = reinterpret_cast<const float*>(static_cast<const unsigned char*>(p.w) +
                                                 packed_q8_scale_offset(p.n, p.k));
@@ -265,11 +270,31 @@ void launch_gemm(const MatmulProblem& problem) {
     lt.w_stride = problem.k;
     lt.out = problem.out;
     lt.out_dtype = problem.out_dtype;
-    lt.bias = problem.bias;
-    lt.bias_dtype = problem.bias_dtype;
     lt.device = problem.device;
     lt.stream = problem.stream;
+    const bool residual_is_c = problem.residual == nullptr ||
+                               (problem.residual_dtype == problem.out_dtype &&
+                                aligned(problem.residual, 16) && problem.residual_stride % 8 == 0);
+    if (problem.gate == nullptr && residual_is_c) {
+      // One call: out = a . w^T + residual (C, beta = 1) + bias.
+      lt.bias = problem.bias;
+      lt.bias_dtype = problem.bias_dtype;
+      lt.c = problem.residual;
+      lt.c_dtype = problem.residual_dtype;
+      lt.c_stride = problem.residual_stride;
+      lt_matmul(kOp, lt);
+      return;
+    }
+    // cuBLASLt's epilogue has no gate: the f32 product, then bias, gate and residual in one pass.
+    log::warning_once("gemm_dequantized_epilogue_pass",
+                      "matmul: gemm over a dequantized weight: the gate / residual epilogue runs "
+                      "as a second pass over an f32 product");
+    const cuda::StreamScratch product(
+        kOp, problem.device, std::size_t(problem.m * problem.n) * sizeof(float), problem.stream);
+    lt.out = product.get();
+    lt.out_dtype = DType::f32;
     lt_matmul(kOp, lt);
+    launch_product_epilogue(problem, static_cast<const float*>(product.get()), false);
     return;
   }
   const std::string hopper = gemm_sm90_unsupported(problem);
@@ -344,6 +369,23 @@ std::vector<jit::KernelSpec> gemm_variants(const std::string& workload) {
   split.bt = 128;
   split.splits = 4;
   specs.push_back(gemm_sm90_spec(p, split));
+  // The epilogue of the linears that add into the residual stream, per-channel scales, no bias:
+  // Flux's attention-out and MLP-out (AdaLN gate [B, N] and residual, bf16), an LLM's o_proj and
+  // down_proj (residual alone); both GEMM kernels (wgmma on sm_90a, mma.sync elsewhere).
+  p.w_scale_kind = ScaleKind::row;
+  p.bias = nullptr;
+  p.residual = kAligned;
+  p.residual_dtype = DType::bf16;
+  if (workload == "flux") {
+    p.gate = kAligned;
+    p.gate_dtype = DType::bf16;
+  }
+  for (int bt : {128, 256}) {
+    GemmSm90Plan plan;
+    plan.bt = bt;
+    specs.push_back(gemm_sm90_spec(p, plan));
+  }
+  specs.push_back(gemm_spec(plan_gemm(p, default_tile(p.m, p.n, 132, false))));
   return specs;
 }
 

@@ -102,6 +102,10 @@ jit::KernelSpec gemm_sm90_spec(const MatmulProblem& p, const GemmSm90Plan& plan)
   const bool bias = p.bias != nullptr;
   const int scale =
       plan.splits > 1 && p.w_scale_kind != ScaleKind::block128 ? 0 : int(p.w_scale_kind);
+  // Split-K writes partial sums; the split epilogue applies gate and residual.
+  const bool split = plan.splits > 1;
+  const int gate = operand_kind(p.gate, p.gate_dtype);
+  const int residual = operand_kind(p.residual, p.residual_dtype);
   jit::KernelSpec spec{kSource,
                        "kiln::gemm_sm90_kernel",
                        {{"T", jit::cpp_type(kOp, p.a_dtype)},
@@ -112,7 +116,9 @@ jit::KernelSpec gemm_sm90_spec(const MatmulProblem& p, const GemmSm90Plan& plan)
                         {"STAGES", std::to_string(stages_for(plan.bt))},
                         {"WSCALE", std::to_string(scale)},
                         {"HAS_BIAS", jit::cpp_bool(bias && plan.splits == 1)},
-                        {"SPLIT", jit::cpp_bool(plan.splits > 1)}}};
+                        {"SPLIT", jit::cpp_bool(plan.splits > 1)},
+                        {"GATE", std::to_string(split ? kOperandNone : gate)},
+                        {"RESIDUAL", std::to_string(split ? kOperandNone : residual)}}};
   spec.archs = {"sm_90a"};
   return spec;
 }
@@ -142,6 +148,7 @@ void launch_gemm_sm90(const MatmulProblem& p) {
   params.splits = plan.splits;
   params.tiles_per_split = plan.tiles_per_split;
   params.scale_cols = int(ceil_div(p.k, 128));
+  params.epilogue = gate_residual_of(p);
   std::optional<cuda::StreamScratch> partial;
   if (plan.splits > 1) {
     partial.emplace(kOp, p.device, std::size_t(plan.splits * p.m * p.n) * sizeof(float), p.stream);

@@ -131,6 +131,11 @@ GemvPlan plan_gemv(const MatmulProblem& p) {
 
 jit::KernelSpec gemv_spec(const MatmulProblem& p, const GemvPlan& plan) {
   const bool bias = p.bias != nullptr;
+  // The split-K partials take no gate or residual: the epilogue kernel applies them.
+  const std::string gate =
+      std::to_string(plan.split ? kOperandNone : operand_kind(p.gate, p.gate_dtype));
+  const std::string residual =
+      std::to_string(plan.split ? kOperandNone : operand_kind(p.residual, p.residual_dtype));
   if (plan.mma) {
     return {kSource,
             "kiln::gemv_mma_kernel",
@@ -143,7 +148,9 @@ jit::KernelSpec gemv_spec(const MatmulProblem& p, const GemvPlan& plan) {
              {"U", std::to_string(plan.segments)},
              {"WKIND", std::to_string(int(p.w_scale_kind))},
              {"BIAS", bias ? "true" : "false"},
-             {"SPLIT", plan.split ? "true" : "false"}}};
+             {"SPLIT", plan.split ? "true" : "false"},
+             {"GATE", gate},
+             {"RESIDUAL", residual}}};
   }
   return {kSource,
           "kiln::gemv_kernel",
@@ -159,7 +166,9 @@ jit::KernelSpec gemv_spec(const MatmulProblem& p, const GemvPlan& plan) {
            {"BIAS", bias ? "true" : "false"},
            {"SPLIT", plan.split ? "true" : "false"},
            {"VEC", plan.vec ? "true" : "false"},
-           {"A_VEC", plan.a_vec ? "true" : "false"}}};
+           {"A_VEC", plan.a_vec ? "true" : "false"},
+           {"GATE", gate},
+           {"RESIDUAL", residual}}};
 }
 
 jit::KernelSpec epilogue_spec(const MatmulProblem& p) {
@@ -170,7 +179,9 @@ jit::KernelSpec epilogue_spec(const MatmulProblem& p) {
            {"Tbias", bias ? jit::cpp_type(kOp, p.bias_dtype) : "float"},
            {"WKIND", std::to_string(int(p.w_scale_kind))},
            {"AKIND", std::to_string(int(p.a_scale_kind))},
-           {"BIAS", bias ? "true" : "false"}}};
+           {"BIAS", bias ? "true" : "false"},
+           {"GATE", std::to_string(operand_kind(p.gate, p.gate_dtype))},
+           {"RESIDUAL", std::to_string(operand_kind(p.residual, p.residual_dtype))}}};
 }
 
 // Split-K partial sums, f32 [splits, M, N], in stream-ordered memory freed (stream-ordered) when
@@ -203,6 +214,7 @@ void launch_split_epilogue(const MatmulProblem& p, const float* partial, std::in
   e.out = p.out;
   e.m = p.m;
   e.n = p.n;
+  e.epilogue = gate_residual_of(p);
   const auto kernel = jit::process_cache().kernel(epilogue_spec(p), p.device);
   void* args[] = {&e};
   constexpr int kThreads = 256;
@@ -269,6 +281,7 @@ void launch_gemv(const MatmulProblem& p) {
   g.w_row_bytes = p.w_row_bytes;
   g.k_per_split = plan.k_per_split;
   g.scale_cols = ceil_div(p.k, kScaleBlock);
+  g.epilogue = gate_residual_of(p);
   const auto kernel = jit::process_cache().kernel(gemv_spec(p, plan), p.device);
   void* args[] = {&g};
   const dim3 grid(unsigned(plan.row_blocks), unsigned(plan.splits));

@@ -17,6 +17,7 @@
 
 #include "jit/kernel_spec.hpp"
 #include "kiln/matmul.hpp"
+#include "ops/matmul/kernels/params.cuh"
 
 namespace kiln::matmul_detail {
 
@@ -88,14 +89,15 @@ void dequantize_reference(const TensorView& q, const std::optional<TensorView>& 
                           const TensorView& out);
 // f64 accumulation over weights dequantized to f32 (q * scale rounded to f32, as `dequantize`
 // to f32 gives them); a dequantized to f32 likewise; epilogue
-// out = f32(sum) * a_scale + bias, rounded once to out's dtype. Row-major weights only.
+// out = residual + gate * (sum * a_scale + bias) in f64, rounded once to out's dtype. Row-major
+// weights only. out may be the residual itself (read before written, element by element).
 void matmul_reference(const TensorView& a, const Weight& w, const TensorView& out,
                       const MatmulOptions& options);
 
 // ---- one matmul, as every CUDA path receives it -------------------------------------------------
 
-// out [M, N] = (a [M, K] . w^T) * a_scale * w_scale + bias. Validated by launch.cpp: M, N, K > 0,
-// all pointers on `device`, the path supports the dtypes.
+// out [M, N] = residual + gate * ((a [M, K] . w^T) * a_scale * w_scale + bias). Validated by
+// launch.cpp: M, N, K > 0, all pointers on `device`, the path supports the dtypes.
 struct MatmulProblem {
   std::int64_t m = 0, n = 0, k = 0;
   const void* a = nullptr;  // [M, K], element (i, j) at a + i * a_row_stride + j
@@ -113,10 +115,22 @@ struct MatmulProblem {
   DType bias_dtype = DType::f32;
   void* out = nullptr;  // [M, N] contiguous
   DType out_dtype = DType::bf16;
+  const void* gate = nullptr;  // [B, N] rows gate_stride apart ([N]: gate_stride 0), or nullptr
+  DType gate_dtype = DType::f32;
+  std::int64_t gate_stride = 0;
+  std::int64_t gate_rows = 1;      // output rows a gate row covers (M / B)
+  const void* residual = nullptr;  // [M, N] rows residual_stride apart (may be out), or nullptr
+  DType residual_dtype = DType::f32;
+  std::int64_t residual_stride = 0;
   int device = 0;
   std::string arch;  // cuda_arch(device): "sm_90a", "sm_80", ...
   Stream stream = nullptr;
 };
+
+// The epilogue operand kind (kOperandNone, kOperandF32, ...) of an optional bias / gate / residual.
+int operand_kind(const void* data, DType dtype);
+// The kernels' view of a problem's gate and residual.
+GateResidual gate_residual_of(const MatmulProblem& problem);
 
 // ---- path entry points --------------------------------------------------------------------------
 
@@ -136,6 +150,11 @@ void launch_gemm(const MatmulProblem& problem);
 // Why the GEMM cannot run this problem ("" when it can).
 std::string gemm_unsupported(const MatmulProblem& problem);
 
+// The epilogue after a cuBLASLt product written in f32 [M, N] (fp8_native.cpp): out = residual +
+// gate * (product * a_scale * w_scale + bias), one pass, rounded once. `scales`: whether the
+// problem's tensor / row scales are still to be applied (false when cuBLASLt applied them).
+void launch_product_epilogue(const MatmulProblem& problem, const float* product, bool scales);
+
 // fp8 x fp8 on sm_90 (G, fp8_native.cpp).
 void launch_fp8_native(const MatmulProblem& problem);
 // Why fp8_native cannot run this problem ("" when it can): arch, dtypes, alignment.
@@ -153,6 +172,8 @@ MatmulPath select_path_cuda(std::int64_t m, std::int64_t n, std::int64_t k, Weig
 // Q's kernels (quantize, dequantize, gemv) and G's (gemm_variants, in launch_gemm.cpp).
 std::vector<jit::KernelSpec> variants(const std::string& workload);
 std::vector<jit::KernelSpec> gemm_variants(const std::string& workload);
+// The fp8_native path's own kernels (scale vectors, the product's epilogue; fp8_native.cpp).
+std::vector<jit::KernelSpec> fp8_native_variants(const std::string& workload);
 // quantize / dequantize kernels for inputs (and outputs) of dtype x (launch_quantize.cpp).
 std::vector<jit::KernelSpec> quantize_variants(DType x);
 // The GEMV kernel `launch_gemv` runs for `problem` with aligned pointers (launch_gemv.cpp).

@@ -59,6 +59,21 @@ ScaleKind kind_of(ScaleGranularity granularity) {
   return ScaleKind::none;
 }
 
+// The gate of output element (m, n) of M rows: gate [N], or [B, N] with row b covering rows
+// b * M / B .. (b + 1) * M / B - 1; 1 without a gate.
+double gate_at(const std::optional<TensorView>& gate, std::int64_t m, std::int64_t n,
+               std::int64_t rows) {
+  if (!gate) return 1.0;
+  if (gate->dim() == 1)
+    return numeric::load_float(gate->data(), gate->dtype(), n * gate->stride(0));
+  const std::int64_t b = m / (rows / gate->size(0));
+  return load2(*gate, b, n);
+}
+
+double residual_at(const std::optional<TensorView>& residual, std::int64_t m, std::int64_t n) {
+  return residual ? load2(*residual, m, n) : 0.0;
+}
+
 // Q8_0 value `c` of row `r` of a block matrix (u8 [R, C/32*34], contiguous rows of `row_bytes`).
 float q8_0_value(const std::uint8_t* base, std::int64_t row_bytes, std::int64_t r, std::int64_t c) {
   const std::uint8_t* block = base + r * row_bytes + (c / kQ8Block) * kQ8BlockBytes;
@@ -303,7 +318,8 @@ void matmul_reference(const TensorView& a, const Weight& w, const TensorView& ou
       for (std::int64_t k = 0; k < K; ++k) {
         sum += double(a_f32[std::size_t(m * K + k)]) * double(w_row[std::size_t(k)]);
       }
-      const double value = sum * double(scale_at(a_scale, a_kind, m, 0, K)) + double(bias);
+      double value = sum * double(scale_at(a_scale, a_kind, m, 0, K)) + double(bias);
+      value = value * gate_at(options.gate, m, n, M) + residual_at(options.residual, m, n);
       numeric::store_float(out.data(), out.dtype(), m * N + n, float(value));
     }
   }

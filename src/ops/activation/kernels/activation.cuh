@@ -38,7 +38,7 @@ __device__ __forceinline__ float activate(float x) {
 
 template <int ACT, bool GATED, typename Tin, typename Tout, int F, int EPT, int TPR, int ROWS,
           bool VECTOR>
-__global__ void __launch_bounds__(TPR* ROWS)
+__global__ void __launch_bounds__(TPR* ROWS, 1)
     activation_kernel(const __grid_constant__ ActivationParams p) {
   static_assert(F % EPT == 0, "whole chunks");
   constexpr int kChunks = F / EPT;                 // chunks of a row

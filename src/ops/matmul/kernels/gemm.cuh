@@ -1,6 +1,7 @@
 // Tensor-core GEMM with the weight dequantized in registers on the way to mma.sync (sm_80+; on
 // sm_90a the fp8 weights with f16 / bf16 a and aligned rows go to gemm_sm90.cuh instead):
-//   out[m, n] = (sum_k a[m, k] * w[n, k]) * a_scale * w_scale + bias[n]
+//   out[m, n] = residual[m, n] + gate[b(m), n] * ((sum_k a[m, k] * w[n, k]) * a_scale * w_scale
+//               + bias[n])     (gate and residual optional: params.cuh's GateResidual)
 // a: f32 / f16 / bf16 / fp8 [M, K] (row stride free), w: f16 / bf16 / fp8 e4m3fn or e5m2 / Q8_0
 // [N, K], f32 accumulation, scales and bias in f32 in the epilogue (128x128 block scales and Q8_0
 // block scales once per block in the main loop), out f32 / f16 / bf16.
@@ -270,7 +271,8 @@ __device__ __forceinline__ T load_bias(const void* bias, int n) {
 }  // namespace gemm_detail
 
 template <int AK, int WK, typename T, typename TOut, int BM, int BN, int WARPS_M, int WARPS_N,
-          int STAGES, bool A_ASYNC, bool W_ASYNC, int WSCALE, bool A_ROW_SCALE, int BIAS>
+          int STAGES, bool A_ASYNC, bool W_ASYNC, int WSCALE, bool A_ROW_SCALE, int BIAS, int GATE,
+          int RESIDUAL>
 __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     gemm_kernel(const __grid_constant__ GemmParams p) {
   using namespace gemm_detail;
@@ -553,35 +555,43 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   }
   cp_async_wait<0>();
 
-  // Epilogue: scales and bias in f32, then the lane's pairs of columns.
+  // Epilogue: scales and bias in f32, then gate and residual (row by row), then the lane's pairs
+  // of columns. The thread that stores an element reads its residual first (out may be it).
   const float tensor_scale = (WSCALE == gemm_scale::tensor ? p.w_scale[0] : 1.f) *
                              (p.a_scale != nullptr && !A_ROW_SCALE ? p.a_scale[0] : 1.f);
   const bool pairs = (p.n & 1) == 0 && (reinterpret_cast<u64>(p.out) & 7) == 0;
+  float col_scale[NT][2], col_bias[NT][2];  // (n8 tile, column of the lane's pair)
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
     const int n = n0 + warp_n * kWarpN + t * 8 + 2 * q;
-    float col_scale[2], col_bias[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const bool in = n + e < p.n;
-      col_scale[e] = tensor_scale * (WSCALE == gemm_scale::row && in ? p.w_scale[n + e] : 1.f);
-      col_bias[e] = 0.f;
+      col_scale[t][e] = tensor_scale * (WSCALE == gemm_scale::row && in ? p.w_scale[n + e] : 1.f);
+      col_bias[t][e] = 0.f;
       if constexpr (BIAS == gemm_bias::f32)
-        col_bias[e] = in ? load_bias<float>(p.bias, n + e) : 0.f;
+        col_bias[t][e] = in ? load_bias<float>(p.bias, n + e) : 0.f;
       if constexpr (BIAS == gemm_bias::f16)
-        col_bias[e] = in ? to_float(load_bias<f16>(p.bias, n + e)) : 0.f;
+        col_bias[t][e] = in ? to_float(load_bias<f16>(p.bias, n + e)) : 0.f;
       if constexpr (BIAS == gemm_bias::bf16)
-        col_bias[e] = in ? to_float(load_bias<bf16>(p.bias, n + e)) : 0.f;
+        col_bias[t][e] = in ? to_float(load_bias<bf16>(p.bias, n + e)) : 0.f;
     }
+  }
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
+  for (int i = 0; i < MT; ++i) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int m = m0 + warp_m * kWarpM + i * 16 + g + 8 * h;
-        if (m >= p.m) continue;
-        const float row_scale = A_ROW_SCALE ? p.a_scale[m] : 1.f;
-        const float v0 = acc[i][t][2 * h] * col_scale[0] * row_scale + col_bias[0];
-        const float v1 = acc[i][t][2 * h + 1] * col_scale[1] * row_scale + col_bias[1];
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + warp_m * kWarpM + i * 16 + g + 8 * h;
+      if (m >= p.m) continue;
+      const float row_scale = A_ROW_SCALE ? p.a_scale[m] : 1.f;
+      const auto row = row_gate_residual<GATE, RESIDUAL>(p.epilogue, m);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const int n = n0 + warp_n * kWarpN + t * 8 + 2 * q;
+        float v0 = acc[i][t][2 * h] * col_scale[t][0] * row_scale + col_bias[t][0];
+        float v1 = acc[i][t][2 * h + 1] * col_scale[t][1] * row_scale + col_bias[t][1];
+        if (n < p.n) v0 = row(n, v0);
+        if (n + 1 < p.n) v1 = row(n + 1, v1);
         TOut* out = static_cast<TOut*>(p.out) + (long long)m * p.n + n;
         if (pairs && n + 1 < p.n) {
           if constexpr (sizeof(TOut) == 4) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "device/tensor_map.cuh"
+#include "ops/matmul/kernels/params.cuh"
 
 namespace kiln {
 
@@ -26,12 +27,12 @@ constexpr int row = 2;       // f32 [N] (weights) or [M] (activations), in the e
 constexpr int block128 = 3;  // f32 [ceil(N/128), ceil(K/128)], once per k-tile in the main loop
 }  // namespace gemm_scale
 
-// Bias dtype (template argument BIAS).
+// Bias dtype (template argument BIAS): the epilogue operand kinds of params.cuh.
 namespace gemm_bias {
-constexpr int none = 0;
-constexpr int f32 = 1;
-constexpr int f16 = 2;
-constexpr int bf16 = 3;
+constexpr int none = kOperandNone;
+constexpr int f32 = kOperandF32;
+constexpr int f16 = kOperandF16;
+constexpr int bf16 = kOperandBf16;
 }  // namespace gemm_bias
 
 // Weights with k-tiles of 64 elements: the packed q8_0 layout stores the block scales per k-tile.
@@ -53,6 +54,7 @@ struct GemmParams {
   int k;
   int n_pad;       // q8_0 packed: row count of w_d's [2][n_pad] slabs (N rounded up to 4)
   int scale_cols;  // block128: ceil(K/128)
+  GateResidual epilogue;
 };
 
 // gemm_sm90.cuh: the Hopper weight-only GEMM (f16 / bf16 a, fp8 w).
@@ -66,10 +68,11 @@ struct GemmSm90Params {
   int m;
   int n;
   int k;
-  int splits;           // k slices (SPLIT: the slices of the partial sums)
-  int tiles_per_split;  // 64-wide k-tiles of one slice (even with block128 scales)
-  int scale_cols;       // block128: ceil(K / 128)
-  int out_vec;          // outputs stored in pairs (N even, out aligned to a pair)
+  int splits;             // k slices (SPLIT: the slices of the partial sums)
+  int tiles_per_split;    // 64-wide k-tiles of one slice (even with block128 scales)
+  int scale_cols;         // block128: ceil(K / 128)
+  int out_vec;            // outputs stored in pairs (N even, out aligned to a pair)
+  GateResidual epilogue;  // not SPLIT (the split epilogue applies it then)
 };
 
 // scale_vectors (fp8_native.cuh): the f32 vectors of cuBLASLt's outer-vector fp8 scaling.
@@ -78,13 +81,15 @@ struct ScaleVectorParams {
   float* a_out;        // [M]
   const float* w_src;  // [1], [N] or null
   float* w_out;        // [N]
+  const void* gate;    // [N] folded into w_out (template argument GATE), or null
   long long m;
   long long n;
   int a_row;  // a_src is [M]
   int w_row;  // w_src is [N]
 };
 
-// product_epilogue (fp8_native.cuh): out [M, N] = src * a_scale * w_scale + bias[n].
+// product_epilogue (fp8_native.cuh): out [M, N] = residual + gate * (src * a_scale * w_scale +
+// bias[n]).
 struct ProductEpilogueParams {
   const float* src;      // [M, N] contiguous, f32 (may be out itself)
   const float* a_scale;  // [1] or [M] (a_row), or null
@@ -95,6 +100,7 @@ struct ProductEpilogueParams {
   long long n;
   int a_row;
   int w_row;
+  GateResidual epilogue;
 };
 
 // pack_q8_0 (prepare.cuh): ggml Q8_0 blocks -> the GEMM's packed layout (launch_gemm.cpp).

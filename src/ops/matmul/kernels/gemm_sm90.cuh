@@ -106,9 +106,9 @@ __device__ __forceinline__ void store_pair(TS* dst, float v0, float v1) {
 
 // T: f16 or bf16 (a and the mma); Tw: e4m3 or e5m2; TO: out; TB: bias (HAS_BIAS); BT: tokens per
 // work unit (64, 128 or 256); WSCALE: gemm_scale::*; SPLIT: write f32 partial sums (no scale,
-// bias).
+// bias, gate, residual); GATE, RESIDUAL: kOperand* of params.cuh's GateResidual.
 template <typename T, typename Tw, typename TO, typename TB, int BT, int STAGES, int WSCALE,
-          bool HAS_BIAS, bool SPLIT>
+          bool HAS_BIAS, bool SPLIT, int GATE, int RESIDUAL>
 __global__ void __launch_bounds__(gemm_sm90::kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ GemmSm90Params p) {
   using namespace gemm_sm90;
@@ -276,7 +276,12 @@ __global__ void __launch_bounds__(gemm_sm90::kThreads, 1)
       const int m = w.m0 + 8 * (i / 4) + 2 * q + odd;
       const int n = w.n0 + r0 + 8 * h - odd;  // even
       if (m >= p.m || n >= p.n) continue;
-      const float first = odd ? other : v0, second = odd ? v1 : other;
+      float first = odd ? other : v0, second = odd ? v1 : other;
+      if constexpr (!SPLIT) {  // out = residual + gate * v; the residual is read before the store
+        const auto row = row_gate_residual<GATE, RESIDUAL>(p.epilogue, m);
+        first = row(n, first);
+        if (n + 1 < p.n) second = row(n + 1, second);
+      }
       TS* dst = out + static_cast<long long>(m) * p.n + n;
       if (p.out_vec) {
         store_pair(dst, first, second);

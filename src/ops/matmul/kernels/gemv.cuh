@@ -34,10 +34,12 @@
 // weights at M <= 2 (bf16 0.0308 ms, 90%, against 0.0343). The bit-trick decode beat a
 // shared-memory table 1.68x at M = 1.
 //
-// Epilogue (both): without split-K the scales and bias are applied and out written by the
-// kernel; with split-K (few rows, long K) each split writes its partial sums to its slice of an
-// f32 [splits, M, N] buffer and gemv_epilogue_kernel adds them in split order (deterministic: no
-// atomics) and applies scales and bias.
+// Epilogue (both): without split-K the scales, bias, gate and residual (out = residual + gate *
+// (sum * scales + bias), params.cuh's GateResidual) are applied and out written by the kernel;
+// with split-K (few rows, long K) each split writes its partial sums to its slice of an f32
+// [splits, M, N] buffer and gemv_epilogue_kernel adds them in split order (deterministic: no
+// atomics) and applies the rest. The thread that writes an output element reads its residual
+// first, so out may be the residual itself.
 #pragma once
 
 #include "device/fp8.cuh"
@@ -178,7 +180,8 @@ __device__ __forceinline__ float w_scale_of(const float* w_scale, long long n) {
   return 1.f;  // none; block128 is applied in the main loop
 }
 
-template <typename Tout, typename Tbias, int M, int R, int WKIND, int AKIND, bool BIAS, bool SPLIT>
+template <typename Tout, typename Tbias, int M, int R, int WKIND, int AKIND, bool BIAS, bool SPLIT,
+          int GATE, int RESIDUAL>
 __device__ __forceinline__ void gemv_store(const GemvParams& p, long long n0,
                                            const float (&acc)[R][M]) {
   const int lane = threadIdx.x % 32;
@@ -193,6 +196,7 @@ __device__ __forceinline__ void gemv_store(const GemvParams& p, long long n0,
         } else {
           float v = acc[r][m] * w_scale_of<WKIND>(p.w_scale, n) * a_scale_of<AKIND>(p.a_scale, m);
           if constexpr (BIAS) v += to_float(static_cast<const Tbias*>(p.bias)[n]);
+          v = row_gate_residual<GATE, RESIDUAL>(p.epilogue, m)(n, v);
           static_cast<Tout*>(p.out)[m * p.n + n] = from_float<Tout>(v);
         }
       }
@@ -410,7 +414,7 @@ __device__ __forceinline__ void gemv_rows_q8_0(const GemvParams& p, long long n0
 }
 
 template <typename Ta, int WFMT, typename Tout, typename Tbias, int M, int R, int WARPS, int WKIND,
-          int AKIND, bool BIAS, bool SPLIT, bool VEC, bool A_VEC>
+          int AKIND, bool BIAS, bool SPLIT, bool VEC, bool A_VEC, int GATE, int RESIDUAL>
 __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant__ GemvParams p) {
   const int warp = threadIdx.x / 32;
   const long long n0 = (blockIdx.x * (long long)WARPS + warp) * R;
@@ -431,12 +435,13 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_kernel(const __grid_constant_
     gemv_rows<Ta, WFMT, M, R, WKIND, VEC, A_VEC>(p, n0, k_begin, k_end, acc);
   }
   warp_sum(acc);
-  gemv_store<Tout, Tbias, M, R, WKIND, AKIND, BIAS, SPLIT>(p, n0, acc);
+  gemv_store<Tout, Tbias, M, R, WKIND, AKIND, BIAS, SPLIT, GATE, RESIDUAL>(p, n0, acc);
 }
 
-// After a split-K gemv_kernel: out = (the splits' partial sums added in split order, so the
-// result does not depend on scheduling) * w_scale * a_scale + bias, one thread an element.
-template <typename Tout, typename Tbias, int WKIND, int AKIND, bool BIAS>
+// After a split-K gemv_kernel (and the Hopper GEMM's split-K): out = residual + gate * ((the
+// splits' partial sums added in split order, so the result does not depend on scheduling) *
+// w_scale * a_scale + bias), one thread an element; splits = 0 (K = 0) reads no partial.
+template <typename Tout, typename Tbias, int WKIND, int AKIND, bool BIAS, int GATE, int RESIDUAL>
 __global__ void gemv_epilogue_kernel(const __grid_constant__ GemvEpilogueParams p) {
   const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (i >= p.m * p.n) return;
@@ -446,6 +451,7 @@ __global__ void gemv_epilogue_kernel(const __grid_constant__ GemvEpilogueParams 
   for (long long s = 0; s < p.splits; ++s) sum += p.partial[s * p.m * p.n + i];
   float v = sum * w_scale_of<WKIND>(p.w_scale, n) * a_scale_of<AKIND>(p.a_scale, m);
   if constexpr (BIAS) v += to_float(static_cast<const Tbias*>(p.bias)[n]);
+  v = row_gate_residual<GATE, RESIDUAL>(p.epilogue, m)(n, v);
   static_cast<Tout*>(p.out)[i] = from_float<Tout>(v);
 }
 
@@ -711,7 +717,7 @@ __device__ __forceinline__ void gemv_mma_rows(const GemvParams& p, long long n0,
 }
 
 template <typename Ta, int WFMT, typename Tout, typename Tbias, int M, int WARPS, int U, int WKIND,
-          bool BIAS, bool SPLIT>
+          bool BIAS, bool SPLIT, int GATE, int RESIDUAL>
 __global__ void __launch_bounds__(WARPS * 32)
     gemv_mma_kernel(const __grid_constant__ GemvParams p) {
   constexpr int F = M > 8 ? 2 : 1;  // B fragments (tokens 0-7, 8-15)
@@ -767,6 +773,7 @@ __global__ void __launch_bounds__(WARPS * 32)
         } else {
           float v = acc[f][j] * w_scale_of<WKIND>(p.w_scale, n);
           if constexpr (BIAS) v += to_float(static_cast<const Tbias*>(p.bias)[n]);
+          v = row_gate_residual<GATE, RESIDUAL>(p.epilogue, m)(n, v);
           static_cast<Tout*>(p.out)[m * p.n + n] = from_float<Tout>(v);
         }
       }

@@ -34,7 +34,7 @@ namespace kiln {
 
 template <int KIND, typename Tin, typename Tout, typename Tw, typename Tm, int D, int EPT, int TPR,
           int ROWS, bool VECTOR, bool HAS_WEIGHT, bool HAS_BIAS, bool HAS_SHIFT, bool HAS_SCALE>
-__global__ void __launch_bounds__(TPR* ROWS) norm_kernel(const __grid_constant__ NormParams p) {
+__global__ void __launch_bounds__(TPR* ROWS, 1) norm_kernel(const __grid_constant__ NormParams p) {
   static_assert(D % EPT == 0, "whole chunks");
   constexpr int kChunks = D / EPT;                 // chunks of a row
   constexpr int kCpt = (kChunks + TPR - 1) / TPR;  // chunks per thread
