@@ -55,10 +55,10 @@ def _fused(result):
 
 
 def modulation(mod: torch.Tensor, parts: int):
-    """`parts` contiguous [B, D] vectors from an AdaLN projection [B, parts * D] (or [B, 1, ..]),
-    in diffusers' chunk order, with one copy."""
-    b = mod.shape[0]
-    return mod.reshape(b, parts, -1).transpose(0, 1).contiguous().unbind(0)
+    """`parts` [B, D] vectors from an AdaLN projection [B, parts * D] (or [B, 1, ..]), in
+    diffusers' chunk order: views with strided rows, which kiln.layer_norm's shift / scale and
+    kiln.matmul's gate read as they are."""
+    return mod.reshape(mod.shape[0], parts, -1).unbind(1)
 
 
 class RotaryTable:
