@@ -455,13 +455,16 @@ def test_pipeline_end_to_end(transformers_saved, vaes_saved):
 
 @pytest.fixture(scope="module")
 def klein_gpu():
+    """klein 4B with random weights on the GPU, in f32 and bf16 (built in place on the device,
+    as `kiln bench flux2` builds it)."""
     if not HAS_CUDA:
         pytest.skip(CUDA_REASON)
-    f32 = configs.random_weights(diffusers.Flux2Transformer2DModel(**configs.FLUX2_KLEIN_4B), 7)
-    f32 = f32.to("cuda").eval()
-    bf16 = diffusers.Flux2Transformer2DModel(**configs.FLUX2_KLEIN_4B).to(torch.bfloat16)
+    from kiln.bench.suites import flux2
+
+    f32, _ = flux2.build_models(torch, diffusers, torch.device("cuda"), torch.float32)
+    bf16, _ = flux2.build_models(torch, diffusers, torch.device("cuda"), torch.bfloat16)
     bf16.load_state_dict(f32.state_dict())
-    return f32, bf16.to("cuda").eval()
+    return f32, bf16
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
@@ -493,8 +496,9 @@ def test_cuda_graphs_replay_and_recapture(klein_gpu, caplog):
                 inputs, want = eager[latent]
                 first = forward(bf16, inputs)
                 second = forward(bf16, {**inputs, "timestep": inputs["timestep"] * 0.5})
-                torch.testing.assert_close(first, want, rtol=0, atol=0)
-                assert not torch.equal(first, second)
+                # The same kernels on the same inputs; split-K reductions may sum in another order.
+                assert relative_error(first, want) < 1e-3
+                assert relative_error(second, first) > 1e-2  # not the first result again
             assert len(handle.graphs.graphs) == 2
     assert not any("capture" in r.getMessage() and "failed" in r.getMessage()
                    for r in caplog.records)

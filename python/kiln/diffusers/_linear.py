@@ -82,6 +82,7 @@ class Linear:
         self.mode = mode
         self.per_batch = per_batch
         self.n, self.k = weight.shape
+        self.dtype = weight.dtype  # the model's: what a fp8 product is rounded to by default
         self.bias = bias
         self.weight = None  # bf16: the weight F.linear reads
         self.w = None  # fp8: what kiln.matmul reads (the weight or a kiln.PreparedWeight)
@@ -111,7 +112,8 @@ class Linear:
 
         x: [B, L, K] (or [B, K] for a per-batch layer), or a Quantized pair with fp8
            activations. gate: [B, N] (one vector per batch element, broadcast over L) or None.
-        residual: out's shape, or None. out_dtype: default the residual's dtype, else x's.
+        residual: out's shape, or None. out_dtype: default the residual's dtype, else the
+           weight's (the model's).
         """
         if self.weight is not None:
             return self._bf16(x, gate, residual, out_dtype)
@@ -122,8 +124,7 @@ class Linear:
         else:
             a, a_scale = x, None
         if out_dtype is None:
-            out_dtype = residual.dtype if residual is not None else (
-                x.dtype if not isinstance(x, Quantized) else torch.bfloat16)
+            out_dtype = residual.dtype if residual is not None else self.dtype
         return kiln.matmul(a, self.w, w_scale=self.w_scale, a_scale=a_scale, bias=self.bias,
                               gate=gate, residual=residual, out_dtype=out_dtype, path=self.path)
 
