@@ -29,9 +29,8 @@ FLUX2_KLEIN_4B = dict(
     guidance_embeds=False,
 )
 
-# Flux.2 VAE (AutoencoderKLFlux2), shared by every Flux.2 model: black-forest-labs/FLUX.2-dev
-# vae/config.json, which the klein repos use too (also diffusers 0.42.1's defaults).
-FLUX2_VAE = dict(
+# What the Flux.2 and FLUX.1 VAE configs share (their encoder / decoder geometry).
+_FLUX_VAE_COMMON = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -39,12 +38,18 @@ FLUX2_VAE = dict(
     block_out_channels=(128, 256, 512, 512),
     layers_per_block=2,
     act_fn="silu",
-    latent_channels=32,
     norm_num_groups=32,
     sample_size=1024,
+    mid_block_add_attention=True,
+)
+
+# Flux.2 VAE (AutoencoderKLFlux2), shared by every Flux.2 model: black-forest-labs/FLUX.2-dev
+# vae/config.json, which the klein repos use too (also diffusers 0.42.1's defaults).
+FLUX2_VAE = dict(
+    _FLUX_VAE_COMMON,
+    latent_channels=32,
     use_quant_conv=True,
     use_post_quant_conv=True,
-    mid_block_add_attention=True,
     batch_norm_eps=1e-4,
     batch_norm_momentum=0.1,
     patch_size=(2, 2),
@@ -68,21 +73,12 @@ FLUX1_DEV = dict(
 
 # FLUX.1 VAE (AutoencoderKL): black-forest-labs/FLUX.1-dev vae/config.json.
 FLUX1_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
+    _FLUX_VAE_COMMON,
     latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
     scaling_factor=0.3611,
     shift_factor=0.1159,
     use_quant_conv=False,
     use_post_quant_conv=False,
-    mid_block_add_attention=True,
 )
 
 # Linears whose output is an AdaLN modulation (shift, scale, gate): small weights, so that
