@@ -9,7 +9,9 @@
 #
 # Uses the machine's python3 (with torch) and needs no network. GoogleTest comes from the system,
 # or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it);
-# Python peers the machine lacks can be unpacked into .peers/ (both folders are git-ignored).
+# Python peers the machine lacks can be unpacked into .peers/, and wheels (diffusers, torchao:
+# scripts/fetch_bench_wheels.sh) put into .whl/ are installed into a scratch folder on
+# PYTHONPATH (all three folders are git-ignored).
 #
 # llama.cpp, the peer of `kiln bench llm`: the "peers" stage builds its CUDA backend, llama-bench
 # and kiln's logits dumper (dev/llm/llama_cpp.sh build cuda, sm_90) when its trimmed source came
@@ -64,6 +66,13 @@ want() { [[ " $stages " == *" $1 "* ]]; }
 
 shards=${KILN_TEST_SHARDS:-8}
 scratch=$(mktemp -d)
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$scratch/wheels" .whl/*.whl >>"$log" 2>&1 &&
+    export PYTHONPATH="$scratch/wheels${PYTHONPATH:+:$PYTHONPATH}" ||
+    echo "installing .whl/ failed (log: $log)"
+fi
 
 # A subset of the C++ suite in $shards processes at once (gtest sharding); they share the JIT disk
 # cache. sharded_tests SUBSET

@@ -21,7 +21,10 @@ struct RopeFluxOptions {
 //        out[2p]   = pe[p][0][0] * x[2p] + pe[p][0][1] * x[2p+1]
 //        out[2p+1] = pe[p][1][0] * x[2p] + pe[p][1][1] * x[2p+1]
 //      std::nullopt: permute (and norm) only, the V path.
-// out: contiguous [N, H, L, D], f32/f16/bf16 (may differ from x's dtype), must not overlap x.
+// out: [N, H, L, D], f32/f16/bf16 (may differ from x's dtype), must not overlap x; D contiguous,
+//      rows (n, h, l) any non-overlapping strides: contiguous, or a row range [:, :, a:b] of a
+//      contiguous [N, H, L', D] buffer, so that Flux's text and image tokens are written into one
+//      joint attention input without a concatenation copy.
 // All tensors on one device; CUDA work is enqueued on `stream`. Math in f32.
 // KILN_DISABLE=rope_flux runs the unfused chain (separate norm, rotate and permute kernels).
 void rope_flux(const TensorView& x, const std::optional<TensorView>& pe, const TensorView& out,

@@ -18,6 +18,8 @@ kiln.gelu_tanh, with the same fp8 option.
 LLM RoPE: kiln.rope (llama.cpp's "normal" and "neox" rotations at device-side positions, with
 the per-head QK-norm and the write into a KV cache fused in). Whole GGUF LLMs (llama, qwen3):
 kiln.llm.load(path).generate(ids, n).
+Whole models: kiln.diffusers.apply(pipe) runs diffusers' Flux.2 and FLUX.1 transformers and their
+VAE decoders on kiln's fused ops (see kiln.diffusers).
 
 Quantized matmul: kiln.quantize_fp8, kiln.dequantize, kiln.quantize_q8_0, kiln.matmul (fp8,
 Q8_0, f16 or bf16 weights) and kiln.prepare_weight; kiln.torch.patch() routes torch._scaled_mm
@@ -81,12 +83,12 @@ if sys.modules.get("torch") is not None:
 
 
 def __getattr__(name: str):
-    # kiln.torch (patch() / unpatch() for torch._scaled_mm) loads on first use, so that
-    # `import kiln` does not import torch.
-    if name == "torch":
+    # kiln.torch (patch() / unpatch() for torch._scaled_mm) and kiln.diffusers load on first
+    # use, so that `import kiln` imports neither torch nor diffusers.
+    if name in ("torch", "diffusers"):
         import importlib
 
-        return importlib.import_module(".torch", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
 
 

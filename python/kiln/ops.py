@@ -50,7 +50,23 @@ def rope_flux_out_shape(x_shape) -> tuple:
     return (n, h, l, d)
 
 
-def rope_flux(x, pe=None, *, norm_weight=None, eps: float = 1e-6, out_dtype=None):
+def _check_out(x_shape, out, out_dtype) -> None:
+    """out must have the [N, H, L, D] shape of x [N, L, H, D]; out_dtype, if given, its dtype."""
+    shape = rope_flux_out_shape(x_shape)
+    if tuple(out.shape) != shape:
+        raise InvalidArgumentError(
+            f"kiln::rope_flux: out has shape {_shape_str(out.shape)}, expected "
+            f"{_shape_str(shape)} ([N, H, L, D] for x {_shape_str(x_shape)})"
+        )
+    if out_dtype is not None and dtype_name("rope_flux", out_dtype) != dtype_name(
+            "rope_flux", out.dtype):
+        raise InvalidArgumentError(
+            f"kiln::rope_flux: out_dtype is {out_dtype} but out is {out.dtype}; expected "
+            "out_dtype None or out's dtype"
+        )
+
+
+def rope_flux(x, pe=None, *, norm_weight=None, eps: float = 1e-6, out_dtype=None, out=None):
     """Flux rotary embedding fused with the [N, L, H, D] -> [N, H, L, D] permute that feeds
     attention, with an optional RMSNorm over D in front (Flux's QK-norm).
 
@@ -60,18 +76,30 @@ def rope_flux(x, pe=None, *, norm_weight=None, eps: float = 1e-6, out_dtype=None
        ComfyUI build them; None permutes (and normalizes) only: the V path.
     norm_weight: [D] f32/f16/bf16; when given, x * rsqrt(mean(x^2) + eps) * norm_weight is
        rotated instead of x.
-    out_dtype: "f32"/"f16"/"bf16" or a framework dtype; default x's dtype.
+    out_dtype: "f32"/"f16"/"bf16" or a framework dtype; default x's dtype (out's with out).
+    out: None, or the [N, H, L, D] array to write (x's framework and device) and return: D
+       contiguous, rows any strides that do not overlap, e.g. a row range ``buf[:, :, a:b]`` of a
+       contiguous [N, H, L', D] buffer, so that text and image tokens projected by different
+       weights land in one joint attention input without a concatenation copy.
 
-    Returns a contiguous [N, H, L, D] array of x's framework on x's device. Math is in f32.
+    Returns a contiguous [N, H, L, D] array of x's framework on x's device (or out). Math is in
+    f32.
     """
+    if out is not None:
+        _check_out(x.shape, out, out_dtype)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
         from . import _torch
 
+        if out is not None:
+            return _torch.rope_flux_out(x, pe, norm_weight, eps, out)
         return _torch.rope_flux(x, pe, norm_weight, eps, out_dtype)
 
     shape = rope_flux_out_shape(x.shape)
     if isinstance(x, np.ndarray):
+        if out is not None:
+            _C.rope_flux(x, pe, out, norm_weight, eps, 0)
+            return out
         name = dtype_name("rope_flux", out_dtype if out_dtype is not None else x.dtype)
         if name not in _NUMPY_DTYPES:
             raise InvalidArgumentError(
@@ -86,7 +114,8 @@ def rope_flux(x, pe=None, *, norm_weight=None, eps: float = 1e-6, out_dtype=None
     if cupy is not None and isinstance(x, cupy.ndarray):
         dtype = out_dtype if out_dtype is not None else x.dtype
         with x.device:
-            out = cupy.empty(shape, dtype=dtype)
+            if out is None:
+                out = cupy.empty(shape, dtype=dtype)
             _C.rope_flux(x, pe, out, norm_weight, eps, cupy.cuda.get_current_stream().ptr)
         return out
 

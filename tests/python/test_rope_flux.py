@@ -205,3 +205,109 @@ def test_x_must_be_4d():
 def test_out_dtype_unknown():
     with pytest.raises(kiln.InvalidArgumentError, match="rope_flux: out_dtype is fp7"):
         kiln.rope_flux(torch.randn(1, 2, 2, 64), out_dtype="fp7")
+
+
+# ---- out=: writing into a row range of a joint [N, H, L_txt + L_img, D] attention input -------
+
+SENTINEL = 1234.5  # what rows outside the written ranges must still hold
+
+
+def check_rows(got, want, out_dtype):
+    """check_close for a strided [N, H, L, D] view (contiguity is not asked of it)."""
+    check_close(got.contiguous(), want, out_dtype)
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=lambda d: f"out={d}")
+@pytest.mark.parametrize("n", [1, 2])
+def test_out_row_ranges(device, n, out_dtype, norm):
+    """Text and image tokens from different projections land in one buffer, each in its own row
+    range, as the joint attention of a Flux double block takes them; rows outside both ranges (a
+    guard band) are left alone, and out is returned."""
+    heads, dim, l_txt, l_img, guard = 3, 64, 5, 11, 2
+    total = guard + l_txt + l_img + guard
+    buf = torch.full((n, heads, total, dim), SENTINEL, dtype=out_dtype, device=device)
+    pe = random_pe(l_txt + l_img, dim // 2, device=device)
+    w = (1 + 0.25 * torch.randn(dim, device=device)) if norm else None
+    txt = packed_q(n, l_txt, heads, dim, torch.bfloat16, device)
+    img = packed_q(n, l_img, heads, dim, torch.bfloat16, device)
+    rows_txt = slice(guard, guard + l_txt)
+    rows_img = slice(guard + l_txt, guard + l_txt + l_img)
+    got = kiln.rope_flux(txt, pe[:l_txt], norm_weight=w, out=buf[:, :, rows_txt])
+    assert got.data_ptr() == buf[:, :, rows_txt].data_ptr()
+    kiln.rope_flux(img, pe[l_txt:], norm_weight=w, out=buf[:, :, rows_img])
+    check_rows(buf[:, :, rows_txt], reference(txt, pe[:l_txt], w, 1e-6), out_dtype)
+    check_rows(buf[:, :, rows_img], reference(img, pe[l_txt:], w, 1e-6), out_dtype)
+    for rows in (slice(0, guard), slice(total - guard, total)):
+        assert bool((buf[:, :, rows] == SENTINEL).all()), "rows outside the ranges were written"
+
+
+def test_out_v_path_odd_sizes(device):
+    """The V path (no pe, no norm) into a row range, odd sizes (scalar path: D = 10)."""
+    n, heads, dim, length = 2, 5, 10, 7
+    buf = torch.full((n, heads, length + 3, dim), SENTINEL, device=device)
+    x = packed_q(n, length, heads, dim, torch.float32, device)
+    kiln.rope_flux(x, out=buf[:, :, 1:1 + length])
+    assert torch.equal(buf[:, :, 1:1 + length], x.permute(0, 2, 1, 3))
+    assert bool((buf[:, :, 0] == SENTINEL).all())
+    assert bool((buf[:, :, 1 + length:] == SENTINEL).all())
+
+
+def test_out_numpy():
+    heads, dim, length = 2, 64, 6
+    x = np.random.randn(1, length, heads, dim).astype(np.float32)
+    pe = random_pe(length, dim // 2).numpy()
+    buf = np.full((1, heads, length + 4, dim), SENTINEL, dtype=np.float32)
+    got = kiln.rope_flux(x, pe, out=buf[:, :, 4:])
+    assert got is not None and np.shares_memory(got, buf)
+    want = reference(torch.from_numpy(x), torch.from_numpy(pe), None, 1e-6)
+    check_rows(torch.from_numpy(buf[:, :, 4:]), want, torch.float32)
+    assert (buf[:, :, :4] == SENTINEL).all()
+
+
+def test_out_under_torch_compile():
+    """The mutating op (rope_flux_out) in a torch.compile graph, no graph break."""
+
+    def joint(txt, img, pe):
+        l_txt = txt.shape[1]
+        buf = txt.new_empty(txt.shape[0], txt.shape[2], l_txt + img.shape[1], txt.shape[3])
+        kiln.rope_flux(txt, pe[:l_txt], out=buf[:, :, :l_txt])
+        kiln.rope_flux(img, pe[l_txt:], out=buf[:, :, l_txt:])
+        return buf * 2
+
+    txt = packed_q(1, 4, 2, 64, torch.float32, "cpu")
+    img = packed_q(1, 9, 2, 64, torch.float32, "cpu")
+    pe = random_pe(13, 32)
+    got = torch.compile(joint, fullgraph=True, dynamic=False)(txt, img, pe) / 2
+    check_close(got[:, :, :4].contiguous(), reference(txt, pe[:4], None, 1e-6), torch.float32)
+    check_close(got[:, :, 4:].contiguous(), reference(img, pe[4:], None, 1e-6), torch.float32)
+
+
+def test_opcheck_out():
+    x = packed_q(2, 5, 3, 64, torch.bfloat16, "cpu")
+    out = torch.empty(2, 3, 8, 64, dtype=torch.bfloat16)[:, :, 1:6]
+    torch.library.opcheck(torch.ops.kiln.rope_flux_out.default,
+                          (x, random_pe(5, 32), None, 1e-6, out))
+
+
+@pytest.mark.parametrize(
+    "make_out, match",
+    [
+        (lambda: torch.empty(1, 2, 4, 64),
+         r"out has shape \[1, 2, 4, 64\], expected \[1, 2, 5, 64\]"),
+        (lambda: torch.empty(1, 2, 5, 128)[..., ::2],
+         r"strides \[1280, 640, 128, 2\].*D contiguous"),
+        (lambda: torch.empty(1, 2, 1, 64).expand(1, 2, 5, 64),
+         r"rows \(n, h, l\) that do not overlap"),
+    ],
+    ids=["shape", "d_stride", "overlapping_rows"],
+)
+def test_out_errors(make_out, match):
+    with pytest.raises(kiln.InvalidArgumentError, match=match):
+        kiln.rope_flux(torch.randn(1, 5, 2, 64), out=make_out())
+
+
+def test_out_dtype_conflicts_with_out():
+    with pytest.raises(kiln.InvalidArgumentError,
+                       match="out_dtype is bf16 but out is torch.float32"):
+        kiln.rope_flux(torch.randn(1, 5, 2, 64), out_dtype="bf16", out=torch.empty(1, 2, 5, 64))

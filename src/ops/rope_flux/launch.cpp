@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/check.hpp"
 #include "core/cuda.hpp"
@@ -21,6 +23,29 @@ namespace {
 constexpr const char* kOp = "rope_flux";
 constexpr const char* kFusedSource = "ops/rope_flux/kernels/rope_flux.cuh";
 constexpr const char* kUnfusedSource = "ops/rope_flux/kernels/rope_flux_unfused.cuh";
+
+// out's rows (n, h, l) may be strided, e.g. a row range [:, :, a:b] of a contiguous
+// [N, H, L', D] buffer, but D must be contiguous and no two rows may share an element: sorted by
+// stride, each dim of more than one row must step past everything the dims below it span.
+void check_out_rows(const TensorView& out) {
+  const std::int64_t D = out.size(3);
+  const auto expected = [&] {
+    return "out has shape " + out.shape_str() + " and strides " + check::shape_str(out.strides()) +
+           ", expected D contiguous (stride 1) and rows (n, h, l) that do not overlap, such as a "
+           "contiguous [N, H, L, D] or a row range [:, :, a:b] of a contiguous [N, H, L', D]";
+  };
+  if (D > 1 && out.stride(3) != 1) check::fail(kOp, ErrorCode::invalid_argument, expected());
+  std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, size) of the row dims
+  for (int d = 0; d < 3; ++d) {
+    if (out.size(d) > 1) dims.emplace_back(out.stride(d), out.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  std::int64_t span = D;  // elements covered by one step of the next dim up
+  for (const auto& [stride, size] : dims) {
+    if (stride < span) check::fail(kOp, ErrorCode::invalid_argument, expected());
+    span = stride * size;
+  }
+}
 
 void validate(const TensorView& x, const std::optional<TensorView>& pe, const TensorView& out,
               const RopeFluxOptions& options) {
@@ -46,7 +71,7 @@ void validate(const TensorView& x, const std::optional<TensorView>& pe, const Te
   check::dtype_in(kOp, "out", out, kFloat);
   const std::int64_t out_shape[] = {N, H, L, D};
   check::shape(kOp, "out", out, out_shape, "[N, H, L, D] with " + nlhd);
-  check::contiguous(kOp, "out", out);
+  check_out_rows(out);
   check::non_null(kOp, "x", x);
   check::non_null(kOp, "out", out);
   check::no_overlap(kOp, "out", out, "x", x);
@@ -71,6 +96,9 @@ bool vector_ok(const TensorView& x, const std::optional<TensorView>& pe, const T
   }
   if (!aligned(out.data(), std::min<std::size_t>(16, std::size_t(ept) * dtype_size(out.dtype())))) {
     return false;
+  }
+  for (int d = 0; d < 3; ++d) {
+    if (out.stride(d) % ept != 0) return false;  // every row starts aligned like the first
   }
   if (weight && !aligned(weight->data(), std::min<std::size_t>(
                                              16, std::size_t(ept) * dtype_size(weight->dtype())))) {
@@ -135,6 +163,7 @@ void run_unfused(const TensorView& x, const std::optional<TensorView>& pe, const
   stage.eps = options.eps;
   stage.src = x.data();
   std::copy_n(x.strides().begin(), 4, stage.src_stride);
+  std::copy_n(out.strides().begin(), 3, stage.out_stride);
   DType src_dtype = x.dtype();
 
   // f32 intermediates in stream-ordered scratch memory.
@@ -182,6 +211,7 @@ void run_fused(const TensorView& x, const std::optional<TensorView>& pe, const T
   params.L = x.size(1);
   params.H = x.size(2);
   std::copy_n(x.strides().begin(), 4, params.x_stride);
+  std::copy_n(out.strides().begin(), 3, params.out_stride);
   if (pe) {
     const int o = pe->dim() - 4;
     params.pe_stride[0] = o == 1 ? pe->stride(0) : 0;

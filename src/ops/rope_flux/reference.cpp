@@ -44,7 +44,8 @@ void reference(const TensorView& x, const std::optional<TensorView>& pe, const T
         }
         // out[n, h, l, :] = row
         for (std::int64_t d = 0; d < D; ++d) {
-          numeric::store_float(out.data(), out.dtype(), ((n * H + h) * L + l) * D + d,
+          numeric::store_float(out.data(), out.dtype(),
+                               n * out.stride(0) + h * out.stride(1) + l * out.stride(2) + d,
                                row[std::size_t(d)]);
         }
       }

@@ -9,12 +9,13 @@ struct RopeFluxParams {
   const void* x;            // [N, L, H, D], strides x_stride
   const float* pe;          // [N?, L, D/2, 2, 2], strides pe_stride (pe_stride[0] = 0 if shared)
   const void* norm_weight;  // [D], contiguous
-  void* out;                // [N, H, L, D], contiguous
+  void* out;                // [N, H, L, D], strides out_stride, D contiguous
   long long N;
   long long L;
   long long H;
-  long long x_stride[4];   // (n, l, h, d) in elements
-  long long pe_stride[5];  // (n, l, pair, row, col) in elements
+  long long x_stride[4];    // (n, l, h, d) in elements
+  long long pe_stride[5];   // (n, l, pair, row, col) in elements
+  long long out_stride[3];  // (n, h, l) in elements
   float eps;
 };
 
@@ -30,6 +31,7 @@ struct RopeStage {
   long long D;
   long long src_stride[4];  // (n, l, h, d)
   long long pe_stride[5];   // (n, l, pair, row, col)
+  long long out_stride[3];  // permute_cast: out's (n, h, l); D contiguous
   float eps;
 };
 

@@ -20,9 +20,11 @@
 // layout ran 0.0608 ms. A loop over tokens with the next token's loads in flight, and tiles of
 // tokens walking the heads, were both slower.
 //
-// Limits: D even; VECTOR needs x contiguous in D with 16-byte-aligned rows, pe's [D/2, 2, 2]
-// block contiguous and 16-byte aligned, and out and norm_weight aligned for EPT-element accesses
-// (the launcher checks and otherwise picks the scalar path, EPT = 2). Offsets are 64-bit.
+// Limits: D even; out's rows may be strided (a row range of a longer [N, H, L', D] buffer, so that
+// text and image tokens land in one attention input without a concatenation), D contiguous.
+// VECTOR needs x contiguous in D with 16-byte-aligned rows, pe's [D/2, 2, 2] block contiguous and
+// 16-byte aligned, and out's rows and norm_weight aligned for EPT-element accesses (the launcher
+// checks and otherwise picks the scalar path, EPT = 2). Offsets are 64-bit.
 #pragma once
 
 #include "device/numeric.cuh"
@@ -144,7 +146,8 @@ __global__ void __launch_bounds__(LANES* HEAD_GROUPS)
       }
     }
     if (!row) continue;
-    Tout* dst = out + ((n * p.H + h) * p.L + l) * D;  // row (n, h, l) of [N, H, L, D]
+    Tout* dst = out + n * p.out_stride[0] + h * p.out_stride[1] +
+                l * p.out_stride[2];  // row (n, h, l) of [N, H, L, D]
 #pragma unroll
     for (int c = 0; c < kCpl; ++c) {
       const int chunk = lane + c * LANES;

@@ -1,7 +1,7 @@
 // The unfused Flux RoPE chain, one elementwise kernel per stage as an eager framework runs it:
 //   rms_norm_rows:  x (strided)    -> f32 [N, L, H, D]   (only with a norm weight)
 //   rotate_pairs:   src (strided)  -> f32 [N, L, H, D]   (only with pe)
-//   permute_cast:   src (strided)  -> out [N, H, L, D]
+//   permute_cast:   src (strided)  -> out [N, H, L, D] (rows strided, D contiguous)
 // Selected by KILN_DISABLE=rope_flux for A/B checks against the fused kernel; each stage reads
 // and writes device memory. One thread per row, pair or element; offsets are 64-bit.
 #pragma once
@@ -69,7 +69,8 @@ __global__ void permute_cast(const __grid_constant__ RopeStage s) {
   const Tin* src = static_cast<const Tin*>(s.src);
   const float v = to_float(
       src[n * s.src_stride[0] + l * s.src_stride[1] + h * s.src_stride[2] + d * s.src_stride[3]]);
-  static_cast<Tout*>(s.dst)[i] = from_float<Tout>(v);
+  static_cast<Tout*>(s.dst)[n * s.out_stride[0] + h * s.out_stride[1] + l * s.out_stride[2] + d] =
+      from_float<Tout>(v);
 }
 
 }  // namespace kiln

@@ -1,0 +1,109 @@
+"""CUDA graphs for a model's forward: captured once per input signature, then replayed.
+
+A signature is the shapes, dtypes, devices and strides of the tensor arguments plus the values
+of the others. The first call with a new signature copies the inputs into static buffers, runs
+the forward twice eagerly on a side stream (which also compiles and loads every kiln kernel it
+needs, outside the capture), captures a third run into a torch.cuda.CUDAGraph, and replays it.
+Later calls with that signature copy their inputs into the static buffers, replay, and return a
+copy of the static output (a caller may hold one result while asking for the next, as
+classifier-free guidance does).
+
+kiln's kernels are capture-safe: their workspaces are stream-ordered allocations
+(cudaMallocFromPoolAsync, which become the graph's own allocation nodes under capture), their
+memsets are async, and attention's split-KV arrival counters are zeroed inside the graph when
+captured. A capture that fails anyway falls back to the eager forward for that signature, said
+once in the log; so do calls with grad enabled and calls whose arguments are not tensors,
+numbers, strings or None (a KV cache object, say).
+"""
+
+import logging
+
+import torch
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger("kiln.diffusers")
+
+_EAGER = object()  # a signature whose capture failed
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _signature(args, kwargs):
+    """A hashable description of the call, or None when an argument cannot be captured."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    parts = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append(("tensor", tuple(leaf.shape), leaf.dtype, str(leaf.device),
+                          leaf.stride()))
+        elif isinstance(leaf, _PLAIN):
+            parts.append(leaf)
+        else:
+            return None
+    return (str(spec), tuple(parts))
+
+
+class GraphedForward:
+    """Calls `forward` through per-signature CUDA graphs (see the module's docstring)."""
+
+    def __init__(self, forward, name: str, warmup: int = 2):
+        self.forward = forward
+        self.name = name
+        self.warmup = warmup
+        self.graphs = {}
+        self._said = set()
+
+    def _say_once(self, key, message, *args):
+        if key not in self._said:
+            self._said.add(key)
+            log.info(message, *args)
+
+    def __call__(self, *args, **kwargs):
+        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        if not tensors or tensors[0].device.type != "cuda":
+            return self.forward(*args, **kwargs)
+        if torch.is_grad_enabled():
+            self._say_once("grad", "kiln.diffusers: %s called with grad enabled: eager, no CUDA "
+                           "graph", self.name)
+            return self.forward(*args, **kwargs)
+        key = _signature(args, kwargs)
+        if key is None:
+            self._say_once("plain", "kiln.diffusers: %s got an argument a CUDA graph cannot "
+                           "hold: eager", self.name)
+            return self.forward(*args, **kwargs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, args, kwargs)
+        if entry is _EAGER:
+            return self.forward(*args, **kwargs)
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, pytree.tree_leaves((args, kwargs))):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x,
+                               static_out)
+
+    def _capture(self, key, args, kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        static_in = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        static_args, static_kwargs = pytree.tree_unflatten(static_in, spec)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.forward(*static_args, **static_kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.forward(*static_args, **static_kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure means: run this shape eagerly
+            log.info("kiln.diffusers: CUDA graph capture of %s failed (%s: %s): eager for this "
+                     "input shape", self.name, type(error).__name__, error)
+            self.graphs[key] = _EAGER
+            return _EAGER
+        entry = (graph, static_in, static_out)
+        self.graphs[key] = entry
+        log.info("kiln.diffusers: %s captured as a CUDA graph (%d signature(s) held)",
+                 self.name, len(self.graphs))
+        return entry
