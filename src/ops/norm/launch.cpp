@@ -262,6 +262,9 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
                                             dim, true, false, false, true, true)));
       }
     }
+    // Per-head RMSNorm (QK-norm, 24 heads of 128) outside rope_flux's fused one.
+    specs.push_back(norm_spec(plan_norm(kNormRms, DType::bf16, DType::bf16, DType::bf16, DType::f32,
+                                        128, true, true, false, false, false)));
   } else if (workload == "llm") {
     // Llama-3-8B / Qwen3-8B (hidden 4096): RMSNorm with an f32 (GGUF) or bf16 weight over a bf16
     // or f32 residual stream, bf16 out or fp8 for the next GEMM.
@@ -273,6 +276,9 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
         }
       }
     }
+    // Qwen3's per-head QK RMSNorm (head dim 128), where it runs apart from the rope.
+    specs.push_back(norm_spec(plan_norm(kNormRms, DType::bf16, DType::bf16, DType::f32, DType::f32,
+                                        128, true, true, false, false, false)));
   } else if (workload == "flux-vae") {
     // The Flux VAE decoder's GroupNorm(32) (+ SiLU) at 512, 256 and 128 channels, bf16 or f32,
     // NCHW or channels-last: NCHW reads 16-byte chunks; channels-last chunks stay in one group
