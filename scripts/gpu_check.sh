@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, run on a machine with a CUDA GPU from a clean tree: build, every test (the GPU
-# ones included), compute-sanitizer memcheck and racecheck on the GPU tests, the Python tests and
-# the benchmark suites. Logs, JSON and charts go to $OUT (default ./out).
+# set, then the rest), compute-sanitizer memcheck and racecheck on the sanitizer subset, the Python
+# tests, the benchmark suites and the op cases' timings. Logs, JSON and charts go to $OUT (default
+# ./out).
 #
 #   scripts/gpu_check.sh                  # every stage
-#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python bench
+#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python bench perf
 #
 # Uses the machine's python3 (with torch) and needs no network. GoogleTest comes from the system,
 # or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it);
@@ -15,7 +16,7 @@ cd "$root"
 out=${OUT:-$root/out}
 mkdir -p "$out"
 log="$out/gpu_check.log"
-stages=${*:-build tests sanitize python bench}
+stages=${*:-build tests sanitize python bench perf}
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
 # Peers the machine lacks (comfy_kitchen, say) can come along as packages in .peers/.
 [ -d .peers ] && export PYTHONPATH="$root/.peers${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,12 +24,9 @@ export PYTHONUNBUFFERED=1
 export PYTHONFAULTHANDLER=1  # a crash in an extension prints the Python stack
 build=build/gpu
 tests="$build/tests/kiln_tests"
-gpu_filter='*Cuda*:*Large*:RopeFluxJit*:JitKernel*'
-# The sanitizers run each family's small subset (conv2d: Sanitize/, attention: AttentionSanitize,
-# matmul GEMM: the cases below 520 rows, which run the same kernels), not the full case tables or
-# conv2d's 8 GiB Large test. Negative patterns: one '-', then ':'-separated.
-gpu_filter+='-Cases/Conv2d.*:Layouts/Conv2dLarge.*:Cases/Attention.*:Cases/AttentionDecodeCpAsync.*'
-gpu_filter+=':*MatmulGemmCudaLarge*:AttentionSplitKvCuda.*'
+# The test binary's registry names the subsets (tests/README.md): --kiln_select=cuda is every op
+# case on the CUDA backend and every test that needs a GPU, --kiln_select=sanitize the subset the
+# sanitizers run (small cases through every kernel path), --kiln_select=cpu the rest.
 failed=()
 summary=()
 
@@ -51,12 +49,13 @@ want() { [[ " $stages " == *" $1 "* ]]; }
 shards=${KILN_TEST_SHARDS:-8}
 scratch=$(mktemp -d)
 
-# The C++ suite in $shards processes at once (gtest sharding); they share the JIT disk cache.
+# A subset of the C++ suite in $shards processes at once (gtest sharding); they share the JIT disk
+# cache. sharded_tests SUBSET
 sharded_tests() {
   local pids=() status=0
   for ((i = 0; i < shards; i++)); do
     GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$i "$tests" --gtest_brief=1 \
-      >"$scratch/shard_$i.log" 2>&1 &
+      --kiln_select="$1" >"$scratch/shard_$i.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
@@ -64,13 +63,13 @@ sharded_tests() {
   return $status
 }
 
-# memcheck and racecheck on the GPU subset, at once.
+# memcheck and racecheck on the sanitizer subset, at once.
 sanitizers() {
   compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
-    "$tests" --gtest_brief=1 --gtest_filter="$gpu_filter" >"$scratch/memcheck.log" 2>&1 &
+    "$tests" --gtest_brief=1 --kiln_select=sanitize >"$scratch/memcheck.log" 2>&1 &
   local memcheck=$!
   compute-sanitizer --tool racecheck --error-exitcode 1 \
-    "$tests" --gtest_brief=1 --gtest_filter="$gpu_filter" >"$scratch/racecheck.log" 2>&1 &
+    "$tests" --gtest_brief=1 --kiln_select=sanitize >"$scratch/racecheck.log" 2>&1 &
   local racecheck=$! status=0
   wait $memcheck || { echo "memcheck FAILED"; status=1; }
   wait $racecheck || { echo "racecheck FAILED"; status=1; }
@@ -78,6 +77,9 @@ sanitizers() {
   echo "== racecheck"; cat "$scratch/racecheck.log"
   return $status
 }
+
+# Every op case on CUDA timed (median after warm-up, L2 flushed): GB/s and TFLOP/s, one line each.
+perf_table() { "$tests" --kiln_perf | tee "$out/kiln_perf.txt"; }
 
 {
   date
@@ -93,7 +95,8 @@ if want build; then
   run build cmake --build "$build" -j "$(nproc)"
 fi
 if want tests; then
-  run cpp_tests sharded_tests
+  run gpu_tests sharded_tests cuda
+  run cpu_tests sharded_tests cpu
 fi
 if want sanitize; then
   run sanitizers sanitizers
@@ -105,6 +108,9 @@ if want python; then
 fi
 if want bench; then
   run bench python3 -m kiln.bench
+fi
+if want perf; then
+  run perf perf_table
 fi
 
 echo

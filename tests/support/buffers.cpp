@@ -4,16 +4,26 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
-#include <limits>
 
 #include "core/numeric.hpp"
 
 namespace kiln::test {
 
+namespace {
+
+std::uint64_t fresh_seed() {
+  if (const char* seed = std::getenv("KILN_SEED")) return std::strtoull(seed, nullptr, 10);
+  return std::random_device{}() ^ (std::uint64_t(std::random_device{}()) << 32);
+}
+
+}  // namespace
+
 Rng::Rng()
-    : seed_(std::random_device{}() ^ (std::uint64_t(std::random_device{}()) << 32)),
-      engine_(seed_) {
+    : seed_(fresh_seed()),
+      engine_(seed_),
+      trace_(__FILE__, __LINE__, "seed " + std::to_string(seed_) + " (KILN_SEED replays it)") {
   ::testing::Test::RecordProperty("seed", std::to_string(seed_));
 }
 
@@ -69,24 +79,6 @@ void fill_uniform(void* data, DType dtype, std::size_t count, Rng& rng, float lo
   }
 }
 
-std::vector<float> to_floats(const void* data, DType dtype, std::size_t count) {
-  std::vector<float> out(count);
-  for (std::size_t i = 0; i < count; ++i)
-    out[i] = numeric::load_float(data, dtype, std::int64_t(i));
-  return out;
-}
-
-double nmse(const std::vector<float>& actual, const std::vector<double>& expected) {
-  double err = 0, ref = 0;
-  for (std::size_t i = 0; i < actual.size(); ++i) {
-    if (std::isnan(actual[i])) return std::numeric_limits<double>::infinity();
-    const double d = double(actual[i]) - expected[i];
-    err += d * d;
-    ref += expected[i] * expected[i];
-  }
-  return ref > 0 ? err / ref : err;
-}
-
 double unit_roundoff(DType dtype) {
   switch (dtype) {
     case DType::f16:
@@ -98,30 +90,37 @@ double unit_roundoff(DType dtype) {
   }
 }
 
-void expect_close(const std::vector<float>& actual, const std::vector<double>& expected,
-                  DType dtype, const std::string& what, double slack) {
-  ASSERT_EQ(actual.size(), expected.size()) << what;
-  ASSERT_FALSE(expected.empty()) << what;
-  double sum_sq = 0;
-  for (double e : expected) sum_sq += e * e;
-  const double rms = std::sqrt(sum_sq / double(expected.size()));
-  ASSERT_GT(rms, 0.0) << what << ": the expected output is all zeros; the test cannot fail";
-  const double u = unit_roundoff(dtype);
-  // f32 math differs from f64 by a few 2^-24 relative to the row's magnitude.
-  const double floor = 64 * std::ldexp(1.0, -24) * rms;
-  std::size_t bad = 0;
-  for (std::size_t i = 0; i < actual.size(); ++i) {
-    const double bound = (1 + slack) * 2 * u * std::abs(expected[i]) + floor;
-    if (!(std::abs(double(actual[i]) - expected[i]) <= bound)) {
-      if (++bad <= 5) {
-        ADD_FAILURE() << what << ": element " << i << " is " << actual[i] << ", expected "
-                      << expected[i] << " (bound " << bound << ")";
-      }
-    }
+double round_to(DType dtype, double x) {
+  std::uint32_t word = 0;
+  numeric::store_float(&word, dtype, 0, float(x));
+  return numeric::load_float(&word, dtype, 0);
+}
+
+ScopedEnv::ScopedEnv(const std::vector<std::pair<std::string, std::string>>& values) {
+  for (const auto& [name, value] : values) {
+    const char* old = std::getenv(name.c_str());
+    old_.emplace_back(name, old ? std::optional<std::string>(old) : std::nullopt);
+    ::setenv(name.c_str(), value.c_str(), 1);
   }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << actual.size() << " elements off";
-  const double bound_nmse = std::max(1e-10, (1 + slack) * (1 + slack) * u * u);
-  EXPECT_LE(nmse(actual, expected), bound_nmse) << what;
+}
+
+ScopedEnv::~ScopedEnv() {
+  for (const auto& [name, old] : old_) {
+    old ? ::setenv(name.c_str(), old->c_str(), 1) : ::unsetenv(name.c_str());
+  }
+}
+
+ArgArray::ArgArray(std::size_t count, DType dtype, float value)
+    : bytes_(count * dtype_size(dtype)) {
+  for (std::size_t i = 0; i < count; ++i)
+    numeric::store_float(bytes_.data(), dtype, std::int64_t(i), value);
+  initial_ = bytes_;
+}
+
+TensorView ArgArray::operator()(const std::vector<std::int64_t>& shape, DType dtype,
+                                const std::vector<std::int64_t>& strides, Device device) {
+  if (strides.empty()) return TensorView::contiguous(bytes_.data(), dtype, shape, device);
+  return TensorView(bytes_.data(), dtype, shape, strides, device);
 }
 
 void expect_error(const std::string& op, const std::function<void()>& call, ErrorCode code,

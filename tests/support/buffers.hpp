@@ -1,9 +1,11 @@
-// Test buffers with guard bands, random inputs and error measures shared by the op tests.
+// Guard-banded, poisoned host and device memory, seeded random inputs, environment overrides and
+// error checks: the pieces under the op-case harness (harness.hpp) and the tests beside it.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -29,16 +31,20 @@ namespace kiln::test {
 inline constexpr std::uint8_t kPoison = 0xFF;
 inline constexpr std::size_t kGuardBytes = 4096;
 
-// A seeded generator whose seed is fresh each run and printed with every failure.
+// A seeded generator. The seed is fresh each run, or KILN_SEED's to replay a failure, and every
+// failure while the generator lives names it ("seed 123").
 class Rng {
  public:
   Rng();
+  Rng(const Rng&) = delete;
+  Rng& operator=(const Rng&) = delete;
   std::mt19937_64& engine() { return engine_; }
   std::uint64_t seed() const { return seed_; }
 
  private:
   std::uint64_t seed_;
   std::mt19937_64 engine_;
+  ::testing::ScopedTrace trace_;
 };
 
 // Host memory with guard bands of kGuardBytes on both sides; the payload and guards start
@@ -78,20 +84,39 @@ class DeviceBuffer {
 void fill_uniform(void* data, DType dtype, std::size_t count, Rng& rng, float lo = -1.f,
                   float hi = 1.f);
 
-// Reads `count` elements of a host f32/f16/bf16 buffer as f32.
-std::vector<float> to_floats(const void* data, DType dtype, std::size_t count);
-
-// sum (a - b)^2 / sum b^2; infinity when any a is NaN.
-double nmse(const std::vector<float>& actual, const std::vector<double>& expected);
-
 // Relative rounding step of a dtype: 2^-24 (f32), 2^-11 (f16), 2^-8 (bf16).
 double unit_roundoff(DType dtype);
 
-// Checks that `actual` (rounded to `dtype`) matches `expected` to within the rounding of
-// `dtype`, plus `slack` ulps for differently ordered f32 math: no NaN, every element within
-// (1 + slack) * 2 * u * |e| + floor, and NMSE within the bound of uniform rounding.
-void expect_close(const std::vector<float>& actual, const std::vector<double>& expected,
-                  DType dtype, const std::string& what, double slack = 1.0);
+// `x` rounded to `dtype` (f32, f16 or bf16).
+double round_to(DType dtype, double x);
+
+// Sets environment variables for a scope (kiln's launchers read them on every call), then
+// restores them.
+class ScopedEnv {
+ public:
+  explicit ScopedEnv(const std::vector<std::pair<std::string, std::string>>& values);
+  ScopedEnv(const std::string& name, const std::string& value) : ScopedEnv({{name, value}}) {}
+  ~ScopedEnv();
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::vector<std::pair<std::string, std::optional<std::string>>> old_;
+};
+
+// A host array for argument checks: `count` elements of `dtype` set to `value`, seen through views
+// of any shape, dtype and strides; unchanged() says whether anything wrote to it.
+class ArgArray {
+ public:
+  ArgArray(std::size_t count, DType dtype, float value);
+  TensorView operator()(const std::vector<std::int64_t>& shape, DType dtype = DType::f32,
+                        const std::vector<std::int64_t>& strides = {},
+                        Device device = Device::cpu());
+  bool unchanged() const { return bytes_ == initial_; }
+
+ private:
+  std::vector<std::uint8_t> bytes_, initial_;
+};
 
 // Expects `call` to throw kiln::Error with `code` and a message naming `op` ("kiln::conv2d")
 // and containing every fragment.

@@ -1,6 +1,5 @@
 // conv2d: the CPU backend and the CUDA kernels against a direct f64 convolution computed here,
-// the 64-bit offsets of a > 2^31-element activation, and the argument checks. Inputs are random
-// and fresh every run (seed in the test's XML record).
+// the 64-bit offsets of a > 2^31-element activation, and the argument checks.
 //
 // Error bounds (FlashAttention's style): the CUDA kernel rounds x and w to its compute type T
 // (bf16, or f16 when neither is bf16 and one is f16) and accumulates in f32, so it is compared
@@ -10,12 +9,10 @@
 // rounding of the exact result.
 #include <cuda_runtime.h>
 
-#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <functional>
-#include <memory>
-#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -24,10 +21,8 @@
 
 #include "core/numeric.hpp"
 #include "kiln/conv2d.hpp"
-#include "kiln/device.hpp"
-#include "kiln/error.hpp"
 #include "ops/conv2d/conv2d.hpp"
-#include "support/buffers.hpp"
+#include "support/harness.hpp"
 
 namespace kiln::test {
 namespace {
@@ -45,16 +40,12 @@ struct Case {
   std::int64_t OW() const { return conv2d_out_size(W, K, stride, pad, dilation); }
   std::int64_t macs() const { return N * OH() * OW() * OC * C * K * K; }
   std::string name() const {
-    return "N" + std::to_string(N) + "_C" + std::to_string(C) + "_" + std::to_string(H) + "x" +
-           std::to_string(W) + "_OC" + std::to_string(OC) + "_k" + std::to_string(K) + "_s" +
-           std::to_string(stride) + "_p" + std::to_string(pad) + "_d" + std::to_string(dilation) +
-           "_x" + dtype_name(x) + "_w" + dtype_name(w) + "_out" + dtype_name(out) +
-           (nhwc ? "_nhwc" : "_nchw") + (bias ? "" : "_nobias") + (sliced ? "_sliced" : "") +
-           (w_flip ? "_wflip" : "");
+    return cat("N", N, "_C", C, "_", H, "x", W, "_OC", OC, "_k", K, "_s", stride, "_p", pad, "_d",
+               dilation, "_x", dtype_name(x), "_w", dtype_name(w), "_out", dtype_name(out),
+               nhwc ? "_nhwc" : "_nchw", bias ? "" : "_nobias", sliced ? "_sliced" : "",
+               w_flip ? "_wflip" : "");
   }
 };
-
-void PrintTo(const Case& c, std::ostream* os) { *os << c.name(); }
 
 DType compute_type(DType x, DType w) {
   if (x == DType::bf16 || w == DType::bf16) return DType::bf16;
@@ -70,49 +61,13 @@ DType cuda_compute_type(const Case& c) {
   return compute_type(c.x, c.w);
 }
 
-float round_to(DType dtype, float v) {
-  if (dtype == DType::bf16) return numeric::bf16_to_float(numeric::float_to_bf16(v));
-  if (dtype == DType::f16) return numeric::f16_to_float(numeric::float_to_f16(v));
-  return v;
-}
-
 std::array<std::int64_t, 4> format_strides(bool nhwc, std::int64_t C, std::int64_t H,
                                            std::int64_t W) {
   if (nhwc) return {H * W * C, 1, W * C, C};
   return {C * H * W, H * W, W, 1};
 }
 
-// Host tensors of one case.
-struct Inputs {
-  HostBuffer x_storage, w_storage, b_storage;
-  TensorView x, w;
-  std::optional<TensorView> bias;
-
-  Inputs(std::size_t x_bytes, std::size_t w_bytes, std::size_t b_bytes)
-      : x_storage(x_bytes), w_storage(w_bytes), b_storage(b_bytes) {}
-};
-
-std::unique_ptr<Inputs> make_inputs(const Case& c, Rng& rng) {
-  const std::int64_t parent_c = c.sliced ? c.C + 2 : c.C;
-  const std::int64_t x_count = c.N * parent_c * c.H * c.W;
-  const std::int64_t w_count = c.OC * c.C * c.K * c.K;
-  auto in = std::make_unique<Inputs>(std::size_t(x_count) * dtype_size(c.x),
-                                     std::size_t(w_count) * dtype_size(c.w),
-                                     std::size_t(c.OC) * dtype_size(c.w));
-  fill_uniform(in->x_storage.data(), c.x, std::size_t(x_count), rng);
-  fill_uniform(in->w_storage.data(), c.w, std::size_t(w_count), rng);
-  fill_uniform(in->b_storage.data(), c.w, std::size_t(c.OC), rng);
-  const auto xs = format_strides(c.nhwc, parent_c, c.H, c.W);
-  const std::int64_t x_offset = c.sliced ? xs[1] : 0;  // channel 1 of the parent
-  const std::int64_t x_shape[] = {c.N, c.C, c.H, c.W};
-  in->x = TensorView(static_cast<char*>(in->x_storage.data()) + x_offset * dtype_size(c.x), c.x,
-                     x_shape, xs);
-  const auto ws = format_strides(c.nhwc != c.w_flip, c.C, c.K, c.K);
-  const std::int64_t w_shape[] = {c.OC, c.C, c.K, c.K};
-  in->w = TensorView(in->w_storage.data(), c.w, w_shape, ws);
-  if (c.bias) in->bias = TensorView(in->b_storage.data(), c.w, {c.OC});
-  return in;
-}
+Dims dims(const std::array<std::int64_t, 4>& a) { return {a.begin(), a.end()}; }
 
 struct Pixel {
   std::int64_t n, oh, ow;
@@ -148,19 +103,17 @@ std::vector<Pixel> pixels_to_check(const Case& c, Rng& rng) {
   return pixels;
 }
 
-// The direct convolution at `pixels` (all OC of each), in f64: `exact` of the inputs as given,
-// `low` of the inputs rounded to the compute type, `magnitude` = |bias| + sum |x w|.
-struct Expected {
-  std::vector<double> exact, low, magnitude;
-};
-
 // x_at(n, c, ih, iw), w_at(oc, c, kh, kw): element values as stored.
 using Element = std::function<float(std::int64_t, std::int64_t, std::int64_t, std::int64_t)>;
 
-Expected direct(const Case& c, const std::vector<Pixel>& pixels, const Element& x_at,
-                const Element& w_at, const std::function<float(std::int64_t)>& bias_at) {
+// The direct convolution at `pixels` (all OC of each, at their logical indices in out): `exact`
+// of the inputs as given, `low` of the inputs rounded to the CUDA kernel's compute type,
+// `magnitude` = |bias| + sum |x w|; bounded as the header says for `backend`.
+Expected direct(const Case& c, Backend backend, const std::vector<Pixel>& pixels,
+                const Element& x_at, const Element& w_at,
+                const std::function<float(std::int64_t)>& bias_at) {
   const DType t = cuda_compute_type(c);
-  Expected e;
+  Expected e{.output = "out"};
   for (const Pixel& p : pixels) {
     for (std::int64_t oc = 0; oc < c.OC; ++oc) {
       const double b = c.bias ? bias_at(oc) : 0.0;
@@ -173,7 +126,7 @@ Expected direct(const Case& c, const std::vector<Pixel>& pixels, const Element& 
           for (std::int64_t ch = 0; ch < c.C; ++ch) {
             const float xv = x_at(p.n, ch, ih, iw), wv = w_at(oc, ch, kh, kw);
             exact += double(xv) * double(wv);
-            const double lv = double(round_to(t, xv)) * double(round_to(t, wv));
+            const double lv = round_to(t, xv) * round_to(t, wv);
             low += lv;
             magnitude += std::abs(lv);
           }
@@ -182,84 +135,23 @@ Expected direct(const Case& c, const std::vector<Pixel>& pixels, const Element& 
       e.exact.push_back(exact);
       e.low.push_back(low);
       e.magnitude.push_back(magnitude);
+      e.at.push_back(((p.n * c.OC + oc) * c.OH() + p.oh) * c.OW() + p.ow);
     }
+  }
+  const double u = unit_roundoff(c.out);
+  Tolerance& tol = e.tolerance;
+  tol.rel = 2 * u;
+  // f16 outputs below 2^-14 are subnormal: their rounding step is 2^-24, not relative.
+  tol.abs = c.out == DType::f16 ? std::ldexp(1.0, -24) : 1e-30;
+  if (backend == Backend::cuda) {
+    tol.accum = double(c.C * c.K * c.K) * std::ldexp(1.0, -24);
+    tol.against_low = true;
+    tol.factor = 1.25, tol.low_floor = 2 * u + std::ldexp(1.0, -20), tol.low_stats = kRmsError;
+  } else {
+    tol.accum = std::ldexp(1.0, -40);
+    tol.nmse = std::pow(2 * u + std::ldexp(1.0, -20), 2);
   }
   return e;
-}
-
-Expected direct(const Case& c, const Inputs& in, const std::vector<Pixel>& pixels) {
-  const auto at = [](const TensorView& v) {
-    return [&v](std::int64_t a, std::int64_t b, std::int64_t h, std::int64_t w) {
-      return numeric::load_float(
-          v.data(), v.dtype(),
-          a * v.stride(0) + b * v.stride(1) + h * v.stride(2) + w * v.stride(3));
-    };
-  };
-  const TensorView& bias = in.bias ? *in.bias : in.w;
-  return direct(c, pixels, at(in.x), at(in.w),
-                [&](std::int64_t oc) { return numeric::load_float(bias.data(), c.w, oc); });
-}
-
-// Checks `got` (all OC of each pixel, in pixel order) against `e`; `gpu` selects the bound.
-void expect_matches(const Case& c, const std::vector<float>& got, const Expected& e, bool gpu,
-                    const std::string& what) {
-  ASSERT_EQ(got.size(), e.exact.size()) << what;
-  const double u = unit_roundoff(c.out);
-  const double k = double(c.C * c.K * c.K);
-  const double subnormal = c.out == DType::f16 ? std::ldexp(1.0, -24) : 1e-30;
-  double ref_sq = 0, err_sq = 0, low_err_sq = 0;
-  std::size_t bad = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double target = gpu ? e.low[i] : e.exact[i];
-    const double accumulation = gpu ? k * std::ldexp(1.0, -24) : std::ldexp(1.0, -40);
-    // f16 outputs below 2^-14 are subnormal: their rounding step is 2^-24, not relative.
-    const double bound = 2 * u * std::abs(target) + accumulation * e.magnitude[i] + subnormal;
-    if (!(std::abs(double(got[i]) - target) <= bound)) {
-      if (++bad <= 5) {
-        ADD_FAILURE() << what << ": element " << i << " (pixel " << i / std::size_t(c.OC) << ", oc "
-                      << i % std::size_t(c.OC) << ") is " << got[i] << ", expected " << target
-                      << " (bound " << bound << ")";
-      }
-    }
-    ref_sq += e.exact[i] * e.exact[i];
-    err_sq += (double(got[i]) - e.exact[i]) * (double(got[i]) - e.exact[i]);
-    low_err_sq += (e.low[i] - e.exact[i]) * (e.low[i] - e.exact[i]);
-  }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements off";
-  ASSERT_GT(ref_sq, 0.0) << what << ": the expected output is all zeros; the test cannot fail";
-  const double ref = std::sqrt(ref_sq);
-  const double norm_bound =
-      (gpu ? 1.25 * std::sqrt(low_err_sq) : 0.0) + 2 * u * ref + std::ldexp(1.0, -20) * ref;
-  EXPECT_LE(std::sqrt(err_sq), norm_bound) << what << ": ||got - exact|| vs the low-precision "
-                                           << "reference's " << std::sqrt(low_err_sq);
-}
-
-std::int64_t out_index(const Case& c, std::int64_t n, std::int64_t oc, std::int64_t oh,
-                       std::int64_t ow) {
-  const std::int64_t OH = c.OH(), OW = c.OW();
-  if (c.nhwc) return ((n * OH + oh) * OW + ow) * c.OC + oc;
-  return ((n * c.OC + oc) * OH + oh) * OW + ow;
-}
-
-TensorView out_view(const Case& c, void* data, Device device) {
-  const std::int64_t shape[] = {c.N, c.OC, c.OH(), c.OW()};
-  return TensorView(data, c.out, shape, format_strides(c.nhwc, c.OC, c.OH(), c.OW()), device);
-}
-
-// Every output element was written (no poison left), then the pixels are compared.
-void check_output(const Case& c, const Inputs& in, const void* out, bool gpu, Rng& rng) {
-  const std::int64_t count = c.N * c.OC * c.OH() * c.OW();
-  const std::vector<float> all = to_floats(out, c.out, std::size_t(count));
-  const auto nans = std::count_if(all.begin(), all.end(), [](float v) { return std::isnan(v); });
-  EXPECT_EQ(nans, 0) << c.name() << ": " << nans << " outputs not written (still poisoned)";
-  const auto pixels = pixels_to_check(c, rng);
-  std::vector<float> got;
-  for (const Pixel& p : pixels) {
-    for (std::int64_t oc = 0; oc < c.OC; ++oc) {
-      got.push_back(all[std::size_t(out_index(c, p.n, oc, p.oh, p.ow))]);
-    }
-  }
-  expect_matches(c, got, direct(c, in, pixels), gpu, c.name());
 }
 
 Conv2dOptions options_of(const Case& c) {
@@ -269,6 +161,51 @@ Conv2dOptions options_of(const Case& c) {
   o.dilation = {c.dilation, c.dilation};
   return o;
 }
+
+struct Conv2d {
+  using Case = test::Case;
+
+  static void build(const Case& c, Tensors& t, Rng& rng) {
+    const std::int64_t parent_c = c.sliced ? c.C + 2 : c.C;
+    const auto xs = format_strides(c.nhwc, parent_c, c.H, c.W);
+    t.input("x", c.x, {c.N, c.C, c.H, c.W}, dims(xs), c.sliced ? xs[1] : 0,
+            c.N * parent_c * c.H * c.W);
+    t.input("w", c.w, {c.OC, c.C, c.K, c.K},
+            dims(format_strides(c.nhwc != c.w_flip, c.C, c.K, c.K)));
+    for (const char* name : {"x", "w"}) t.fill(name, rng);
+    if (c.bias) {
+      t.input("bias", c.w, {c.OC});
+      t.fill("bias", rng);
+    }
+    t.output("out", c.out, {c.N, c.OC, c.OH(), c.OW()},
+             dims(format_strides(c.nhwc, c.OC, c.OH(), c.OW())));
+  }
+
+  static void run(const Case& c, const Views& v, Stream stream) {
+    conv2d(v["x"], v["w"], v.optional("bias"), v["out"], options_of(c), stream);
+  }
+
+  static std::vector<Expected> expect(const Case& c, CaseRun& r) {
+    const auto at = [](const TensorView& v) {
+      return [v](std::int64_t a, std::int64_t b, std::int64_t h, std::int64_t w) {
+        return numeric::load_float(
+            v.data(), v.dtype(),
+            a * v.stride(0) + b * v.stride(1) + h * v.stride(2) + w * v.stride(3));
+      };
+    };
+    const auto bias = r.host().optional("bias");
+    return {direct(c, r.backend(), pixels_to_check(c, r.rng()), at(r.host()["x"]),
+                   at(r.host()["w"]),
+                   [&](std::int64_t oc) { return numeric::load_float(bias->data(), c.w, oc); })};
+  }
+
+  // The CPU backend is checked on small shapes.
+  static bool runs_on(const Case& c, Backend b) {
+    return b == Backend::cuda || c.macs() <= 40'000'000;
+  }
+
+  static double flops(const Case& c) { return 2.0 * double(c.macs()); }
+};
 
 // The seed's 17 configurations, with N = 2, dilation 2, 5x5, 7x7 and odd ones.
 std::vector<Case> shapes() {
@@ -385,58 +322,10 @@ std::vector<Case> cases() {
   return all;
 }
 
-class Conv2d : public ::testing::TestWithParam<Case> {};
+KILN_CASES(Conv2d, "Conv2d", cases);
 
-TEST_P(Conv2d, CpuMatchesDirect) {
-  const Case& c = GetParam();
-  if (c.macs() > 40'000'000) GTEST_SKIP() << "the CPU backend is checked on small shapes";
-  Rng rng;
-  SCOPED_TRACE("seed " + std::to_string(rng.seed()));
-  const auto in = make_inputs(c, rng);
-  HostBuffer out(std::size_t(c.N * c.OC * c.OH() * c.OW()) * dtype_size(c.out));
-  conv2d(in->x, in->w, in->bias, out_view(c, out.data(), Device::cpu()), options_of(c));
-  EXPECT_TRUE(out.guards_intact()) << "conv2d wrote outside out";
-  check_output(c, *in, out.data(), false, rng);
-}
-
-TEST_P(Conv2d, CudaMatchesDirect) {
-  KILN_REQUIRE_GPU();
-  const Case& c = GetParam();
-  Rng rng;
-  SCOPED_TRACE("seed " + std::to_string(rng.seed()));
-  const auto in = make_inputs(c, rng);
-  const std::size_t out_bytes = std::size_t(c.N * c.OC * c.OH() * c.OW()) * dtype_size(c.out);
-  DeviceBuffer x(in->x_storage.bytes()), w(in->w_storage.bytes()), b(in->b_storage.bytes()),
-      out(out_bytes);
-  x.upload(in->x_storage.data(), in->x_storage.bytes());
-  w.upload(in->w_storage.data(), in->w_storage.bytes());
-  b.upload(in->b_storage.data(), in->b_storage.bytes());
-  const auto on_device = [](const TensorView& v, void* base, const void* host_base) {
-    const auto offset = static_cast<const char*>(v.data()) - static_cast<const char*>(host_base);
-    return TensorView(static_cast<char*>(base) + offset, v.dtype(), v.shape(), v.strides(),
-                      Device::cuda(0));
-  };
-  std::optional<TensorView> bias;
-  if (in->bias) bias = on_device(*in->bias, b.data(), in->b_storage.data());
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-  conv2d(on_device(in->x, x.data(), in->x_storage.data()),
-         on_device(in->w, w.data(), in->w_storage.data()), bias,
-         out_view(c, out.data(), Device::cuda(0)), options_of(c), stream);
-  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
-  HostBuffer actual(out_bytes);
-  out.download(actual.data(), out_bytes);
-  EXPECT_TRUE(out.guards_intact()) << "conv2d wrote outside out";
-  check_output(c, *in, actual.data(), true, rng);
-}
-
-INSTANTIATE_TEST_SUITE_P(Cases, Conv2d, ::testing::ValuesIn(cases()),
-                         [](const auto& param_info) { return param_info.param.name(); });
-
-// The subset compute-sanitizer runs (scripts/gpu_check.sh leaves out Cases/ and Conv2dLarge):
-// both layouts of the async and register paths, 1x1, stride 2, 7x7, an OC tail, a slice, the
-// direct kernel and the sm_90a kernel.
+// The subset compute-sanitizer runs: both layouts of the async and register paths, 1x1, stride 2,
+// 7x7, an OC tail, a slice, the direct kernel and the sm_90a kernel.
 std::vector<Case> sanitize_cases() {
   std::vector<Case> all;
   for (bool nhwc : {false, true}) {
@@ -459,19 +348,13 @@ std::vector<Case> sanitize_cases() {
   return all;
 }
 
-INSTANTIATE_TEST_SUITE_P(Sanitize, Conv2d, ::testing::ValuesIn(sanitize_cases()),
-                         [](const auto& param_info) { return param_info.param.name(); });
+KILN_CASES(Conv2d, "Conv2dSanitize", sanitize_cases, .sanitize = true);
 
 // An activation of more than 2^31 elements: x [1, 8, 16392, 16384] bf16 (4 GiB) and an output
 // of the same size, 3x3 pad 1 to 8 channels. x repeats a random block of 2^20 elements; pixels
 // of the first and last rows and random ones are compared.
-class Conv2dLarge : public ::testing::TestWithParam<bool> {};
-
-TEST_P(Conv2dLarge, OffsetsBeyond31Bits) {
-  KILN_REQUIRE_GPU();
-  const bool nhwc = GetParam();
+void check_offsets_beyond_31_bits(bool nhwc) {
   Rng rng;
-  SCOPED_TRACE("seed " + std::to_string(rng.seed()));
   Case c{1, 8, 16392, 16384, 8, 3, 1, 1};
   c.nhwc = nhwc;
   const std::int64_t x_count = c.N * c.C * c.H * c.W;
@@ -494,11 +377,13 @@ TEST_P(Conv2dLarge, OffsetsBeyond31Bits) {
   b.upload(b_host.data(), b_host.bytes());
   const auto xs = format_strides(nhwc, c.C, c.H, c.W);
   const auto ws = format_strides(nhwc, c.C, 3, 3);
+  const auto os = format_strides(nhwc, c.OC, c.OH(), c.OW());
   const std::int64_t x_shape[] = {c.N, c.C, c.H, c.W}, w_shape[] = {c.OC, c.C, 3, 3};
+  const std::int64_t out_shape[] = {c.N, c.OC, c.OH(), c.OW()};
   conv2d(TensorView(x.data(), DType::bf16, x_shape, xs, Device::cuda(0)),
          TensorView(w.data(), DType::bf16, w_shape, ws, Device::cuda(0)),
          TensorView(b.data(), DType::bf16, {c.OC}, Device::cuda(0)),
-         out_view(c, out.data(), Device::cuda(0)), options_of(c));
+         TensorView(out.data(), DType::bf16, out_shape, os, Device::cuda(0)), options_of(c));
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   EXPECT_TRUE(out.guards_intact()) << "conv2d wrote outside out";
 
@@ -508,11 +393,11 @@ TEST_P(Conv2dLarge, OffsetsBeyond31Bits) {
   pixels.push_back({0, 0, 0});
   std::uniform_int_distribution<std::int64_t> h(0, c.H - 1), wd(0, c.W - 1);
   for (int i = 0; i < 256; ++i) pixels.push_back({0, h(rng.engine()), wd(rng.engine())});
-  std::vector<float> got;
+  std::vector<double> got;
   for (const Pixel& p : pixels) {
     for (std::int64_t oc = 0; oc < c.OC; ++oc) {
       std::uint16_t bits = 0;
-      out.download(&bits, 2, std::size_t(out_index(c, 0, oc, p.oh, p.ow)) * 2);
+      out.download(&bits, 2, std::size_t(oc * os[1] + p.oh * os[2] + p.ow * os[3]) * 2);
       got.push_back(numeric::bf16_to_float(bits));
     }
   }
@@ -527,158 +412,106 @@ TEST_P(Conv2dLarge, OffsetsBeyond31Bits) {
   const auto bias_at = [&](std::int64_t oc) {
     return numeric::load_float(b_host.data(), DType::bf16, oc);
   };
-  expect_matches(c, got, direct(c, pixels, x_at, w_at, bias_at), true,
-                 nhwc ? "large nhwc" : "large nchw");
+  expect_values(nhwc ? "large nhwc" : "large nchw", got,
+                direct(c, Backend::cuda, pixels, x_at, w_at, bias_at));
 }
 
-INSTANTIATE_TEST_SUITE_P(Layouts, Conv2dLarge, ::testing::Bool(),
-                         [](const auto& layout) { return layout.param ? "nhwc" : "nchw"; });
+KILN_CUDA_TEST(Conv2dLarge, OffsetsBeyond31BitsNchw, false) { check_offsets_beyond_31_bits(false); }
+KILN_CUDA_TEST(Conv2dLarge, OffsetsBeyond31BitsNhwc, false) { check_offsets_beyond_31_bits(true); }
 
-// Argument checks: each names the op, the argument, what was expected and what came.
-class Conv2dErrors : public ::testing::Test {
- protected:
-  std::vector<float> x_ = std::vector<float>(2 * 4 * 6 * 5, 1.f);
-  std::vector<float> w_ = std::vector<float>(3 * 4 * 3 * 3, 1.f);
-  std::vector<float> b_ = std::vector<float>(3, 1.f);
-  std::vector<float> out_ = std::vector<float>(2 * 3 * 6 * 5, 0.f);
-  TensorView x() { return TensorView(x_.data(), DType::f32, {2, 4, 6, 5}); }
-  TensorView w() { return TensorView(w_.data(), DType::f32, {3, 4, 3, 3}); }
-  TensorView out() { return TensorView(out_.data(), DType::f32, {2, 3, 6, 5}); }
+// Small valid arguments (x [2, 4, 6, 5], w [3, 4, 3, 3], padding 1); each error row breaks one.
+struct Args {
+  ArgArray x_{2 * 4 * 6 * 5, DType::f32, 1.f}, w_{3 * 4 * 9 * 9, DType::f32, 1.f};
+  ArgArray b_{3, DType::f32, 1.f}, out_{2 * 3 * 6 * 5, DType::f32, 0.f};
+  TensorView x() { return x_({2, 4, 6, 5}); }
+  TensorView w() { return w_({3, 4, 3, 3}); }
+  TensorView out() { return out_({2, 3, 6, 5}); }
+  bool untouched() const { return x_.unchanged() && out_.unchanged(); }
   static Conv2dOptions pad1() {
     Conv2dOptions o;
     o.padding = {1, 1};
     return o;
   }
-
-  static void expect_error(const std::function<void()>& call, ErrorCode code,
-                           const std::vector<std::string>& fragments) {
-    test::expect_error("kiln::conv2d", call, code, fragments);
+  // The valid call with one option changed.
+  template <typename T>
+  void with(T Conv2dOptions::*option, T value) {
+    Conv2dOptions o = pad1();
+    o.*option = value;
+    conv2d(x(), w(), std::nullopt, out(), o);
   }
 };
 
-TEST_F(Conv2dErrors, ValidCallSucceeds) {
-  conv2d(x(), w(), TensorView(b_.data(), DType::f32, {3}), out(), pad1());
+TEST(Conv2dArgs, ValidCallSucceeds) {
+  Args a;
+  conv2d(a.x(), a.w(), a.b_({3}), a.out(), Args::pad1());
   // Every output is 1 + the number of taps inside the image times 4 channels.
-  EXPECT_EQ(out_[0], 1.f + 4 * 4);      // corner: 2x2 taps
-  EXPECT_EQ(out_[5 + 1], 1.f + 9 * 4);  // interior pixel (1, 1)
+  const std::vector<double> out = values(a.out());
+  EXPECT_EQ(out[0], 1.0 + 4 * 4);      // corner: 2x2 taps
+  EXPECT_EQ(out[5 + 1], 1.0 + 9 * 4);  // interior pixel (1, 1)
 }
 
-TEST_F(Conv2dErrors, Groups) {
-  Conv2dOptions o = pad1();
-  o.groups = 2;
-  expect_error([&] { conv2d(x(), w(), std::nullopt, out(), o); }, ErrorCode::unsupported,
-               {"groups = 2", "not supported"});
+void errors(ErrorTable<Args>& t) {
+  const auto invalid = ErrorCode::invalid_argument;
+  using Pair = std::array<std::int64_t, 2>;
+  t.add("Groups", ErrorCode::unsupported, {"groups = 2", "not supported"},
+        [](Args& a) { a.with(&Conv2dOptions::groups, std::int64_t(2)); });
+  t.add("GroupedWeight", ErrorCode::unsupported, {"w", "[3, 2, 3, 3]", "grouped", "groups = 2"},
+        [](Args& a) {
+          conv2d(a.x(), a.w_({3, 2, 3, 3}), std::nullopt, a.out(), Args::pad1());
+        });
+  t.add("WeightChannels", invalid, {"w", "[3, 3, 3, 3]", "[OC, 4, KH, KW]"}, [](Args& a) {
+    conv2d(a.x(), a.w_({3, 3, 3, 3}), std::nullopt, a.out(), Args::pad1());
+  });
+  t.add("OutShape", invalid, {"out", "[2, 3, 6, 5]", "[2, 3, 4, 3]"}, [](Args& a) {
+    a.with(&Conv2dOptions::padding, Pair{0, 0});
+  });
+  t.add("OutStrides", invalid, {"out", "strides", "[90, 30, 5, 1]", "[90, 1, 15, 3]"}, [](Args& a) {
+    // Neither NCHW nor channels-last.
+    const TensorView out = a.out_({2, 3, 6, 5}, DType::f32, {90, 1, 5, 15});
+    conv2d(a.x(), a.w(), std::nullopt, out, Args::pad1());
+  });
+  t.add("Stride", invalid, {"stride (0, 1)", "stride >= 1"}, [](Args& a) {
+    a.with(&Conv2dOptions::stride, Pair{0, 1});
+  });
+  t.add("Padding", invalid, {"padding (-1, 1)"}, [](Args& a) {
+    a.with(&Conv2dOptions::padding, Pair{-1, 1});
+  });
+  t.add("KernelLargerThanInput", invalid, {"9x9 kernel", "does not fit", "[2, 4, 6, 5]"},
+        [](Args& a) {
+          conv2d(a.x(), a.w_({3, 4, 9, 9}), std::nullopt, a.out(), {});
+        });
+  t.add("Dtypes", invalid, {"x", "i32", "f32, f16, bf16"}, [](Args& a) {
+    conv2d(a.x_({2, 4, 6, 5}, DType::i32), a.w(), std::nullopt, a.out(), Args::pad1());
+  });
+  t.add("BiasShape", invalid, {"bias", "[2]", "[3]"},
+        [](Args& a) { conv2d(a.x(), a.w(), a.b_({2}), a.out(), Args::pad1()); });
+  t.add("OutOverlapsX", invalid, {"out", "overlaps", "x"}, [](Args& a) {
+    conv2d(a.x(), a.w(), std::nullopt, a.x_({2, 3, 6, 5}), Args::pad1());
+  });
+  t.add("MixedDevices", invalid, {"out", "cuda:0", "cpu"}, [](Args& a) {
+    const TensorView out = a.out_({2, 3, 6, 5}, DType::f32, {}, Device::cuda(0));
+    conv2d(a.x(), a.w(), std::nullopt, out, Args::pad1());
+  });
 }
 
-TEST_F(Conv2dErrors, GroupedWeight) {
-  expect_error(
-      [&] {
-        conv2d(x(), TensorView(w_.data(), DType::f32, {3, 2, 3, 3}), std::nullopt, out(), pad1());
-      },
-      ErrorCode::unsupported, {"w", "[3, 2, 3, 3]", "grouped", "groups = 2"});
-}
-
-TEST_F(Conv2dErrors, WeightChannels) {
-  expect_error(
-      [&] {
-        conv2d(x(), TensorView(w_.data(), DType::f32, {3, 3, 3, 3}), std::nullopt, out(), pad1());
-      },
-      ErrorCode::invalid_argument, {"w", "[3, 3, 3, 3]", "[OC, 4, KH, KW]"});
-}
-
-TEST_F(Conv2dErrors, OutShape) {
-  expect_error([&] { conv2d(x(), w(), std::nullopt, out(), Conv2dOptions{}); },
-               ErrorCode::invalid_argument, {"out", "[2, 3, 6, 5]", "[2, 3, 4, 3]"});
-}
-
-TEST_F(Conv2dErrors, OutStrides) {
-  const std::int64_t shape[] = {2, 3, 6, 5};
-  const std::int64_t strides[] = {90, 1, 5, 15};  // neither NCHW nor channels-last
-  expect_error(
-      [&] {
-        conv2d(x(), w(), std::nullopt, TensorView(out_.data(), DType::f32, shape, strides), pad1());
-      },
-      ErrorCode::invalid_argument, {"out", "strides", "[90, 30, 5, 1]", "[90, 1, 15, 3]"});
-}
-
-TEST_F(Conv2dErrors, Options) {
-  Conv2dOptions o = pad1();
-  o.stride = {0, 1};
-  expect_error([&] { conv2d(x(), w(), std::nullopt, out(), o); }, ErrorCode::invalid_argument,
-               {"stride (0, 1)", "stride >= 1"});
-  o = pad1();
-  o.padding = {-1, 1};
-  expect_error([&] { conv2d(x(), w(), std::nullopt, out(), o); }, ErrorCode::invalid_argument,
-               {"padding (-1, 1)"});
-}
-
-TEST_F(Conv2dErrors, KernelLargerThanInput) {
-  std::vector<float> big(3 * 4 * 9 * 9);
-  expect_error(
-      [&] {
-        conv2d(x(), TensorView(big.data(), DType::f32, {3, 4, 9, 9}), std::nullopt, out(),
-               Conv2dOptions{});
-      },
-      ErrorCode::invalid_argument, {"9x9 kernel", "does not fit", "[2, 4, 6, 5]"});
-}
-
-TEST_F(Conv2dErrors, Dtypes) {
-  expect_error(
-      [&] {
-        conv2d(TensorView(x_.data(), DType::i32, {2, 4, 6, 5}), w(), std::nullopt, out(), pad1());
-      },
-      ErrorCode::invalid_argument, {"x", "i32", "f32, f16, bf16"});
-}
-
-TEST_F(Conv2dErrors, BiasShape) {
-  expect_error([&] { conv2d(x(), w(), TensorView(b_.data(), DType::f32, {2}), out(), pad1()); },
-               ErrorCode::invalid_argument, {"bias", "[2]", "[3]"});
-}
-
-TEST_F(Conv2dErrors, OutOverlapsX) {
-  expect_error(
-      [&] {
-        conv2d(x(), w(), std::nullopt, TensorView(x_.data(), DType::f32, {2, 3, 6, 5}), pad1());
-      },
-      ErrorCode::invalid_argument, {"out", "overlaps", "x"});
-}
-
-TEST_F(Conv2dErrors, MixedDevices) {
-  expect_error(
-      [&] {
-        conv2d(x(), w(), std::nullopt,
-               TensorView(out_.data(), DType::f32, {2, 3, 6, 5}, Device::cuda(0)), pad1());
-      },
-      ErrorCode::invalid_argument, {"out", "cuda:0", "cpu"});
-}
-
-TEST_F(Conv2dErrors, UntouchedOutputOnError) {
-  Conv2dOptions o = pad1();
-  o.groups = 4;
-  EXPECT_THROW(conv2d(x(), w(), std::nullopt, out(), o), Error);
-  for (float v : out_) EXPECT_EQ(v, 0.f);
-}
+KILN_ERRORS(Args, "Conv2dErrors", "kiln::conv2d", errors);
 
 // The CUDA path's own limit: kernels up to 7x7 (the CPU backend takes any size).
-TEST(Conv2dCudaErrors, KernelLargerThan7x7) {
-  KILN_REQUIRE_GPU();
+KILN_CUDA_TEST(Conv2dCudaErrors, KernelLargerThan7x7, true) {
   DeviceBuffer x(4 * 16 * 16 * 2), w(2 * 4 * 81 * 2), out(2 * 8 * 8 * 2);
-  try {
-    conv2d(TensorView(x.data(), DType::bf16, {1, 4, 16, 16}, Device::cuda(0)),
-           TensorView(w.data(), DType::bf16, {2, 4, 9, 9}, Device::cuda(0)), std::nullopt,
-           TensorView(out.data(), DType::bf16, {1, 2, 8, 8}, Device::cuda(0)));
-    ADD_FAILURE() << "no kiln::Error thrown";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), ErrorCode::unsupported);
-    EXPECT_NE(std::string(e.what()).find("9x9 kernel, expected at most 7x7"), std::string::npos)
-        << e.what();
-  }
+  expect_error("kiln::conv2d",
+               [&] {
+                 conv2d(TensorView(x.data(), DType::bf16, {1, 4, 16, 16}, Device::cuda(0)),
+                        TensorView(w.data(), DType::bf16, {2, 4, 9, 9}, Device::cuda(0)),
+                        std::nullopt,
+                        TensorView(out.data(), DType::bf16, {1, 2, 8, 8}, Device::cuda(0)));
+               },
+               ErrorCode::unsupported, {"9x9 kernel, expected at most 7x7"});
 }
 
 // Which calls the Hopper kernel takes, and what it copies first (on sm_90a; the case table checks
 // its results there).
-TEST(Conv2dSm90Cuda, TakesSquareWindowsWith128kChannels) {
-  KILN_REQUIRE_GPU();
+KILN_CUDA_TEST(Conv2dSm90, TakesSquareWindowsWith128kChannels, true) {
   if (cuda_arch(0) != "sm_90a") GTEST_SKIP() << "not an sm_90a device: " << cuda_arch(0);
   DeviceBuffer x(2 * 64 * 20 * 20 * 4), w(256 * 64 * 9 * 4), out(2 * 256 * 20 * 20 * 4);
   const auto view = [](const DeviceBuffer& b, DType t, std::vector<std::int64_t> shape, bool nhwc) {

@@ -17,7 +17,7 @@
 #include "core/numeric.hpp"
 #include "kiln/matmul.hpp"
 #include "ops/matmul/matmul.hpp"
-#include "support/buffers.hpp"
+#include "support/harness.hpp"
 
 namespace kiln::test {
 namespace {
@@ -183,11 +183,7 @@ TEST(Q8Format, DequantizeIsDTimesQ) {
 
 // ---- CUDA: the device codecs through dequantize and quantize_fp8 ------------------------------
 
-class Fp8FormatCuda : public ::testing::TestWithParam<bool> {};
-
-TEST_P(Fp8FormatCuda, EveryCodeDecodesLikeTheCpu) {
-  KILN_REQUIRE_GPU();
-  const bool e4m3 = GetParam();
+void every_code_decodes_like_the_cpu(bool e4m3) {
   const DType f = format_of(e4m3);
   std::vector<std::uint8_t> codes(256);
   for (int i = 0; i < 256; ++i) codes[std::size_t(i)] = std::uint8_t(i);
@@ -209,9 +205,7 @@ TEST_P(Fp8FormatCuda, EveryCodeDecodesLikeTheCpu) {
   EXPECT_TRUE(out.guards_intact());
 }
 
-TEST_P(Fp8FormatCuda, EncodeMatchesTheCpuBitForBit) {
-  KILN_REQUIRE_GPU();
-  const bool e4m3 = GetParam();
+void encode_matches_the_cpu_bit_for_bit(bool e4m3) {
   const DType f = format_of(e4m3);
   Rng rng;
   // Codes' values, midpoints and random floats of every magnitude, NaN, inf, saturating values.
@@ -250,18 +244,25 @@ TEST_P(Fp8FormatCuda, EncodeMatchesTheCpuBitForBit) {
     // canonical NaN).
     const bool same = std::isnan(x[i]) ? std::isnan(fp8_to_float(got[i], f)) : got[i] == want;
     if (!same && ++bad <= 5) {
-      ADD_FAILURE() << "x = " << x[i] << " (seed " << rng.seed() << "): device " << int(got[i])
-                    << ", cpu " << int(want);
+      ADD_FAILURE() << "x = " << x[i] << ": device " << int(got[i]) << ", cpu " << int(want);
     }
   }
   EXPECT_EQ(bad, 0);
   EXPECT_TRUE(qd.guards_intact());
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, Fp8FormatCuda, ::testing::Values(true, false),
-                         [](const auto& param_info) {
-                           return param_info.param ? "e4m3fn" : "e5m2";
-                         });
+KILN_CUDA_TEST(Fp8FormatCuda, E4m3fnEveryCodeDecodesLikeTheCpu, true) {
+  every_code_decodes_like_the_cpu(true);
+}
+KILN_CUDA_TEST(Fp8FormatCuda, E5m2EveryCodeDecodesLikeTheCpu, true) {
+  every_code_decodes_like_the_cpu(false);
+}
+KILN_CUDA_TEST(Fp8FormatCuda, E4m3fnEncodeMatchesTheCpuBitForBit, true) {
+  encode_matches_the_cpu_bit_for_bit(true);
+}
+KILN_CUDA_TEST(Fp8FormatCuda, E5m2EncodeMatchesTheCpuBitForBit, true) {
+  encode_matches_the_cpu_bit_for_bit(false);
+}
 
 }  // namespace
 }  // namespace kiln::test

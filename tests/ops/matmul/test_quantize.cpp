@@ -9,8 +9,6 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#include <ostream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -20,7 +18,7 @@
 #include "kiln/error.hpp"
 #include "kiln/matmul.hpp"
 #include "ops/matmul/matmul.hpp"
-#include "support/buffers.hpp"
+#include "support/harness.hpp"
 
 namespace kiln::test {
 namespace {
@@ -54,28 +52,22 @@ struct QuantCase {
   std::int64_t x_pad = 0;  // row stride = cols + x_pad (a column slice of a wider matrix)
 
   std::string name() const {
-    return std::to_string(rows) + "x" + std::to_string(cols) + "_" + dtype_name(x) + "_to_" +
-           dtype_name(format) + "_" + granularity_name(granularity) +
-           (compute_scale ? "_computed" : "_given") + "_pad" + std::to_string(x_pad);
+    return cat(rows, "x", cols, "_", dtype_name(x), "_to_", dtype_name(format), "_",
+               granularity_name(granularity), compute_scale ? "_computed" : "_given", "_pad",
+               x_pad);
   }
 };
 
-void PrintTo(const QuantCase& c, std::ostream* os) { *os << c.name(); }
-
-// x with values spread over several binades: uniform in [-1, 1) times 2^[-6, 6] per row.
-void fill_x(HostBuffer& buf, const QuantCase& c, Rng& rng) {
+// x (a host view, rows of any stride) with values spread over several binades: uniform in
+// [-1, 1) times 2^[-6, 6] per row.
+void fill_x(const TensorView& x, Rng& rng) {
   std::uniform_int_distribution<int> exp(-6, 6);
-  for (std::int64_t r = 0; r < c.rows; ++r) {
-    void* row = static_cast<char*>(buf.data()) + r * (c.cols + c.x_pad) * dtype_size(c.x);
+  for (std::int64_t r = 0; r < x.size(0); ++r) {
+    void* row =
+        static_cast<char*>(x.data()) + r * x.stride(0) * std::int64_t(dtype_size(x.dtype()));
     const float s = std::ldexp(1.f, exp(rng.engine()));
-    fill_uniform(row, c.x, std::size_t(c.cols), rng, -s, s);
+    fill_uniform(row, x.dtype(), std::size_t(x.size(1)), rng, -s, s);
   }
-}
-
-TensorView x_view(void* data, const QuantCase& c, Device device) {
-  const std::int64_t shape[] = {c.rows, c.cols};
-  const std::int64_t strides[] = {c.cols + c.x_pad, 1};
-  return TensorView(data, c.x, shape, strides, device);
 }
 
 // ---- CPU ----------------------------------------------------------------------------------------
@@ -86,14 +78,14 @@ TEST(QuantizeFp8, ComputedScaleIsAmaxOverMaxAndCodesRoundTrip) {
     for (ScaleGranularity g :
          {ScaleGranularity::tensor, ScaleGranularity::row, ScaleGranularity::block128}) {
       const QuantCase c{300, 260, DType::f32, format, g, true, 0};
-      SCOPED_TRACE(c.name() + ", seed " + std::to_string(rng.seed()));
+      SCOPED_TRACE(c.name());
       HostBuffer x(std::size_t(c.rows * c.cols) * 4);
-      fill_x(x, c, rng);
+      const TensorView xv(x.data(), DType::f32, {c.rows, c.cols});
+      fill_x(xv, rng);
       const auto sshape = scale_shape(g, c.rows, c.cols);
       std::vector<std::uint8_t> q(std::size_t(c.rows * c.cols));
       std::vector<float> scale(std::size_t(numel(sshape)), NAN);
-      quantize_fp8(x_view(x.data(), c, Device::cpu()),
-                   TensorView(q.data(), format, {c.rows, c.cols}),
+      quantize_fp8(xv, TensorView(q.data(), format, {c.rows, c.cols}),
                    TensorView::contiguous(scale.data(), DType::f32, sshape), g, true);
       const float max = format == DType::f8_e4m3fn ? 448.f : 57344.f;
       const float* xs = static_cast<const float*>(x.data());
@@ -201,131 +193,83 @@ std::vector<QuantCase> quant_cases() {
   return cases;
 }
 
-class QuantizeFp8Cuda : public ::testing::TestWithParam<QuantCase> {};
+// quantize_fp8, then dequantize back into x's dtype: codes, computed scales and dequantized
+// values bit for bit against the CPU.
+struct QuantizeFp8 {
+  using Case = QuantCase;
 
-TEST_P(QuantizeFp8Cuda, MatchesCpuBitForBit) {
-  KILN_REQUIRE_GPU();
-  const QuantCase c = GetParam();
-  Rng rng;
-  SCOPED_TRACE("seed " + std::to_string(rng.seed()));
-  const std::size_t x_bytes =
-      std::size_t((c.rows - 1) * (c.cols + c.x_pad) + c.cols) * dtype_size(c.x);
-  HostBuffer x(x_bytes);
-  fill_x(x, c, rng);
-  const auto sshape = scale_shape(c.granularity, c.rows, c.cols);
-  const std::size_t s_bytes = std::size_t(numel(sshape)) * 4;
-  const std::size_t q_bytes = std::size_t(c.rows * c.cols);
-  // Given scales: positive values of any size.
-  HostBuffer scale_cpu(s_bytes);
-  if (!c.compute_scale) fill_uniform(scale_cpu.data(), DType::f32, s_bytes / 4, rng, 1e-3f, 2.f);
-  HostBuffer q_cpu(q_bytes);
-  quantize_fp8(
-      x_view(x.data(), c, Device::cpu()), TensorView(q_cpu.data(), c.format, {c.rows, c.cols}),
-      TensorView::contiguous(scale_cpu.data(), DType::f32, sshape), c.granularity, c.compute_scale);
-
-  DeviceBuffer xd(x_bytes), qd(q_bytes), sd(s_bytes), outd(q_bytes * dtype_size(c.x));
-  xd.upload(x.data(), x_bytes);
-  if (!c.compute_scale) sd.upload(scale_cpu.data(), s_bytes);
-  const TensorView sview = TensorView::contiguous(sd.data(), DType::f32, sshape, Device::cuda(0));
-  quantize_fp8(x_view(xd.data(), c, Device::cuda(0)),
-               TensorView(qd.data(), c.format, {c.rows, c.cols}, Device::cuda(0)), sview,
-               c.granularity, c.compute_scale);
-  // dequantize back into x's dtype, against the CPU's dequantize.
-  dequantize(TensorView(qd.data(), c.format, {c.rows, c.cols}, Device::cuda(0)), sview,
-             TensorView(outd.data(), c.x, {c.rows, c.cols}, Device::cuda(0)));
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-
-  std::vector<std::uint8_t> q_gpu(q_bytes);
-  std::vector<float> s_gpu(s_bytes / 4);
-  qd.download(q_gpu.data(), q_bytes);
-  sd.download(s_gpu.data(), s_bytes);
-  const auto* qc = static_cast<const std::uint8_t*>(q_cpu.data());
-  const auto* sc = static_cast<const float*>(scale_cpu.data());
-  for (std::size_t i = 0; i < s_gpu.size(); ++i) ASSERT_EQ(s_gpu[i], sc[i]) << "scale " << i;
-  std::size_t bad = 0;
-  for (std::size_t i = 0; i < q_bytes; ++i) {
-    if (q_gpu[i] != qc[i] && ++bad <= 5) {
-      ADD_FAILURE() << "code " << i << ": device " << int(q_gpu[i]) << ", cpu " << int(qc[i]);
+  static void build(const Case& c, Tensors& t, Rng& rng) {
+    fill_x(t.input("x", c.x, {c.rows, c.cols}, {c.cols + c.x_pad, 1}), rng);
+    const Dims sshape = scale_shape(c.granularity, c.rows, c.cols);
+    if (c.compute_scale) {
+      t.output("scale", DType::f32, sshape);
+    } else {
+      t.input("scale", DType::f32, sshape);  // given scales: positive values of any size
+      t.fill("scale", rng, 1e-3f, 2.f);
     }
+    t.output("q", c.format, {c.rows, c.cols});
+    t.output("dequantized", c.x, {c.rows, c.cols});
   }
-  EXPECT_EQ(bad, 0u);
 
-  HostBuffer deq_cpu(q_bytes * dtype_size(c.x));
-  dequantize(TensorView(q_cpu.data(), c.format, {c.rows, c.cols}),
-             TensorView::contiguous(scale_cpu.data(), DType::f32, sshape),
-             TensorView(deq_cpu.data(), c.x, {c.rows, c.cols}));
-  std::vector<std::uint8_t> deq_gpu(q_bytes * dtype_size(c.x));
-  outd.download(deq_gpu.data(), deq_gpu.size());
-  EXPECT_EQ(std::memcmp(deq_gpu.data(), deq_cpu.data(), deq_gpu.size()), 0) << "dequantize";
-  EXPECT_TRUE(xd.guards_intact() && qd.guards_intact() && sd.guards_intact() &&
-              outd.guards_intact());
-}
+  static void run(const Case& c, const Views& v, Stream stream) {
+    quantize_fp8(v["x"], v["q"], v["scale"], c.granularity, c.compute_scale, stream);
+    dequantize(v["q"], v["scale"], v["dequantized"], stream);
+  }
 
-INSTANTIATE_TEST_SUITE_P(Cases, QuantizeFp8Cuda, ::testing::ValuesIn(quant_cases()),
-                         [](const auto& param_info) { return param_info.param.name(); });
+  static std::vector<Expected> expect(const Case& c, CaseRun& r) {
+    const Views& cpu = r.cpu();
+    std::vector<Expected> e = {same_bits("q", cpu["q"]),
+                               same_bits("dequantized", cpu["dequantized"])};
+    if (c.compute_scale) e.push_back(same_bits("scale", cpu["scale"]));
+    return e;
+  }
+};
+
+KILN_CASES(QuantizeFp8, "QuantizeFp8", quant_cases, .backends = {Backend::cuda}, .sanitize = true);
 
 struct Q8Case {
   std::int64_t rows, cols;
   DType x;
   std::int64_t x_pad;
   DType out;
+  std::string name() const {
+    return cat(rows, "x", cols, "_", dtype_name(x), "_pad", x_pad, "_out_", dtype_name(out));
+  }
 };
 
-void PrintTo(const Q8Case& c, std::ostream* os) {
-  *os << c.rows << "x" << c.cols << "_" << dtype_name(c.x) << "_pad" << c.x_pad << "_out_"
-      << dtype_name(c.out);
+// quantize_q8_0 (a few all-zero blocks: d = 0), then dequantize: blocks and values bit for bit
+// against the CPU.
+struct QuantizeQ8_0 {
+  using Case = Q8Case;
+
+  static void build(const Case& c, Tensors& t, Rng& rng) {
+    const TensorView x = t.input("x", c.x, {c.rows, c.cols}, {c.cols + c.x_pad, 1});
+    fill_x(x, rng);
+    std::memset(x.data(), 0, 32 * dtype_size(c.x));
+    t.output("q", DType::u8, {c.rows, c.cols / 32 * 34});
+    t.output("dequantized", c.out, {c.rows, c.cols});
+  }
+
+  static void run(const Case&, const Views& v, Stream stream) {
+    quantize_q8_0(v["x"], v["q"], stream);
+    dequantize(v["q"], std::nullopt, v["dequantized"], stream);
+  }
+
+  static std::vector<Expected> expect(const Case&, CaseRun& r) {
+    const Views& cpu = r.cpu();
+    return {same_bits("q", cpu["q"]), same_bits("dequantized", cpu["dequantized"])};
+  }
+};
+
+std::vector<Q8Case> q8_cases() {
+  return {{1, 32, DType::f32, 0, DType::f32},
+          {7, 96, DType::bf16, 0, DType::bf16},
+          {33, 4096, DType::f16, 0, DType::f16},
+          {5, 224, DType::f32, 3, DType::bf16},
+          {300, 1024, DType::bf16, 16, DType::f32}};
 }
 
-class QuantizeQ8_0Cuda : public ::testing::TestWithParam<Q8Case> {};
-
-TEST_P(QuantizeQ8_0Cuda, MatchesCpuBitForBit) {
-  KILN_REQUIRE_GPU();
-  const Q8Case c = GetParam();
-  Rng rng;
-  SCOPED_TRACE("seed " + std::to_string(rng.seed()));
-  const QuantCase shape{c.rows, c.cols, c.x, DType::f8_e4m3fn, ScaleGranularity::row,
-                        true,   c.x_pad};
-  const std::size_t x_bytes =
-      std::size_t((c.rows - 1) * (c.cols + c.x_pad) + c.cols) * dtype_size(c.x);
-  HostBuffer x(x_bytes);
-  fill_x(x, shape, rng);
-  // A few all-zero blocks (d = 0).
-  std::memset(x.data(), 0, std::min<std::size_t>(x_bytes, 32 * dtype_size(c.x)));
-  const std::int64_t qcols = c.cols / 32 * 34;
-  const std::size_t q_bytes = std::size_t(c.rows * qcols);
-  HostBuffer q_cpu(q_bytes);
-  quantize_q8_0(x_view(x.data(), shape, Device::cpu()),
-                TensorView(q_cpu.data(), DType::u8, {c.rows, qcols}));
-  DeviceBuffer xd(x_bytes), qd(q_bytes), outd(std::size_t(c.rows * c.cols) * dtype_size(c.out));
-  xd.upload(x.data(), x_bytes);
-  quantize_q8_0(x_view(xd.data(), shape, Device::cuda(0)),
-                TensorView(qd.data(), DType::u8, {c.rows, qcols}, Device::cuda(0)));
-  dequantize(TensorView(qd.data(), DType::u8, {c.rows, qcols}, Device::cuda(0)), std::nullopt,
-             TensorView(outd.data(), c.out, {c.rows, c.cols}, Device::cuda(0)));
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<std::uint8_t> q_gpu(q_bytes);
-  qd.download(q_gpu.data(), q_bytes);
-  EXPECT_EQ(std::memcmp(q_gpu.data(), q_cpu.data(), q_bytes), 0) << "Q8_0 blocks";
-  HostBuffer deq_cpu(outd.bytes());
-  dequantize(TensorView(q_cpu.data(), DType::u8, {c.rows, qcols}), std::nullopt,
-             TensorView(deq_cpu.data(), c.out, {c.rows, c.cols}));
-  std::vector<std::uint8_t> deq_gpu(outd.bytes());
-  outd.download(deq_gpu.data(), deq_gpu.size());
-  EXPECT_EQ(std::memcmp(deq_gpu.data(), deq_cpu.data(), deq_gpu.size()), 0) << "dequantize";
-  EXPECT_TRUE(xd.guards_intact() && qd.guards_intact() && outd.guards_intact());
-}
-
-INSTANTIATE_TEST_SUITE_P(Cases, QuantizeQ8_0Cuda,
-                         ::testing::Values(Q8Case{1, 32, DType::f32, 0, DType::f32},
-                                           Q8Case{7, 96, DType::bf16, 0, DType::bf16},
-                                           Q8Case{33, 4096, DType::f16, 0, DType::f16},
-                                           Q8Case{5, 224, DType::f32, 3, DType::bf16},
-                                           Q8Case{300, 1024, DType::bf16, 16, DType::f32}),
-                         [](const auto& param_info) {
-                           std::ostringstream os;
-                           PrintTo(param_info.param, &os);
-                           return os.str();
-                         });
+KILN_CASES(QuantizeQ8_0, "QuantizeQ8_0", q8_cases, .backends = {Backend::cuda}, .sanitize = true);
 
 }  // namespace
 }  // namespace kiln::test
