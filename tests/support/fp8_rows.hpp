@@ -19,4 +19,31 @@ namespace kiln::test {
 void expect_fp8_rows(CaseRun& r, const std::function<void(const TensorView& y32, Stream)>& run_f32,
                      const std::vector<double>& exact);
 
+// expect() and also() of a row op (the base of its harness struct, CRTP) whose Case has an `out`
+// dtype and whose Op has oracle(case, host views) (f64, row-major) and call(case, views, out,
+// stream) (the op into `out`): a 16/32-bit out against the oracle (CPU) or the CPU reference
+// (CUDA); an fp8 out by expect_fp8_rows.
+template <typename Op>
+struct RowOutputChecks {
+  template <typename Case>
+  static std::vector<Expected> expect(const Case& c, CaseRun& r) {
+    if (is_fp8(c.out)) return {};  // also(): the codes and scales
+    if (r.backend() == Backend::cuda) {
+      return {{"out", values(r.cpu()["out"]), Tolerance::rounding(c.out, 4.0)}};
+    }
+    return {{"out", Op::oracle(c, r.host()), Tolerance::rounding(c.out, 8.0)}};
+  }
+
+  template <typename Case>
+  static void also(const Case& c, CaseRun& r) {
+    if (!is_fp8(c.out)) return;
+    Views& v = r.views();
+    expect_fp8_rows(
+        r, [&](const TensorView& y32, Stream s) { Op::call(c, v, y32, s); },
+        Op::oracle(c, r.host()));
+  }
+
+  static bool is_fp8(DType d) { return d == DType::f8_e4m3fn || d == DType::f8_e5m2; }
+};
+
 }  // namespace kiln::test

@@ -18,8 +18,6 @@
 namespace kiln::test {
 namespace {
 
-bool is_fp8(DType d) { return d == DType::f8_e4m3fn || d == DType::f8_e5m2; }
-
 struct Case {
   bool gated = true;  // glu, else gelu_tanh
   Activation act = Activation::silu;
@@ -39,7 +37,7 @@ struct Case {
   }
 };
 
-struct Act {
+struct Act : RowOutputChecks<Act> {
   using Case = test::Case;
 
   static void build(const Case& c, Tensors& t, Rng& rng) {
@@ -86,21 +84,6 @@ struct Act {
       }
     }
     return y;
-  }
-
-  static std::vector<Expected> expect(const Case& c, CaseRun& r) {
-    if (is_fp8(c.out)) return {};  // also(): the codes and scales
-    if (r.backend() == Backend::cuda) {
-      return {{"out", values(r.cpu()["out"]), Tolerance::rounding(c.out, 4.0)}};
-    }
-    return {{"out", oracle(c, r.host()), Tolerance::rounding(c.out, 8.0)}};
-  }
-
-  static void also(const Case& c, CaseRun& r) {
-    if (!is_fp8(c.out)) return;
-    Views& v = r.views();
-    expect_fp8_rows(
-        r, [&](const TensorView& y32, Stream s) { call(c, v, y32, s); }, oracle(c, r.host()));
   }
 };
 

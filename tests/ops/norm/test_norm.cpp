@@ -19,8 +19,6 @@
 namespace kiln::test {
 namespace {
 
-bool is_fp8(DType d) { return d == DType::f8_e4m3fn || d == DType::f8_e5m2; }
-
 // ---- rms_norm and layer_norm --------------------------------------------------------------------
 
 enum class Mod { none, vector, batched /* [B, D] chunks of a [B, 3 D] modulation output */ };
@@ -60,7 +58,7 @@ double mod_at(const std::optional<TensorView>& v, std::int64_t b, std::int64_t d
   return numeric::load_float(v->data(), v->dtype(), i);
 }
 
-struct RowNorm {
+struct RowNorm : RowOutputChecks<RowNorm> {
   using Case = RowCase;
 
   static void build(const Case& c, Tensors& t, Rng& rng) {
@@ -147,21 +145,6 @@ struct RowNorm {
       }
     }
     return y;
-  }
-
-  static std::vector<Expected> expect(const Case& c, CaseRun& r) {
-    if (is_fp8(c.out)) return {};  // also(): the codes and scales
-    if (r.backend() == Backend::cuda) {
-      return {{"out", values(r.cpu()["out"]), Tolerance::rounding(c.out, 4.0)}};
-    }
-    return {{"out", oracle(c, r.host()), Tolerance::rounding(c.out, 8.0)}};
-  }
-
-  static void also(const Case& c, CaseRun& r) {
-    if (!is_fp8(c.out)) return;
-    Views& v = r.views();
-    expect_fp8_rows(
-        r, [&](const TensorView& y32, Stream s) { call(c, v, y32, s); }, oracle(c, r.host()));
   }
 };
 
