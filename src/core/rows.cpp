@@ -2,7 +2,12 @@
 
 #include <algorithm>
 #include <bit>
+#include <climits>
 #include <cstdint>
+#include <string>
+
+#include "core/check.hpp"
+#include "core/log.hpp"
 
 namespace kiln {
 
@@ -53,6 +58,38 @@ RowThreads row_threads(std::int64_t cols, int ept) {
   t.tpr = int(std::min<std::uint64_t>(1024, std::bit_ceil(std::uint64_t(want))));
   t.rows = std::max(1, 128 / t.tpr);
   return t;
+}
+
+RowLaunch row_launch(const char* op, const TensorView& x, const TensorView& out,
+                     std::int64_t cols) {
+  if (cols > kMaxRowCols) {
+    check::fail(op, ErrorCode::unsupported,
+                "rows of " + std::to_string(cols) + " elements, expected at most " +
+                    std::to_string(kMaxRowCols) + " on CUDA (a row is held in registers)");
+  }
+  RowLaunch launch;
+  launch.layout = row_layout(x);
+  launch.ept = vector_ept(x.dtype(), cols);
+  launch.vector = launch.ept >= 2 && rows_vector_aligned(x, launch.layout, launch.ept) &&
+                  vector_aligned(out.data(), out.dtype(), launch.ept);
+  return launch;
+}
+
+void log_scalar_rows(const char* op, const RowLaunch& launch, std::int64_t cols) {
+  if (launch.vector) return;
+  log::warning_once(std::string(op) + "_scalar",
+                    std::string(op) + ": operands not aligned for " + std::to_string(launch.ept) +
+                        "-element accesses (rows of " + std::to_string(cols) +
+                        "): element-wise loads, slower than the vector path");
+}
+
+unsigned row_blocks(const char* op, const RowLayout& layout, int rows_per_block) {
+  const std::int64_t blocks = (layout.rows + rows_per_block - 1) / rows_per_block;
+  if (blocks > INT_MAX) {
+    check::fail(op, ErrorCode::unsupported,
+                "x has " + std::to_string(layout.rows) + " rows, more than the grid holds");
+  }
+  return unsigned(blocks);
 }
 
 }  // namespace kiln

@@ -36,4 +36,19 @@ RowThreads row_threads(std::int64_t cols, int ept);
 // The widest row a row kernel takes: 64 values a thread at 1024 threads a row.
 inline constexpr std::int64_t kMaxRowCols = 65536;
 
+// The CUDA launch of a row kernel reading x's rows and writing `cols` results a row into `out`:
+// the row width checked against kMaxRowCols (kiln::Error naming `op` beyond it), x's layout, and
+// whether x's rows and out allow vector_ept(x, cols)-element accesses. The caller ANDs in its own
+// operands, then calls log_scalar_rows.
+struct RowLaunch {
+  RowLayout layout{};
+  int ept = 1;
+  bool vector = false;
+};
+RowLaunch row_launch(const char* op, const TensorView& x, const TensorView& out, std::int64_t cols);
+// Logs once per op when the row kernel runs element-wise loads (launch.vector false).
+void log_scalar_rows(const char* op, const RowLaunch& launch, std::int64_t cols);
+// Blocks of `rows_per_block` rows for the layout's rows; kiln::Error naming `op` past the grid.
+unsigned row_blocks(const char* op, const RowLayout& layout, int rows_per_block);
+
 }  // namespace kiln

@@ -11,9 +11,9 @@ namespace kiln::jit {
 
 namespace {
 // "flux": Flux.1/Flux.2 inference; "flux-unfused": the A/B chains behind KILN_DISABLE;
-// "flux-vae": the Flux VAE decoder's convolutions; "llm": LLM prefill and decode attention, RoPE
-// and the matmuls of ANCHORS' LLM shapes; "attention-head-dims": attention at every head dim in
-// use.
+// "flux-vae": the Flux VAE decoder's convolutions and GroupNorms; "llm": LLM prefill and decode
+// attention, RoPE, norms, activations and the matmuls of ANCHORS' LLM shapes;
+// "attention-head-dims": attention at every head dim in use.
 const std::vector<std::string> kWorkloads = {"flux", "flux-unfused", "flux-vae", "llm",
                                              "attention-head-dims"};
 }  // namespace

@@ -16,24 +16,15 @@ import torch.nn.functional as F
 
 import kiln
 from conftest import CUDA_REASON, HAS_CUDA
+from row_ops import DTYPES, FP8_ROUNDOFF, check_quantized
+from row_ops import check_close as check_rows
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 F32_MATH = 2e-6  # expf / tanhf and a product in f32
-FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-FP8_ROUNDOFF = {"e4m3fn": 2.0**-4, "e5m2": 2.0**-3}
 
 
 def check_close(got, want, out_dtype, extra=0.0):
-    assert got.dtype == out_dtype
-    assert got.shape == want.shape
-    got64 = got.detach().double().cpu()
-    assert not got64.isnan().any(), "output holds NaN"
-    norm = want.norm().item()
-    assert norm > 0, "reference is all zeros: the test would pass vacuously"
-    err = ((got64 - want).norm() / norm).item()
-    bound = 2 * ROUNDOFF[out_dtype] + F32_MATH + extra
-    assert err <= bound, f"relative error {err:.3e} > {bound:.3e}"
+    """Within the roundoff of out_dtype plus this family's f32 math (row_ops.check_close)."""
+    check_rows(got, want, out_dtype, F32_MATH, extra)
 
 
 def act_reference(x, activation):
@@ -45,17 +36,6 @@ def glu_reference(x, activation):
     f = x.shape[-1] // 2
     x64 = x.double().cpu()
     return act_reference(x64[..., :f], activation) * x64[..., f:]
-
-
-def check_quantized(op, fmt, x, **kwargs):
-    q, scale = op(x, quantize=fmt, **kwargs)
-    y32 = op(x, out_dtype=torch.float32, **kwargs)
-    want_q, want_scale = kiln.quantize_fp8(y32, fmt, "row")
-    assert q.dtype == FP8[fmt] and q.shape == y32.shape and q.is_contiguous()
-    assert scale.shape == (math.prod(y32.shape[:-1]),)
-    assert torch.equal(scale, want_scale), "per-row scales differ from quantize_fp8's"
-    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), "codes differ"
-    return q, scale
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
@@ -110,11 +90,11 @@ def test_strided_rows(device):
 def test_quantized(device, fmt, x_dtype):
     x = (torch.randn(2, 9, 2 * 160, device=device) * 2).to(x_dtype)
     x[1, 4, :160] = 0  # an all-zero output row gets scale 1
-    q, scale = check_quantized(kiln.glu, fmt, x)
+    q, scale, _ = check_quantized(kiln.glu, fmt, x)
     assert scale[13].item() == 1.0
     deq = q.float() * scale.reshape(2, 9, 1)
     check_close(deq, glu_reference(x, "silu"), torch.float32, extra=FP8_ROUNDOFF[fmt])
-    q, scale = check_quantized(kiln.gelu_tanh, fmt, x)
+    q, scale, _ = check_quantized(kiln.gelu_tanh, fmt, x)
     deq = q.float() * scale.reshape(2, 9, 1)
     check_close(deq, act_reference(x, "gelu_tanh"), torch.float32, extra=FP8_ROUNDOFF[fmt])
     check_quantized(kiln.glu, fmt, x, activation="gelu_tanh")

@@ -17,26 +17,15 @@ import torch.nn.functional as F
 
 import kiln
 from conftest import CUDA_REASON, HAS_CUDA
+from row_ops import DTYPES, FP8_ROUNDOFF, check_quantized
+from row_ops import check_close as check_rows
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 F32_MATH = 1e-5  # rsqrt, mean and variance in f32 over up to a few thousand elements
-FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-# Relative error of a value after an fp8 round trip: half an ulp of its mantissa.
-FP8_ROUNDOFF = {"e4m3fn": 2.0**-4, "e5m2": 2.0**-3}
 
 
 def check_close(got, want, out_dtype, extra=0.0):
-    """||got - want|| / ||want|| within twice out_dtype's roundoff (+ f32 math); no NaN."""
-    assert got.dtype == out_dtype
-    assert got.shape == want.shape
-    got64 = got.detach().double().cpu()
-    assert not got64.isnan().any(), "output holds NaN"
-    norm = want.norm().item()
-    assert norm > 0, "reference is all zeros: the test would pass vacuously"
-    err = ((got64 - want).norm() / norm).item()
-    bound = 2 * ROUNDOFF[out_dtype] + F32_MATH + extra
-    assert err <= bound, f"relative error {err:.3e} > {bound:.3e}"
+    """Within the roundoff of out_dtype plus this family's f32 math (row_ops.check_close)."""
+    check_rows(got, want, out_dtype, F32_MATH, extra)
 
 
 def rms_reference(x, weight, eps):
@@ -59,19 +48,6 @@ def layer_reference(x, weight, bias, shift, scale, eps):
     if shift is not None:
         y = y + per_row(shift)
     return y
-
-
-def check_quantized(op, fmt, *args, **kwargs):
-    """op(..., quantize=fmt) is bit for bit kiln.quantize_fp8 of op(..., out_dtype=f32)."""
-    q, scale = op(*args, quantize=fmt, **kwargs)
-    y32 = op(*args, out_dtype=torch.float32, **kwargs)
-    want_q, want_scale = kiln.quantize_fp8(y32, fmt, "row")
-    assert q.dtype == FP8[fmt] and q.shape == y32.shape and q.is_contiguous()
-    assert scale.dtype == torch.float32 and scale.shape == (y32.numel() // y32.shape[-1],)
-    assert torch.equal(scale, want_scale), "per-row scales differ from quantize_fp8's"
-    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), "codes differ"
-    assert (scale > 0).all()
-    return q, scale, y32
 
 
 # ---- rms_norm ---------------------------------------------------------------------------------

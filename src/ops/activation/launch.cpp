@@ -1,5 +1,4 @@
 // activation family: argument checks, dispatch by device, kernel plans and launches, variants.
-#include <climits>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -8,7 +7,6 @@
 
 #include "core/check.hpp"
 #include "core/cuda.hpp"
-#include "core/log.hpp"
 #include "core/rows.hpp"
 #include "jit/kernel_cache.hpp"
 #include "jit/variants.hpp"
@@ -76,37 +74,19 @@ void run(const char* op, const TensorView& x, const TensorView& out, Activation 
   cuda::require_device(op, device);
   cuda::DeviceGuard guard(op, device.index);
   const std::int64_t F = out.size(out.dim() - 1);
-  if (F > kMaxRowCols) {
-    check::fail(op, ErrorCode::unsupported,
-                "out has F = " + std::to_string(F) + " a row, expected at most " +
-                    std::to_string(kMaxRowCols) + " on CUDA (a row is held in registers)");
-  }
-  const RowLayout layout = row_layout(x);
-  const int ept = vector_ept(x.dtype(), F);
-  const bool vector = ept >= 2 && rows_vector_aligned(x, layout, ept) &&
-                      vector_aligned(out.data(), out.dtype(), ept);
-  if (!vector) {
-    log::warning_once(std::string(op) + "_scalar",
-                      std::string(op) + ": x or out not aligned for " + std::to_string(ept) +
-                          "-element accesses (F = " + std::to_string(F) +
-                          "): element-wise loads, slower than the vector path");
-  }
+  const RowLaunch launch = row_launch(op, x, out, F);
+  log_scalar_rows(op, launch, F);
   const ActivationPlan plan =
-      plan_activation(activation, gated, x.dtype(), out.dtype(), int(F), vector);
-  const std::int64_t blocks = (layout.rows + plan.rows - 1) / plan.rows;
-  if (blocks > INT_MAX) {
-    check::fail(op, ErrorCode::unsupported,
-                "x has " + std::to_string(layout.rows) + " rows, more than the grid holds");
-  }
+      plan_activation(activation, gated, x.dtype(), out.dtype(), int(F), launch.vector);
+  const unsigned blocks = row_blocks(op, launch.layout, plan.rows);
   ActivationParams p{};
   p.x = x.data();
   p.out = out.data();
   p.out_scale = out_scale ? static_cast<float*>(out_scale->data()) : nullptr;
-  p.layout = layout;
+  p.layout = launch.layout;
   const auto kernel = jit::process_cache().kernel(activation_spec(plan), device.index);
   void* args[] = {&p};
-  jit::launch(op, kernel, dim3(unsigned(blocks)), dim3(unsigned(plan.tpr * plan.rows)), 0, stream,
-              args);
+  jit::launch(op, kernel, dim3(blocks), dim3(unsigned(plan.tpr * plan.rows)), 0, stream, args);
 }
 
 }  // namespace

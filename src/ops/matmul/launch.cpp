@@ -266,10 +266,12 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
         p.w_scale_kind = wc.scale;
         p.out_dtype = DType::bf16;
         specs.push_back(gemv_spec_for(p));
-        // o_proj and down_proj add the residual stream (bf16) in the epilogue.
-        p.residual = kAligned;
-        p.residual_dtype = DType::bf16;
-        specs.push_back(gemv_spec_for(p));
+        if (m == 1) {
+          // Decode's o_proj and down_proj add the residual stream (bf16) in the epilogue.
+          p.residual = kAligned;
+          p.residual_dtype = DType::bf16;
+          specs.push_back(gemv_spec_for(p));
+        }
       }
     }
   }

@@ -137,39 +137,24 @@ void run_rows(const char* op, const RowCall& call, Stream stream) {
   const TensorView& x = *call.x;
   const TensorView& out = *call.out;
   const std::int64_t D = x.size(x.dim() - 1);
-  if (D > kMaxRowCols) {
-    check::fail(op, ErrorCode::unsupported,
-                "x has D = " + std::to_string(D) + ", expected at most " +
-                    std::to_string(kMaxRowCols) + " on CUDA (a row is held in registers)");
-  }
-  const RowLayout layout = row_layout(x);
-  const int ept = vector_ept(x.dtype(), D);
-  bool vector = ept >= 2 && rows_vector_aligned(x, layout, ept) &&
-                vector_aligned(out.data(), out.dtype(), ept);
+  RowLaunch launch = row_launch(op, x, out, D);
   const TensorView* vectors[] = {call.weight, call.bias, call.shift, call.scale};
   for (const TensorView* v : vectors) {
     if (v != nullptr) {
-      vector = vector && vector_ok(v->data(), v->dtype(), ept, v->dim() == 2 ? v->stride(0) : 0);
+      launch.vector = launch.vector && vector_ok(v->data(), v->dtype(), launch.ept,
+                                                 v->dim() == 2 ? v->stride(0) : 0);
     }
   }
-  if (!vector) {
-    log::warning_once(std::string(op) + "_scalar",
-                      std::string(op) + ": operands not aligned for " + std::to_string(ept) +
-                          "-element accesses (D = " + std::to_string(D) +
-                          "): element-wise loads, slower than the vector path");
-  }
+  log_scalar_rows(op, launch, D);
+  const RowLayout& layout = launch.layout;
   const DType weight =
       call.weight ? call.weight->dtype() : (call.bias ? call.bias->dtype() : DType::f32);
   const DType mod =
       call.shift ? call.shift->dtype() : (call.scale ? call.scale->dtype() : DType::f32);
-  const NormPlan plan = plan_norm(call.kind, x.dtype(), out.dtype(), weight, mod, int(D), vector,
-                                  call.weight != nullptr, call.bias != nullptr,
+  const NormPlan plan = plan_norm(call.kind, x.dtype(), out.dtype(), weight, mod, int(D),
+                                  launch.vector, call.weight != nullptr, call.bias != nullptr,
                                   call.shift != nullptr, call.scale != nullptr);
-  const std::int64_t blocks = (layout.rows + plan.rows - 1) / plan.rows;
-  if (blocks > INT_MAX) {
-    check::fail(op, ErrorCode::unsupported,
-                "x has " + std::to_string(layout.rows) + " rows, more than the grid holds");
-  }
+  const unsigned blocks = row_blocks(op, layout, plan.rows);
   NormParams p{};
   p.x = x.data();
   p.weight = call.weight ? call.weight->data() : nullptr;
@@ -187,8 +172,7 @@ void run_rows(const char* op, const RowCall& call, Stream stream) {
   p.eps = call.eps;
   const auto kernel = jit::process_cache().kernel(norm_spec(plan), x.device().index);
   void* args[] = {&p};
-  jit::launch(op, kernel, dim3(unsigned(blocks)), dim3(unsigned(plan.tpr * plan.rows)), 0, stream,
-              args);
+  jit::launch(op, kernel, dim3(blocks), dim3(unsigned(plan.tpr * plan.rows)), 0, stream, args);
 }
 
 // x's memory format: NCHW-contiguous (true) or channels-last (false); anything else is an error.
@@ -282,6 +266,9 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
                                             dim, true, false, false, true, true)));
       }
     }
+    // Per-head RMSNorm (QK-norm, 24 heads of 128) outside rope_flux's fused one.
+    specs.push_back(norm_spec(plan_norm(kNormRms, DType::bf16, DType::bf16, DType::bf16, DType::f32,
+                                        128, true, true, false, false, false)));
   } else if (workload == "llm") {
     // Llama-3-8B / Qwen3-8B (hidden 4096): RMSNorm with an f32 (GGUF) or bf16 weight over a bf16
     // or f32 residual stream, bf16 out or fp8 for the next GEMM.
@@ -293,6 +280,9 @@ std::vector<jit::KernelSpec> variants(const std::string& workload) {
         }
       }
     }
+    // Qwen3's per-head QK RMSNorm (head dim 128), where it runs apart from the rope.
+    specs.push_back(norm_spec(plan_norm(kNormRms, DType::bf16, DType::bf16, DType::f32, DType::f32,
+                                        128, true, true, false, false, false)));
   } else if (workload == "flux-vae") {
     // The Flux VAE decoder's GroupNorm(32) (+ SiLU) at 512, 256 and 128 channels, bf16 or f32,
     // NCHW or channels-last: NCHW reads 16-byte chunks; channels-last chunks stay in one group

@@ -40,25 +40,18 @@ template <int ACT, bool GATED, typename Tin, typename Tout, int F, int EPT, int 
           bool VECTOR>
 __global__ void __launch_bounds__(TPR* ROWS, 1)
     activation_kernel(const __grid_constant__ ActivationParams p) {
-  static_assert(F % EPT == 0, "whole chunks");
-  constexpr int kChunks = F / EPT;                 // chunks of a row
-  constexpr int kCpt = (kChunks + TPR - 1) / TPR;  // chunks per thread
-  __shared__ float shared[TPR > 32 ? TPR * ROWS / 32 : 1];
-  const int lane = threadIdx.x % TPR;
-  const long long row = static_cast<long long>(blockIdx.x) * ROWS + threadIdx.x / TPR;
-  const bool live = row < p.layout.rows;
-  const long long r = live ? row : p.layout.rows - 1;
-  const auto chunk_of = [&](int c) {
-    return kChunks % TPR == 0 || lane + c * TPR < kChunks ? lane + c * TPR : 0;
-  };
+  using Row = RowThread<F, EPT, TPR, ROWS>;
+  constexpr int kCpt = Row::kCpt;
+  __shared__ float shared[Row::kShared];
+  const Row t(p.layout.rows);
 
   // (kCpt, EPT) gate values and linear values of this thread, every load issued first.
-  const Tin* x = static_cast<const Tin*>(p.x) + row_offset(p.layout, r);
+  const Tin* x = static_cast<const Tin*>(p.x) + row_offset(p.layout, t.r);
   float gate[kCpt][EPT], linear[GATED ? kCpt : 1][EPT];
 #pragma unroll
   for (int c = 0; c < kCpt; ++c) {
-    load_floats<Tin, EPT, VECTOR>(x + chunk_of(c) * EPT, gate[c]);
-    if constexpr (GATED) load_floats<Tin, EPT, VECTOR>(x + F + chunk_of(c) * EPT, linear[c]);
+    load_floats<Tin, EPT, VECTOR>(x + t.chunk(c) * EPT, gate[c]);
+    if constexpr (GATED) load_floats<Tin, EPT, VECTOR>(x + F + t.chunk(c) * EPT, linear[c]);
   }
   float y[kCpt][EPT];
 #pragma unroll
@@ -69,7 +62,7 @@ __global__ void __launch_bounds__(TPR* ROWS, 1)
       if constexpr (GATED) y[c][e] = __fmul_rn(y[c][e], linear[c][e]);
     }
   }
-  store_row<Tout, F, EPT, TPR, VECTOR>(p.out, p.out_scale, r, live, lane, y, shared);
+  store_row<Tout, VECTOR>(t, p.out, p.out_scale, y, shared);
 }
 
 }  // namespace kiln

@@ -56,6 +56,19 @@ __device__ __forceinline__ void group_moments(const GroupNormParams& p, long lon
   rstd = float(1.0 / sqrt((var > 0.0 ? var : 0.0) + double(p.eps)));
 }
 
+// NCHW: the kGroupNormUnroll chunks of a thread from element i0 of a group's run, kGroupNormThreads
+// chunks apart, all loads issued together (a chunk at or past `end` reads `begin` instead).
+template <typename Tin, int EPT, bool VECTOR>
+__device__ __forceinline__ void load_run_chunks(const Tin* run, long long i0, long long begin,
+                                                long long end, float (&v)[kGroupNormUnroll][EPT]) {
+  constexpr long long kStep = kGroupNormThreads * EPT;
+#pragma unroll
+  for (int u = 0; u < kGroupNormUnroll; ++u) {
+    const long long i = i0 + u * kStep;
+    load_floats<Tin, EPT, VECTOR>(run + (i < end ? i : begin), v[u]);
+  }
+}
+
 template <typename Tout, typename Tw, int EPT, bool VECTOR, bool HAS_WEIGHT, bool HAS_BIAS,
           bool SILU>
 __device__ __forceinline__ void group_norm_store(Tout* dst, const float (&v)[EPT], float mean,
@@ -90,11 +103,7 @@ __global__ void __launch_bounds__(1024)
     constexpr long long kStep = kGroupNormThreads * EPT;
     for (long long i0 = begin + threadIdx.x * EPT; i0 < end; i0 += kStep * kGroupNormUnroll) {
       float v[kGroupNormUnroll][EPT];
-#pragma unroll
-      for (int u = 0; u < kGroupNormUnroll; ++u) {
-        const long long i = i0 + u * kStep;
-        load_floats<Tin, EPT, VECTOR>(group + (i < end ? i : begin), v[u]);
-      }
+      load_run_chunks<Tin, EPT, VECTOR>(group, i0, begin, end, v);
 #pragma unroll
       for (int u = 0; u < kGroupNormUnroll; ++u) {
         if (i0 + u * kStep >= end) continue;
@@ -181,11 +190,7 @@ __global__ void __launch_bounds__(1024)
     constexpr long long kStep = kGroupNormThreads * EPT;
     for (long long i0 = begin + threadIdx.x * EPT; i0 < end; i0 += kStep * kGroupNormUnroll) {
       float v[kGroupNormUnroll][EPT];
-#pragma unroll
-      for (int u = 0; u < kGroupNormUnroll; ++u) {
-        const long long i = i0 + u * kStep;
-        load_floats<Tin, EPT, VECTOR>(x + ng * run + (i < end ? i : begin), v[u]);
-      }
+      load_run_chunks<Tin, EPT, VECTOR>(x + ng * run, i0, begin, end, v);
 #pragma unroll
       for (int u = 0; u < kGroupNormUnroll; ++u) {
         const long long i = i0 + u * kStep;

@@ -35,30 +35,24 @@ namespace kiln {
 template <int KIND, typename Tin, typename Tout, typename Tw, typename Tm, int D, int EPT, int TPR,
           int ROWS, bool VECTOR, bool HAS_WEIGHT, bool HAS_BIAS, bool HAS_SHIFT, bool HAS_SCALE>
 __global__ void __launch_bounds__(TPR* ROWS, 1) norm_kernel(const __grid_constant__ NormParams p) {
-  static_assert(D % EPT == 0, "whole chunks");
-  constexpr int kChunks = D / EPT;                 // chunks of a row
-  constexpr int kCpt = (kChunks + TPR - 1) / TPR;  // chunks per thread
-  __shared__ float shared[TPR > 32 ? TPR * ROWS / 32 : 1];
-  const int lane = threadIdx.x % TPR;
-  const long long row = static_cast<long long>(blockIdx.x) * ROWS + threadIdx.x / TPR;
-  const bool live = row < p.layout.rows;
-  const long long r = live ? row : p.layout.rows - 1;
-  const auto present = [&](int c) { return kChunks % TPR == 0 || lane + c * TPR < kChunks; };
-  const auto chunk_of = [&](int c) { return present(c) ? lane + c * TPR : 0; };
+  using Row = RowThread<D, EPT, TPR, ROWS>;
+  constexpr int kCpt = Row::kCpt;
+  __shared__ float shared[Row::kShared];
+  const Row t(p.layout.rows);
 
   // x: (kCpt, EPT) values of this thread, every load issued first; absent chunks become 0.
-  const Tin* x = static_cast<const Tin*>(p.x) + row_offset(p.layout, r);
+  const Tin* x = static_cast<const Tin*>(p.x) + row_offset(p.layout, t.r);
   float v[kCpt][EPT];
 #pragma unroll
-  for (int c = 0; c < kCpt; ++c) load_floats<Tin, EPT, VECTOR>(x + chunk_of(c) * EPT, v[c]);
+  for (int c = 0; c < kCpt; ++c) load_floats<Tin, EPT, VECTOR>(x + t.chunk(c) * EPT, v[c]);
 #pragma unroll
   for (int c = 0; c < kCpt; ++c) {
 #pragma unroll
-    for (int e = 0; e < EPT; ++e) v[c][e] = present(c) ? v[c][e] : 0.f;
+    for (int e = 0; e < EPT; ++e) v[c][e] = t.present(c) ? v[c][e] : 0.f;
   }
 
   // The per-element factors of this thread's chunks: weight, bias, modulation of batch b.
-  const long long b = HAS_SHIFT || HAS_SCALE ? r / p.rows_per_batch : 0;
+  const long long b = HAS_SHIFT || HAS_SCALE ? t.r / p.rows_per_batch : 0;
   const Tw* weight = static_cast<const Tw*>(p.weight);
   const Tw* bias = static_cast<const Tw*>(p.bias);
   const Tm* shift = static_cast<const Tm*>(p.shift) + b * p.shift_stride;
@@ -77,7 +71,7 @@ __global__ void __launch_bounds__(TPR* ROWS, 1) norm_kernel(const __grid_constan
 #pragma unroll
     for (int c = 0; c < kCpt; ++c) {
       float w[EPT];
-      if constexpr (HAS_WEIGHT) load_floats<Tw, EPT, VECTOR>(weight + chunk_of(c) * EPT, w);
+      if constexpr (HAS_WEIGHT) load_floats<Tw, EPT, VECTOR>(weight + t.chunk(c) * EPT, w);
 #pragma unroll
       for (int e = 0; e < EPT; ++e) {
         y[c][e] = __fmul_rn(v[c][e], inv_rms);
@@ -95,7 +89,7 @@ __global__ void __launch_bounds__(TPR* ROWS, 1) norm_kernel(const __grid_constan
     float sum_sq = 0.f;
 #pragma unroll
     for (int c = 0; c < kCpt; ++c) {
-      if (!present(c)) continue;
+      if (!t.present(c)) continue;
 #pragma unroll
       for (int e = 0; e < EPT; ++e) {
         const float d = v[c][e] - mean;
@@ -106,10 +100,10 @@ __global__ void __launch_bounds__(TPR* ROWS, 1) norm_kernel(const __grid_constan
 #pragma unroll
     for (int c = 0; c < kCpt; ++c) {
       float w[EPT], bi[EPT], sh[EPT], sc[EPT];
-      if constexpr (HAS_WEIGHT) load_floats<Tw, EPT, VECTOR>(weight + chunk_of(c) * EPT, w);
-      if constexpr (HAS_BIAS) load_floats<Tw, EPT, VECTOR>(bias + chunk_of(c) * EPT, bi);
-      if constexpr (HAS_SHIFT) load_floats<Tm, EPT, VECTOR>(shift + chunk_of(c) * EPT, sh);
-      if constexpr (HAS_SCALE) load_floats<Tm, EPT, VECTOR>(scale + chunk_of(c) * EPT, sc);
+      if constexpr (HAS_WEIGHT) load_floats<Tw, EPT, VECTOR>(weight + t.chunk(c) * EPT, w);
+      if constexpr (HAS_BIAS) load_floats<Tw, EPT, VECTOR>(bias + t.chunk(c) * EPT, bi);
+      if constexpr (HAS_SHIFT) load_floats<Tm, EPT, VECTOR>(shift + t.chunk(c) * EPT, sh);
+      if constexpr (HAS_SCALE) load_floats<Tm, EPT, VECTOR>(scale + t.chunk(c) * EPT, sc);
 #pragma unroll
       for (int e = 0; e < EPT; ++e) {
         float t = __fmul_rn(__fsub_rn(v[c][e], mean), rstd);
@@ -131,7 +125,7 @@ __global__ void __launch_bounds__(TPR* ROWS, 1) norm_kernel(const __grid_constan
       }
     }
   }
-  store_row<Tout, D, EPT, TPR, VECTOR>(p.out, p.out_scale, r, live, lane, y, shared);
+  store_row<Tout, VECTOR>(t, p.out, p.out_scale, y, shared);
 }
 
 }  // namespace kiln
