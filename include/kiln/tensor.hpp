@@ -55,6 +55,8 @@ class TensorView {
   std::span<const std::int64_t> shape() const { return {shape_.data(), std::size_t(ndim_)}; }
   std::span<const std::int64_t> strides() const { return {strides_.data(), std::size_t(ndim_)}; }
   std::int64_t numel() const;
+  // Row-major dense; size-1 dims may have any stride, and an empty view (numel() == 0) is
+  // contiguous whatever its strides, as in torch.
   bool is_contiguous() const;
   // Byte range [first, last) that elements of the view can touch, relative to data().
   // Empty (first == last) when numel() == 0.
