@@ -38,7 +38,7 @@ const Probe& probe() {
       if (status == cudaErrorNoDevice) {
         r.reason = "no CUDA device: the NVIDIA driver sees none";
       } else if (driver == 0) {
-        r.reason = "no NVIDIA driver: libcuda.so.1 is not installed (a machine without a GPU)";
+        r.reason = "no NVIDIA driver: libcuda.so.1 is not installed";
       } else if (status == cudaErrorInsufficientDriver) {
         r.reason = "the NVIDIA driver supports CUDA " + cuda_version_text(driver) +
                    ", older than the CUDA " + cuda_version_text(CUDART_VERSION) +

@@ -270,6 +270,7 @@ MatmulPath select_path(std::int64_t m, const Weight& w, DType a_dtype, const Dev
                     std::to_string(w.k) + "], expected sizes >= 0");
   }
   if (device.type == DeviceType::cpu) return MatmulPath::reference;
+  cuda::require_device("select_path", device);
   MatmulProblem p;
   p.m = m;
   p.n = w.n;
