@@ -153,7 +153,10 @@ def stream(x, kind: str) -> int:
 
 def dtype_name(op: str, dtype, arg: str = "out_dtype") -> str:
     """The kiln name ("f32", "f16", "bf16") of a torch/numpy/CuPy dtype or a string."""
-    name = DTYPE_ALIASES.get(str(dtype).removeprefix("torch."))
+    text = str(dtype).removeprefix("torch.")
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):  # np.float32, the type
+        text = np.dtype(dtype).name
+    name = DTYPE_ALIASES.get(text)
     if name is None:
         expected = ", ".join(sorted(set(DTYPE_ALIASES.values())))
         raise InvalidArgumentError(f"kiln::{op}: {arg} is {dtype}, expected one of {expected}")

@@ -124,8 +124,8 @@ def rows_of(op: str, arg: str, shape) -> int:
 
 def _as_scale(op: str, arg: str, scale, like, framework: str, positive: bool = False):
     """A scale as an f32 array of `like`'s framework and device: numbers become [1] (finite and
-    > 0 when `positive`); 0-d arrays become [1]; other arrays are cast to f32 and made contiguous
-    (a few values)."""
+    > 0 when `positive`); 0-d arrays become [1]; other arrays of real numbers are cast to f32 and
+    made contiguous (a few values); bool and complex arrays are refused."""
     if scale is None:
         return None
     if isinstance(scale, numbers.Number):
@@ -141,6 +141,12 @@ def _as_scale(op: str, arg: str, scale, like, framework: str, positive: bool = F
         raise InvalidArgumentError(
             f"kiln::{op}: {arg} is a {_args.type_str(scale)}, expected the same framework as the "
             f"data ({framework})"
+        )
+    dtype = str(scale.dtype).removeprefix("torch.")
+    if dtype == "bool" or dtype.startswith("complex"):
+        raise InvalidArgumentError(
+            f"kiln::{op}: {arg} has dtype {dtype}, expected real numbers (f32, or floats and ints "
+            "that are cast to it)"
         )
     if scale.ndim == 0:
         scale = scale.reshape(1)

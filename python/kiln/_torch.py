@@ -1,5 +1,5 @@
 """kiln ops as torch operators (torch.ops.kiln.*), with fake kernels for torch.compile, and what
-every op's torch layer shares: the dtype table, streams, and the checks its kernels run.
+every op's torch layer shares: the dtype table and the checks its kernels run.
 
 Imported on the first call with a torch tensor, or by `import kiln` when torch is loaded first.
 
@@ -26,10 +26,6 @@ def torch_dtype(op: str, dtype) -> torch.dtype | None:
     return None if dtype is None else TORCH_DTYPES[_args.dtype_name(op, dtype)]
 
 
-def stream(t: torch.Tensor) -> int:
-    return _args.stream(t, "torch")
-
-
 def inference_only(op: str, **tensors) -> None:
     """A kernel's check that no tensor needs a gradient (see the module's note)."""
     for name, t in tensors.items():
@@ -47,7 +43,7 @@ _lib.define(
 def _rope_flux_kernel(x, pe, norm_weight, eps, out_dtype):
     inference_only("rope_flux", x=x, pe=pe, norm_weight=norm_weight)
     out = x.new_empty(rope_flux_out_shape(x.shape), dtype=out_dtype or x.dtype)
-    _C.rope_flux(x, pe, out, norm_weight, eps, stream(x))
+    _C.rope_flux(x, pe, out, norm_weight, eps, _args.stream(x, "torch"))
     return out
 
 

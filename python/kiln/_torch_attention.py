@@ -6,7 +6,7 @@ import torch
 
 from . import _C, _args
 from ._attention import out_shapes
-from ._torch import inference_only, stream
+from ._torch import inference_only
 
 _lib = torch.library.Library("kiln", "FRAGMENT")
 _lib.define(
@@ -26,7 +26,7 @@ def _attention_kernel(q, k, v, causal, scale, mask, kv_len, softcap, return_lse)
     inference_only("attention", q=q, k=k, v=v, mask=mask)
     out, lse = _outputs(q, v, return_lse)
     _C.attention(q, k, v, out, causal, scale, mask, kv_len, softcap, lse if return_lse else None,
-                 stream(q))
+                 _args.stream(q, "torch"))
     return out, lse
 
 

@@ -5,7 +5,7 @@ import torch
 
 from . import _C, _args
 from ._conv2d import channels_last, conv2d_out_shape, out_strides
-from ._torch import inference_only, stream, torch_dtype
+from ._torch import inference_only, torch_dtype
 
 _lib = torch.library.Library("kiln", "FRAGMENT")
 _lib.define(
@@ -23,7 +23,8 @@ def _empty_out(x, w, stride, padding, dilation, out_dtype):
 def _conv2d_kernel(x, w, bias, stride, padding, dilation, groups, out_dtype):
     inference_only("conv2d", x=x, w=w, bias=bias)
     out = _empty_out(x, w, stride, padding, dilation, out_dtype)
-    _C.conv2d(x, w, bias, out, tuple(stride), tuple(padding), tuple(dilation), groups, stream(x))
+    _C.conv2d(x, w, bias, out, tuple(stride), tuple(padding), tuple(dilation), groups,
+              _args.stream(x, "torch"))
     return out
 
 

@@ -23,7 +23,7 @@ from ._matmul import (
     q8_0_cols,
     scale_shape,
 )
-from ._torch import TORCH_DTYPES, inference_only, stream, torch_dtype  # the namespace's DEF first
+from ._torch import TORCH_DTYPES, inference_only, torch_dtype  # the namespace's DEF first
 
 _FP8_DTYPES = {"f8_e4m3fn": torch.float8_e4m3fn, "f8_e5m2": torch.float8_e5m2}
 
@@ -49,14 +49,14 @@ def _quantize_fp8_kernel(x, fmt, granularity):
     # An empty x has no element in any group: amax 0, so scale 1 (the op writes nothing then).
     new_scale = torch.ones if x.numel() == 0 else torch.empty
     scale = new_scale(scale_shape(granularity, *x.shape), dtype=torch.float32, device=x.device)
-    _C.quantize_fp8(x, q, scale, granularity, True, stream(x))
+    _C.quantize_fp8(x, q, scale, granularity, True, _args.stream(x, "torch"))
     return q, scale
 
 
 def _quantize_fp8_scaled_kernel(x, scale, fmt, granularity):
     inference_only("quantize_fp8", x=x, scale=scale)
     q = torch.empty(x.shape, dtype=fmt, device=x.device)
-    _C.quantize_fp8(x, q, scale, granularity, False, stream(x))
+    _C.quantize_fp8(x, q, scale, granularity, False, _args.stream(x, "torch"))
     return q
 
 
@@ -64,7 +64,7 @@ def _quantize_q8_0_kernel(x):
     inference_only("quantize_q8_0", x=x)
     q = torch.empty((x.shape[0], q8_0_bytes_per_row("quantize_q8_0", x.shape[1])),
                     dtype=torch.uint8, device=x.device)
-    _C.quantize_q8_0(x, q, stream(x))
+    _C.quantize_q8_0(x, q, _args.stream(x, "torch"))
     return q
 
 
@@ -77,14 +77,15 @@ def _dequantized_shape(q):
 def _dequantize_kernel(q, scale, out_dtype):
     inference_only("dequantize", q=q, scale=scale)
     out = torch.empty(_dequantized_shape(q), dtype=out_dtype, device=q.device)
-    _C.dequantize(q, scale, out, stream(q))
+    _C.dequantize(q, scale, out, _args.stream(q, "torch"))
     return out
 
 
 def _matmul_kernel(a, w, w_format, n, k, w_scale, w_layout, a_scale, bias, out_dtype, path):
     inference_only("matmul", a=a, w=w, w_scale=w_scale, a_scale=a_scale, bias=bias)
     out = torch.empty((a.shape[0], n), dtype=out_dtype, device=a.device)
-    _C.matmul(a, w, w_format, n, k, w_scale, w_layout, out, a_scale, bias, path, stream(a))
+    _C.matmul(a, w, w_format, n, k, w_scale, w_layout, out, a_scale, bias, path,
+              _args.stream(a, "torch"))
     return out
 
 

@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             suite.run(bench)
         if bench.measurements or bench.checks:
-            where = bench.environment()["gpu"] if bench.cuda else "no GPU: a smoke test, not a measurement"
+            where = (bench.environment()["gpu"] if bench.cuda
+                     else "no GPU: a smoke test, not a measurement")
             print(f"\n== kiln bench {name} ({where}) ==")
             print(table(bench), flush=True)
         path = Path(str(args.json).format(suite=name)) if args.json else default_json_path(name)
