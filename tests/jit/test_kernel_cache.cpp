@@ -94,6 +94,39 @@ ChildResult in_child_as_user(const fs::path& scratch, F body) {
     return number;                                                     \
   }
 
+// Forks `count` children that start `body()` together (they wait until the parent closes a pipe)
+// and returns their exit statuses (-1 for a child that did not exit normally).
+template <typename F>
+std::vector<int> run_together(int count, F body) {
+  int barrier[2];
+  if (::pipe(barrier) != 0) return {};
+  std::vector<pid_t> children;
+  for (int i = 0; i < count; ++i) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::close(barrier[1]);
+      char byte;
+      if (::read(barrier[0], &byte, 1) != 0) ::_exit(255);
+      int code = 254;
+      try {
+        code = body();
+      } catch (...) {
+      }
+      ::_exit(code);
+    }
+    if (pid > 0) children.push_back(pid);
+  }
+  ::close(barrier[0]);
+  ::close(barrier[1]);
+  std::vector<int> statuses;
+  for (const pid_t pid : children) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    statuses.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+  }
+  return statuses;
+}
+
 class KernelCacheTest : public testing::Test {
  protected:
   KernelCacheTest() {
@@ -482,35 +515,17 @@ TEST_F(KernelCacheTest, TwoProcessesWarmingOneFolderCompileEachEntryOnce) {
   constexpr int kSpecs = 12;
   std::vector<KernelSpec> specs;
   for (int i = 0; i < kSpecs; ++i) specs.push_back(probe(100 + i));
-  int barrier[2];
-  ASSERT_EQ(::pipe(barrier), 0);
-  std::vector<pid_t> children;
-  for (int c = 0; c < 2; ++c) {
-    const pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      ::close(barrier[1]);
-      char byte;
-      if (::read(barrier[0], &byte, 1) != 0) ::_exit(255);
-      int code = 254;
-      try {
-        KernelCache cache(config());
-        const WarmupResult r = warm(cache, specs, {"sm_80"});
-        if (r.variants == std::size_t(kSpecs) && r.stored == r.compiled) code = int(r.compiled);
-      } catch (...) {
-      }
-      ::_exit(code);
-    }
-    children.push_back(pid);
-  }
-  ::close(barrier[0]);
-  ::close(barrier[1]);
+  // Each child's status: how many kernels it compiled (and stored).
+  const std::vector<int> statuses = run_together(2, [&] {
+    KernelCache cache(config());
+    const WarmupResult r = warm(cache, specs, {"sm_80"});
+    return r.variants == std::size_t(kSpecs) && r.stored == r.compiled ? int(r.compiled) : 254;
+  });
+  ASSERT_EQ(statuses.size(), 2u);
   int compiled = 0;
-  for (const pid_t pid : children) {
-    int status = 0;
-    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) <= kSpecs) << "child status " << status;
-    compiled += WEXITSTATUS(status);
+  for (const int status : statuses) {
+    ASSERT_TRUE(status >= 0 && status <= kSpecs) << "child status " << status;
+    compiled += status;
   }
   EXPECT_EQ(compiled, kSpecs);
   const auto names = file_names(dir());
@@ -520,34 +535,11 @@ TEST_F(KernelCacheTest, TwoProcessesWarmingOneFolderCompileEachEntryOnce) {
 
 TEST_F(KernelCacheTest, ConcurrentProcessesShareOneEntry) {
   constexpr int kChildren = 4;
-  int barrier[2];
-  ASSERT_EQ(::pipe(barrier), 0);
-  std::vector<pid_t> children;
-  for (int i = 0; i < kChildren; ++i) {
-    const pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      ::close(barrier[1]);
-      char byte;
-      // Blocks until the parent closes its end: all children start compiling together.
-      if (::read(barrier[0], &byte, 1) != 0) ::_exit(2);
-      int code = 1;
-      try {
-        KernelCache cache(config());
-        if (!cache.dir().empty() && is_elf(*cache.cubin(probe(1), "sm_80"))) code = 0;
-      } catch (...) {
-      }
-      ::_exit(code);
-    }
-    children.push_back(pid);
-  }
-  ::close(barrier[0]);
-  ::close(barrier[1]);
-  for (const pid_t pid : children) {
-    int status = 0;
-    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
-  }
+  const std::vector<int> statuses = run_together(kChildren, [&] {
+    KernelCache cache(config());
+    return !cache.dir().empty() && is_elf(*cache.cubin(probe(1), "sm_80")) ? 0 : 1;
+  });
+  EXPECT_EQ(statuses, std::vector<int>(kChildren, 0));
   // Exactly one entry and no temporary file left behind.
   const auto names = file_names(dir());
   ASSERT_EQ(names.size(), 1u) << testing::PrintToString(names);
