@@ -215,7 +215,7 @@ std::shared_ptr<const Cubin> KernelCache::get(const KernelSpec& spec, const std:
 
 std::shared_ptr<const Cubin> KernelCache::read_disk(const fs::path& file, const KernelSpec& spec,
                                                     const std::string& arch,
-                                                    const std::string& key_text) {
+                                                    const std::string& key_text, bool& corrupt) {
   const std::string key = spec.key();
   const Clock::time_point start = Clock::now();
   EntryRead entry = read_entry(file, key_text);
@@ -231,6 +231,7 @@ std::shared_ptr<const Cubin> KernelCache::read_disk(const fs::path& file, const 
         Cubin{arch, key, std::move(entry.lowered_name), std::move(entry.image)});
   }
   if (entry.status == EntryRead::corrupt) {
+    corrupt = true;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       ++stats_.corrupt_entries;
@@ -251,7 +252,8 @@ std::shared_ptr<const Cubin> KernelCache::load_or_compile(const KernelSpec& spec
   bool claimed = false;
   if (!dir_.empty()) {
     file = fs::path(dir_) / entry_file_name(key_text);
-    if (auto cubin = read_disk(file, spec, arch, key_text)) return cubin;
+    bool corrupt = false;
+    if (auto cubin = read_disk(file, spec, arch, key_text, corrupt)) return cubin;
     // Missing (or rejected): compile it, unless another process has claimed it; then wait for its
     // file (or for its claim to go stale).
     const Clock::time_point start = Clock::now();
@@ -261,7 +263,15 @@ std::shared_ptr<const Cubin> KernelCache::load_or_compile(const KernelSpec& spec
       if (!wait_for_claims) return nullptr;
       if (Clock::now() - start > std::chrono::seconds(kStaleClaimSeconds)) break;
       std::this_thread::sleep_for(kClaimPoll);
-      if (auto cubin = read_disk(file, spec, arch, key_text)) return cubin;
+      if (auto cubin = read_disk(file, spec, arch, key_text, corrupt)) return cubin;
+    }
+    // The process that held the claim may have stored the entry between the read above and
+    // this claim: read it once more (unless it was there and rejected) before compiling.
+    if (claimed && !corrupt) {
+      if (auto cubin = read_disk(file, spec, arch, key_text, corrupt)) {
+        release_claim(file);
+        return cubin;
+      }
     }
   }
 

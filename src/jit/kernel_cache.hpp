@@ -92,8 +92,10 @@ class KernelCache {
   // nullptr when !wait_for_claims and another process has claimed the entry.
   std::shared_ptr<const Cubin> load_or_compile(const KernelSpec& spec, const std::string& arch,
                                                const std::string& key_text, bool wait_for_claims);
+  // The entry's cubin, or nullptr when it is missing or rejected (`corrupt` set, with a warning).
   std::shared_ptr<const Cubin> read_disk(const std::filesystem::path& file, const KernelSpec& spec,
-                                         const std::string& arch, const std::string& key_text);
+                                         const std::string& arch, const std::string& key_text,
+                                         bool& corrupt);
   void store(const std::filesystem::path& file, const std::string& key_text, const Cubin& cubin);
 
   std::string dir_;
