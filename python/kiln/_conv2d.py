@@ -14,7 +14,7 @@ from ._C import InvalidArgumentError
 _PAIR_MINIMUM = {"stride": 1, "padding": 0, "dilation": 1}
 
 
-def _pair(name: str, value) -> tuple:
+def int_pair(name: str, value) -> tuple:
     """stride, padding or dilation as a pair of ints (h, w), each at least its minimum."""
     if isinstance(value, str):
         raise InvalidArgumentError(
@@ -81,9 +81,8 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out_dt
     neither is bf16 and one is f16) and accumulated in f32; on CPU, accumulated in f64. N = 0 or
     OC = 0 give an empty result; C, H, W and the kernel must be >= 1, as in torch.
     """
-    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair(
-        "dilation", dilation
-    )
+    stride, padding, dilation = (int_pair(name, value) for name, value in
+                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
     groups = _args.integer("conv2d", "groups", groups)
     kind = _args.check_arrays("conv2d", x=x, w=w, bias=bias)
     if kind == "torch":

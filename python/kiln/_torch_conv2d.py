@@ -4,7 +4,7 @@ that gives the output x's memory format (channels-last when x's channel stride i
 import torch
 
 from . import _C, _args
-from ._conv2d import channels_last, conv2d_out_shape, out_strides
+from ._conv2d import channels_last, conv2d_out_shape, int_pair, out_strides
 from ._torch import inference_only, torch_dtype
 
 _lib = torch.library.Library("kiln", "FRAGMENT")
@@ -15,6 +15,9 @@ _lib.define(
 
 
 def _empty_out(x, w, stride, padding, dilation, out_dtype):
+    # Checked again here for direct torch.ops.kiln.conv2d calls: the shape divides by the stride.
+    stride, padding, dilation = (int_pair(name, value) for name, value in
+                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
     shape = conv2d_out_shape(x.shape, w.shape, stride, padding, dilation)
     strides = out_strides(shape, channels_last(x.shape, x.stride()))
     return x.new_empty_strided(shape, strides, dtype=out_dtype or x.dtype)
