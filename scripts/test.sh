@@ -23,5 +23,8 @@ echo "== C++ tests"
 KILN_CACHE_DIR=$(mktemp -d) ctest --test-dir build/test -j "$jobs" --output-on-failure
 
 echo "== Python tests"
-.venv/bin/python -m pip install -q --no-build-isolation "$root"
-KILN_CACHE_DIR=$(mktemp -d) .venv/bin/python -m pytest tests/python -q -rs
+# The fuzz test (tests/python/test_fuzz.py) runs for KILN_FUZZ_SECONDS (default 40) in all and
+# prints its seed.
+python=${KILN_PYTHON:-.venv/bin/python}
+"$python" -m pip install -q --no-build-isolation "$root"
+KILN_CACHE_DIR=$(mktemp -d) "$python" -m pytest tests/python -q -rs

@@ -18,7 +18,7 @@ struct Conv2dOptions {
 };
 
 // x:    [N, C, H, W], any strides (NCHW or channels-last memory, or views of either),
-//       f32/f16/bf16.
+//       f32/f16/bf16; C, H, W >= 1 (N = 0 or OC = 0 give an empty out, which is not written).
 // w:    [OC, C, KH, KW], any strides, f32/f16/bf16 (may differ from x's dtype).
 // bias: [OC], any stride, f32/f16/bf16, or std::nullopt.
 // out:  [N, OC, OH, OW] with OH = (H + 2 pad_h - dil_h (KH - 1) - 1) / stride_h + 1 (and OW

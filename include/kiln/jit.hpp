@@ -26,9 +26,12 @@ struct Stats {
 Stats stats();
 void reset_stats();
 
-// The disk cache folder in use; "" when the cache is memory-only (the folder is missing and
-// cannot be made, or is read-only).
+// The disk cache folder in use; "" when the cache is memory-only (the folder cannot be read, or
+// is missing and cannot be made). The folder is made on the first store, not before.
 std::string cache_dir();
+// Whether new kernels are stored in cache_dir(). A read-only folder (a cache warmed at build time
+// and shipped) is still read; kernels missing from it are compiled and kept in memory.
+bool cache_writable();
 
 struct CacheEntry {
   std::string path;    // file in cache_dir()
@@ -48,11 +51,15 @@ std::vector<std::string> workloads();
 
 struct WarmupResult {
   std::size_t variants = 0;  // (kernel, arch) pairs requested
-  std::size_t compiled = 0;  // of which newly compiled; the rest were cached
+  std::size_t compiled = 0;  // of which newly compiled; the rest were cached (or compiled by
+                             // another process warming the same folder, then read)
+  std::size_t stored = 0;    // compiled ones written to the disk cache (< compiled: read-only)
 };
 
 // Compiles and stores, without loading, every variant `workload` needs for each arch in
-// `archs` ("sm_80", "sm_90a", ...). Needs no GPU.
+// `archs` ("sm_80", "sm_90a", ...). Needs no GPU. Throws kiln::Error for no arch, an arch that is
+// not a CUDA target, or one older than sm_80, before compiling anything. Processes warming one
+// folder at once share the work: each entry is compiled by one of them (disk_cache.hpp, claims).
 WarmupResult warmup(const std::string& workload, const std::vector<std::string>& archs);
 
 struct Overheads {

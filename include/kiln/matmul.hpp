@@ -29,13 +29,19 @@ enum class ScaleGranularity { tensor, row, block128 };
 // f8_e4m3fn or f8_e5m2), scale f32 contiguous of the granularity's shape.
 // compute_scale = true: scale = amax / max_of_format per group (fused amax pass; an all-zero
 // group gets scale 1), written to `scale`. compute_scale = false: `scale` is read (one read of
-// x). q = encode(x / scale): round to nearest even, saturated to +-max, NaN stays NaN.
+// x); its values must be finite and > 0 (an error on CPU; CUDA scales are device memory, which
+// kiln does not read on the host). q = encode(x / scale): round to nearest even, saturated to
+// +-max, NaN stays NaN. An empty x (R or C = 0) writes nothing (and computes no scale).
 void quantize_fp8(const TensorView& x, const TensorView& q, const TensorView& scale,
                   ScaleGranularity granularity, bool compute_scale, Stream stream = nullptr);
 
 // ggml Q8_0: x [R, C] f32/f16/bf16 (any strides), C % 32 == 0 -> q u8 [R, C / 32 * 34]
 // contiguous, byte-identical to ggml's quantize_row_q8_0_ref: per block d = amax / 127 stored as
-// f16, qs[i] = roundf(x[i] / d) (half away from zero; 0 when d == 0).
+// f16, qs[i] = roundf(x[i] / d) (half away from zero; 0 when d == 0). Where ggml's rule fails:
+// a block whose d overflows f16 (amax above 127 * 65504, inf included) stores d = 65504 and its
+// codes saturate at +-127, so values saturate at +-127 * 65504 (ggml stores d = inf, which its
+// own row validation rejects); a block holding a NaN stores d = NaN and zero codes, so the whole
+// block dequantizes to NaN (ggml's codes are undefined there).
 void quantize_q8_0(const TensorView& x, const TensorView& q, Stream stream = nullptr);
 
 // fp8 q [R, C] (contiguous) with its scale (granularity from the scale's shape: [1], [R] or

@@ -55,7 +55,9 @@ class TensorView {
   std::span<const std::int64_t> shape() const { return {shape_.data(), std::size_t(ndim_)}; }
   std::span<const std::int64_t> strides() const { return {strides_.data(), std::size_t(ndim_)}; }
   std::int64_t numel() const;
-  bool is_contiguous() const;  // row-major, size-1 dims ignored; true when numel() == 0
+  // Row-major dense; size-1 dims may have any stride, and an empty view (numel() == 0) is
+  // contiguous whatever its strides, as in torch.
+  bool is_contiguous() const;
   // Byte range [first, last) that elements of the view can touch, relative to data().
   // Empty (first == last) when numel() == 0.
   std::int64_t byte_begin() const;

@@ -10,6 +10,52 @@ namespace kiln_python {
                     std::string("kiln::") + op + ": " + arg + " " + what);
 }
 
+namespace {
+
+// A DLPack dtype in the frameworks' words: "float64", "bool", "complex64", "float8_e4m3fnuz"...
+std::string dlpack_dtype_name(nb::dlpack::dtype dt) {
+  using Code = nb::dlpack::dtype_code;
+  std::string name;
+  switch (static_cast<Code>(dt.code)) {
+    case Code::Int:
+      name = "int" + std::to_string(dt.bits);
+      break;
+    case Code::UInt:
+      name = "uint" + std::to_string(dt.bits);
+      break;
+    case Code::Float:
+      name = "float" + std::to_string(dt.bits);
+      break;
+    case Code::Bfloat:
+      name = "bfloat" + std::to_string(dt.bits);
+      break;
+    case Code::Complex:
+      name = "complex" + std::to_string(dt.bits);
+      break;
+    case Code::Bool:
+      name = "bool";
+      break;
+    case Code::Float8_E4M3FNUZ:
+      name = "float8_e4m3fnuz";
+      break;
+    case Code::Float8_E5M2FNUZ:
+      name = "float8_e5m2fnuz";
+      break;
+    case Code::Float8_E8M0FNU:
+      name = "float8_e8m0fnu";
+      break;
+    case Code::Float4_E2M1FN:
+      name = "float4_e2m1fn";
+      break;
+    default:
+      name = "DLPack code " + std::to_string(dt.code) + " of " + std::to_string(dt.bits) + " bits";
+      break;
+  }
+  return dt.lanes == 1 ? name : name + " x " + std::to_string(dt.lanes) + " lanes";
+}
+
+}  // namespace
+
 kiln::DType to_dtype(const char* op, const char* arg, nb::dlpack::dtype dt) {
   using Code = nb::dlpack::dtype_code;
   const auto code = static_cast<Code>(dt.code);
@@ -41,9 +87,9 @@ kiln::DType to_dtype(const char* op, const char* arg, nb::dlpack::dtype dt) {
     }
   }
   invalid(op, arg,
-          "has DLPack dtype (code " + std::to_string(dt.code) + ", " + std::to_string(dt.bits) +
-              " bits, " + std::to_string(dt.lanes) +
-              " lanes), expected one of f32, f16, bf16, f8_e4m3fn, f8_e5m2, i8, u8, i32, i64");
+          "has dtype " + dlpack_dtype_name(dt) +
+              ", which no kiln op takes (kiln computes in f32, f16, bf16 and fp8, and takes "
+              "u8 bytes and i32/i64 lengths where an op says so)");
 }
 
 kiln::Device to_device(const char* op, const char* arg, int device_type, int device_id) {

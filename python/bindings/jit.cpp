@@ -54,6 +54,7 @@ nb::dict warmup(const std::string& workload, const std::vector<std::string>& arc
   nb::dict d;
   d["variants"] = r.variants;
   d["compiled"] = r.compiled;
+  d["stored"] = r.stored;
   return d;
 }
 
@@ -85,6 +86,8 @@ void bind_jit(nb::module_& m) {
   m.def("jit_reset_stats", &kiln::jit::reset_stats);
   m.def("cache_dir", &kiln::jit::cache_dir,
         "The disk cache folder in use; '' when the cache is memory-only.");
+  m.def("cache_writable", &kiln::jit::cache_writable,
+        "Whether compiled kernels are stored in cache_dir() (false: read-only).");
   m.def("list_cache", &list_cache, "Entries of the disk cache: path, kernel, arch, bytes, valid.");
   m.def("clear_cache", &kiln::jit::clear_cache, nb::call_guard<nb::gil_scoped_release>(),
         "Removes every kiln entry from the disk and memory caches; returns the files removed.");

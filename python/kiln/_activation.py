@@ -8,9 +8,8 @@ here.
 
 import sys
 
-from . import _C
+from . import _C, _args
 from ._C import InvalidArgumentError
-from ._matmul import _framework, _shape_str, _stream
 from ._rows import outputs, quantize_format
 
 _ACTIVATIONS = ("silu", "gelu_tanh")
@@ -20,7 +19,7 @@ def glu_out_shape(shape) -> tuple:
     """[..., F] for x [..., 2F]."""
     if len(shape) < 1 or shape[-1] % 2:
         raise InvalidArgumentError(
-            f"kiln::glu: x has shape {_shape_str(shape)}, expected [..., 2F] (the gate half, then "
+            f"kiln::glu: x has shape {_args.shape_str(shape)}, expected [..., 2F] (the gate half, then "
             "the linear half)"
         )
     return (*shape[:-1], shape[-1] // 2)
@@ -49,7 +48,7 @@ def glu(x, *, activation="silu", out_dtype=None, quantize=None):
     CuPy: uint8), q_scale f32 [R], bit for bit kiln.quantize_fp8(y_f32, quantize, "row") of the
     f32 y; the pair kiln.matmul takes as fp8 a with a_scale.
     """
-    framework = _framework("glu", "x", x)
+    framework = _args.framework("glu", "x", x)
     activation = activation_name(activation)
     fmt = quantize_format("glu", quantize, out_dtype)
     shape = glu_out_shape(x.shape)
@@ -58,7 +57,7 @@ def glu(x, *, activation="silu", out_dtype=None, quantize=None):
 
         return _torch_activation.glu(x, activation, out_dtype, fmt)
     out, scale = outputs("glu", framework, x, shape, out_dtype, fmt, x.dtype)
-    _C.glu(x, out, scale, activation, _stream(x, framework), fmt=fmt)
+    _C.glu(x, out, scale, activation, _args.stream(x, framework), fmt=fmt)
     return out if fmt is None else (out, scale)
 
 
@@ -69,12 +68,12 @@ def gelu_tanh(x, *, out_dtype=None, quantize=None):
     x: [..., F] f32/f16/bf16; rows may be strided, the last dim contiguous.
     out_dtype, quantize: as kiln.glu. Returns y of x's shape, or (q, q_scale).
     """
-    framework = _framework("gelu_tanh", "x", x)
+    framework = _args.framework("gelu_tanh", "x", x)
     fmt = quantize_format("gelu_tanh", quantize, out_dtype)
     if framework == "torch":
         from . import _torch_activation
 
         return _torch_activation.gelu_tanh(x, out_dtype, fmt)
     out, scale = outputs("gelu_tanh", framework, x, x.shape, out_dtype, fmt, x.dtype)
-    _C.gelu_tanh(x, out, scale, _stream(x, framework), fmt=fmt)
+    _C.gelu_tanh(x, out, scale, _args.stream(x, framework), fmt=fmt)
     return out if fmt is None else (out, scale)

@@ -5,31 +5,33 @@ channels-last (NHWC memory) when x's channel stride is 1 and C > 1, NCHW otherwi
 on that framework's current stream. torch is never imported here.
 """
 
-import sys
+import numbers
 
-import numpy as np
-
-from . import _C
+from . import _C, _args
 from ._C import InvalidArgumentError
-from .ops import dtype_name
 
-_NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
+# The least value of each of conv2d's int pairs, as F.conv2d takes them.
+_PAIR_MINIMUM = {"stride": 1, "padding": 0, "dilation": 1}
 
 
-def _pair(name: str, value) -> tuple:
+def int_pair(name: str, value) -> tuple:
+    """stride, padding or dilation as a pair of ints (h, w), each at least its minimum."""
     if isinstance(value, str):
         raise InvalidArgumentError(
             f"kiln::conv2d: {name} is '{value}', expected an int or a pair of ints "
             "(string paddings such as 'same' are not supported)"
         )
-    if isinstance(value, int):
-        return (value, value)
-    pair = tuple(int(v) for v in value)
-    if len(pair) != 2:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = None
+    if items is None or len(items) != 2:
         raise InvalidArgumentError(
-            f"kiln::conv2d: {name} is {value}, expected an int or a pair of ints"
+            f"kiln::conv2d: {name} is {value!r}, expected an int or a pair of ints"
         )
-    return pair
+    return tuple(_args.integer("conv2d", name, v, _PAIR_MINIMUM[name]) for v in items)
 
 
 def _out_size(size, kernel, stride, padding, dilation) -> int:
@@ -41,7 +43,8 @@ def conv2d_out_shape(x_shape, w_shape, stride, padding, dilation) -> tuple:
     """[N, OC, OH, OW] for x [N, C, H, W] and w [OC, C, KH, KW] (checked again by kiln)."""
     if len(x_shape) != 4 or len(w_shape) != 4:
         raise InvalidArgumentError(
-            f"kiln::conv2d: x has shape {list(x_shape)} and w {list(w_shape)}, expected "
+            f"kiln::conv2d: x has shape {_args.shape_str(x_shape)} and w "
+            f"{_args.shape_str(w_shape)}, expected "
             "x [N, C, H, W] and w [OC, C, KH, KW]"
         )
     n, _, h, w = x_shape
@@ -75,52 +78,24 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, out_dt
     out_dtype: "f32"/"f16"/"bf16" or a framework dtype; default x's dtype.
 
     Returns [N, OC, OH, OW] in x's memory format. On CUDA, x and w are rounded to bf16 (f16 when
-    neither is bf16 and one is f16) and accumulated in f32; on CPU, accumulated in f64.
+    neither is bf16 and one is f16) and accumulated in f32; on CPU, accumulated in f64. N = 0 or
+    OC = 0 give an empty result; C, H, W and the kernel must be >= 1, as in torch.
     """
-    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair(
-        "dilation", dilation
-    )
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
+    stride, padding, dilation = (int_pair(name, value) for name, value in
+                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    groups = _args.integer("conv2d", "groups", groups)
+    kind = _args.check_arrays("conv2d", x=x, w=w, bias=bias)
+    if kind == "torch":
         from . import _torch_conv2d
 
         return _torch_conv2d.conv2d(x, w, bias, stride, padding, dilation, groups, out_dtype)
 
-    shape = conv2d_out_shape(x.shape, w.shape, stride, padding, dilation)
-    if isinstance(x, np.ndarray):
-        name = dtype_name("conv2d", out_dtype if out_dtype is not None else x.dtype)
-        if name not in _NUMPY_DTYPES:
-            raise InvalidArgumentError(
-                f"kiln::conv2d: out_dtype is {name}, which numpy has no type for; expected f32 "
-                "or f16 (use torch for bf16)"
-            )
-        elements = tuple(s // x.itemsize for s in x.strides)
-        out = _empty_numpy(shape, _NUMPY_DTYPES[name], channels_last(x.shape, elements))
-        _C.conv2d(x, w, bias, out, stride, padding, dilation, groups, 0)
-        return out
-
-    cupy = sys.modules.get("cupy")
-    if cupy is not None and isinstance(x, cupy.ndarray):
-        dtype = out_dtype if out_dtype is not None else x.dtype
-        elements = tuple(s // x.itemsize for s in x.strides)
-        with x.device:
-            n, oc, oh, ow = shape
-            if channels_last(x.shape, elements):
-                out = cupy.empty((n, oh, ow, oc), dtype=dtype).transpose(0, 3, 1, 2)
-            else:
-                out = cupy.empty(shape, dtype=dtype)
-            _C.conv2d(x, w, bias, out, stride, padding, dilation, groups,
-                      cupy.cuda.get_current_stream().ptr)
-        return out
-
-    raise InvalidArgumentError(
-        f"kiln::conv2d: x is a {type(x).__module__}.{type(x).__qualname__}, expected a torch "
-        "tensor, a numpy array or a CuPy array"
-    )
-
-
-def _empty_numpy(shape, dtype, nhwc: bool):
-    n, oc, oh, ow = shape
-    if nhwc:
-        return np.empty((n, oh, ow, oc), dtype=dtype).transpose(0, 3, 1, 2)
-    return np.empty(shape, dtype=dtype)
+    n, oc, oh, ow = conv2d_out_shape(x.shape, w.shape, stride, padding, dilation)
+    dtype = _args.numpy_out_dtype("conv2d", kind, out_dtype, x, "x")
+    elements = tuple(s // x.itemsize for s in x.strides)
+    if channels_last(x.shape, elements):
+        out = _args.empty(kind, x, (n, oh, ow, oc), dtype).transpose(0, 3, 1, 2)
+    else:
+        out = _args.empty(kind, x, (n, oc, oh, ow), dtype)
+    _C.conv2d(x, w, bias, out, stride, padding, dilation, groups, _args.stream(x, kind))
+    return out

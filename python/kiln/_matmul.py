@@ -10,13 +10,13 @@ torch is never imported here: a torch tensor can only come from a process that h
 """
 
 import math
+import numbers
 import sys
 
 import numpy as np
 
-from . import _C
+from . import _C, _args
 from ._C import InvalidArgumentError, UnsupportedError
-from .ops import dtype_name
 
 # fp8 format spellings -> the binding's format name.
 _FP8_ALIASES = {
@@ -33,18 +33,9 @@ _WEIGHT_ALIASES = {**_FP8_ALIASES, "q8_0": "q8_0", "f16": "f16", "float16": "f16
                    "bf16": "bf16", "bfloat16": "bf16"}
 _GRANULARITIES = {"tensor": "tensor", "row": "row", "block": "block128", "block128": "block128"}
 _PATHS = ("auto", "gemv", "gemm", "fp8_native", "reference")
-_NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
 Q8_0_BLOCK = 32  # values per Q8_0 block
 Q8_0_BYTES = 34  # bytes per Q8_0 block: f16 d + 32 int8
 SCALE_BLOCK = 128  # block128 scales cover 128 x 128 values
-
-
-def _shape_str(shape) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
-
-
-def _type_str(x) -> str:
-    return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
 def fp8_format(op: str, arg: str, fmt) -> str:
@@ -77,7 +68,7 @@ def granularity_name(op: str, granularity) -> str:
 
 
 def path_name(op: str, path) -> str:
-    if path not in _PATHS:
+    if not isinstance(path, str) or path not in _PATHS:
         raise InvalidArgumentError(
             f"kiln::{op}: path is {path!r}, expected one of {', '.join(map(repr, _PATHS))}"
         )
@@ -131,28 +122,14 @@ def rows_of(op: str, arg: str, shape) -> int:
     return math.prod(shape[:-1])
 
 
-def _framework(op: str, arg: str, x) -> str:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(x, torch.Tensor):
-        return "torch"
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    cupy = sys.modules.get("cupy")
-    if cupy is not None and isinstance(x, cupy.ndarray):
-        return "cupy"
-    raise InvalidArgumentError(
-        f"kiln::{op}: {arg} is a {_type_str(x)}, expected a torch tensor, a numpy array or a "
-        "CuPy array"
-    )
-
-
-def _as_scale(op: str, arg: str, scale, like, framework: str):
-    """A scale as an f32 array of `like`'s framework and device: python numbers become [1];
-    0-d arrays become [1]; other arrays are cast to f32 and made contiguous (a few values)."""
+def _as_scale(op: str, arg: str, scale, like, framework: str, positive: bool = False):
+    """A scale as an f32 array of `like`'s framework and device: numbers become [1] (finite and
+    > 0 when `positive`); 0-d arrays become [1]; other arrays of real numbers are cast to f32 and
+    made contiguous (a few values); bool and complex arrays are refused."""
     if scale is None:
         return None
-    if isinstance(scale, (int, float)):
-        values = [float(scale)]
+    if isinstance(scale, numbers.Number):
+        values = [_args.real(op, arg, scale, positive=positive, finite=positive)]
         if framework == "torch":
             return sys.modules["torch"].tensor(values, dtype=sys.modules["torch"].float32,
                                                device=like.device)
@@ -160,10 +137,16 @@ def _as_scale(op: str, arg: str, scale, like, framework: str):
             return np.asarray(values, dtype=np.float32)
         with like.device:
             return sys.modules["cupy"].asarray(values, dtype=np.float32)
-    if _framework(op, arg, scale) != framework:
+    if _args.framework(op, arg, scale) != framework:
         raise InvalidArgumentError(
-            f"kiln::{op}: {arg} is a {_type_str(scale)}, expected the same framework as the data "
-            f"({framework})"
+            f"kiln::{op}: {arg} is a {_args.type_str(scale)}, expected the same framework as the "
+            f"data ({framework})"
+        )
+    dtype = str(scale.dtype).removeprefix("torch.")
+    if dtype == "bool" or dtype.startswith("complex"):
+        raise InvalidArgumentError(
+            f"kiln::{op}: {arg} has dtype {dtype}, expected real numbers (f32, or floats and ints "
+            "that are cast to it)"
         )
     if scale.ndim == 0:
         scale = scale.reshape(1)
@@ -175,34 +158,15 @@ def _as_scale(op: str, arg: str, scale, like, framework: str):
     return sys.modules["cupy"].ascontiguousarray(scale, dtype=np.float32)
 
 
-def _stream(x, framework: str) -> int:
-    if framework == "cupy":
-        return sys.modules["cupy"].cuda.get_current_stream().ptr
-    return 0  # numpy: CPU
+def as_rows(x):
+    """x [..., C] as [R, C] (R the product of the leading dims; C = 0 too): a view where the
+    strides allow it."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
-def _empty(framework: str, like, shape, dtype):
-    if framework == "numpy":
-        return np.empty(shape, dtype=dtype)
-    with like.device:
-        return sys.modules["cupy"].empty(shape, dtype=dtype)
-
-
-def _out_dtype(op: str, framework: str, out_dtype, default: str):
-    """The numpy/CuPy dtype of an output given as a name or a dtype (f32 or f16: neither
-    framework has bf16)."""
-    name = dtype_name(op, out_dtype if out_dtype is not None else default)
-    if name not in _NUMPY_DTYPES:
-        raise InvalidArgumentError(
-            f"kiln::{op}: out_dtype is {name}, which {framework} has no type for; expected f32 "
-            "or f16 (use torch for bf16)"
-        )
-    return _NUMPY_DTYPES[name]
-
-
-def _as_rows(x, cols: int):
-    """x [..., C] as [R, C]: a view where the strides allow it."""
-    return x.reshape(-1, cols)
+def _array_or_none(x):
+    """x where it is an array argument, None where it is a number (or absent)."""
+    return None if x is None or isinstance(x, numbers.Number) else x
 
 
 # ---- quantize / dequantize -------------------------------------------------------------------
@@ -221,32 +185,35 @@ def quantize_fp8(x, fmt="e4m3fn", granularity="tensor", scale=None):
 
     Returns (q, scale): q has x's shape, contiguous, fp8 for torch (the float8 dtype) and uint8
     (the fp8 bytes) for numpy/CuPy; dequantized = q * scale. Rounds to nearest even, saturates
-    to +-max, keeps NaN.
+    to +-max, keeps NaN. A given scale must be finite and > 0 (checked for numbers and CPU
+    arrays; a CUDA array's values are not read on the host). An empty x gives an empty q (and,
+    computed, a scale of 1 per group).
     """
-    framework = _framework("quantize_fp8", "x", x)
+    framework = _args.check_arrays("quantize_fp8", x=x, scale=_array_or_none(scale))
     fmt_name = fp8_format("quantize_fp8", "fmt", fmt)
     gran = granularity_name("quantize_fp8", granularity)
     if gran == "block128" and x.ndim != 2:
         raise InvalidArgumentError(
-            f"kiln::quantize_fp8: x has shape {_shape_str(x.shape)}, expected 2 dims [R, C] for "
-            "granularity 'block'"
+            f"kiln::quantize_fp8: x has shape {_args.shape_str(x.shape)}, expected 2 dims [R, C] "
+            "for granularity 'block'"
         )
     rows_of("quantize_fp8", "x", x.shape)
+    given = _as_scale("quantize_fp8", "scale", scale, x, framework, positive=True)
     if framework == "torch":
         from . import _torch_matmul
 
-        return _torch_matmul.quantize_fp8(x, fmt_name, gran, scale)
+        return _torch_matmul.quantize_fp8(x, fmt_name, gran, given)
 
-    cols = x.shape[-1]
-    x2 = _as_rows(x, cols)
-    q = _empty(framework, x, x.shape, np.uint8)
-    given = _as_scale("quantize_fp8", "scale", scale, x, framework)
+    x2 = as_rows(x)
+    q = _args.empty(framework, x, x.shape, np.uint8)
     if given is None:
-        out_scale = _empty(framework, x, scale_shape(gran, x2.shape[0], cols), np.float32)
+        out_scale = _args.empty(framework, x, scale_shape(gran, *x2.shape), np.float32)
+        if x2.size == 0:
+            out_scale[...] = 1  # no group has an element: its amax is 0
     else:
         out_scale = given
     # numpy and CuPy hold fp8 as uint8: fmt names its format.
-    _C.quantize_fp8(x2, q.reshape(-1, cols), out_scale, gran, given is None, _stream(x, framework),
+    _C.quantize_fp8(x2, as_rows(q), out_scale, gran, given is None, _args.stream(x, framework),
                     fmt=fmt_name)
     return q, out_scale
 
@@ -254,15 +221,15 @@ def quantize_fp8(x, fmt="e4m3fn", granularity="tensor", scale=None):
 def quantize_q8_0(x):
     """Quantizes x [..., C] (f32/f16/bf16, any strides, C % 32 == 0) to ggml Q8_0 blocks:
     uint8 [..., C / 32 * 34], byte-identical to ggml's quantize_row_q8_0_ref."""
-    framework = _framework("quantize_q8_0", "x", x)
+    framework = _args.check_arrays("quantize_q8_0", x=x)
     rows_of("quantize_q8_0", "x", x.shape)
     row_bytes = q8_0_bytes_per_row("quantize_q8_0", x.shape[-1])
     if framework == "torch":
         from . import _torch_matmul
 
         return _torch_matmul.quantize_q8_0(x)
-    q = _empty(framework, x, (*x.shape[:-1], row_bytes), np.uint8)
-    _C.quantize_q8_0(_as_rows(x, x.shape[-1]), q.reshape(-1, row_bytes), _stream(x, framework))
+    q = _args.empty(framework, x, (*x.shape[:-1], row_bytes), np.uint8)
+    _C.quantize_q8_0(as_rows(x), as_rows(q), _args.stream(x, framework))
     return q
 
 
@@ -299,19 +266,21 @@ def dequantize(q, scale=None, *, out_dtype="f32", fmt=None):
     fmt: the fp8 format of q when q is uint8 holding fp8 bytes (numpy, CuPy): "e4m3fn" or "e5m2";
     None reads uint8 as Q8_0 and fp8 dtypes as themselves.
     """
-    framework = _framework("dequantize", "q", q)
+    out_dtype = "f32" if out_dtype is None else out_dtype
+    framework = _args.check_arrays("dequantize", q=q, scale=_array_or_none(scale))
     q_fmt = _q_format("dequantize", q, scale, fmt)
     rows_of("dequantize", "q", q.shape)
     if framework == "torch":
         from . import _torch_matmul
 
-        return _torch_matmul.dequantize(q, scale, out_dtype, q_fmt)
+        return _torch_matmul.dequantize(q, _as_scale("dequantize", "scale", scale, q, framework),
+                                        out_dtype, q_fmt)
     row_bytes = q.shape[-1]
     cols = q8_0_cols("dequantize", "q", row_bytes) if q_fmt == "q8_0" else row_bytes
-    out = _empty(framework, q, (*q.shape[:-1], cols),
-                 _out_dtype("dequantize", framework, out_dtype, "f32"))
+    out = _args.empty(framework, q, (*q.shape[:-1], cols),
+                      _args.numpy_out_dtype("dequantize", framework, out_dtype, None, "q"))
     scale = _as_scale("dequantize", "scale", scale, q, framework)
-    _C.dequantize(_as_rows(q, row_bytes), scale, out.reshape(-1, cols), _stream(q, framework),
+    _C.dequantize(as_rows(q), scale, as_rows(out), _args.stream(q, framework),
                   fmt=None if q_fmt == "q8_0" else q_fmt)
     return out
 
@@ -379,14 +348,15 @@ def weight_spec(op: str, w, w_scale, w_fmt, framework: str) -> WeightSpec:
                 "weight carries its scale)"
             )
         return WeightSpec(w.data, w.format, w.n, w.k, w.scale, w.layout)
-    if _framework(op, "w", w) != framework:
+    if _args.framework(op, "w", w) != framework:
         raise InvalidArgumentError(
-            f"kiln::{op}: w is a {_type_str(w)}, expected the same framework as a ({framework})"
+            f"kiln::{op}: w is a {_args.type_str(w)}, expected the same framework as a "
+            f"({framework})"
         )
     if w.ndim != 2:
         raise InvalidArgumentError(
-            f"kiln::{op}: w has shape {_shape_str(w.shape)}, expected 2 dims [N, K] (or uint8 "
-            "Q8_0 blocks [N, K / 32 * 34])"
+            f"kiln::{op}: w has shape {_args.shape_str(w.shape)}, expected 2 dims [N, K] (or "
+            "uint8 Q8_0 blocks [N, K / 32 * 34])"
         )
     dtype = array_dtype_name(w)
     if dtype in ("f8_e4m3fn", "f8_e5m2", "f16", "bf16"):
@@ -462,35 +432,30 @@ def matmul(a, w, *, w_scale=None, a_scale=None, bias=None, out_dtype=None, path=
        in torch, f32 in numpy/CuPy).
     path: "auto" (kiln.select_path's choice), "gemv" (M <= 16), "gemm", "fp8_native" (sm_90,
        fp8 a); CPU arrays run kiln's reference backend whatever the path.
+
+    M = 0 or N = 0 give an empty result; K = 0 gives bias (or zeros), as torch does.
     """
-    framework = _framework("matmul", "a", a)
+    data = w.storage if isinstance(w, PreparedWeight) else w
+    framework = _args.check_arrays("matmul", a=a, w=data, w_scale=_array_or_none(w_scale),
+                                   a_scale=_array_or_none(a_scale), bias=bias, gate=gate,
+                                   residual=residual)
     path = path_name("matmul", path)
     spec = weight_spec("matmul", w, w_scale, w_fmt, framework)
     if a.ndim < 1 or a.shape[-1] != spec.k:
         raise InvalidArgumentError(
-            f"kiln::matmul: a has shape {_shape_str(a.shape)}, expected [..., K] with K = "
+            f"kiln::matmul: a has shape {_args.shape_str(a.shape)}, expected [..., K] with K = "
             f"{spec.k} (w is [{spec.n}, {spec.k}])"
         )
     lead = tuple(a.shape[:-1])
     m = math.prod(lead)
     a_name = array_dtype_name(a)
     if residual is not None:
-        if _framework("matmul", "residual", residual) != framework:
-            raise InvalidArgumentError(
-                f"kiln::matmul: residual is a {_type_str(residual)}, expected the same framework "
-                f"as a ({framework})"
-            )
         if tuple(residual.shape) != (*lead, spec.n):
             raise InvalidArgumentError(
-                f"kiln::matmul: residual has shape {_shape_str(residual.shape)}, expected out's "
-                f"shape {_shape_str((*lead, spec.n))}"
+                f"kiln::matmul: residual has shape {_args.shape_str(residual.shape)}, expected "
+                f"out's shape {_args.shape_str((*lead, spec.n))}"
             )
         residual = residual.reshape(m, spec.n)
-    if gate is not None and _framework("matmul", "gate", gate) != framework:
-        raise InvalidArgumentError(
-            f"kiln::matmul: gate is a {_type_str(gate)}, expected the same framework as a "
-            f"({framework})"
-        )
     if framework == "torch":
         from . import _torch_matmul
 
@@ -512,11 +477,13 @@ def matmul(a, w, *, w_scale=None, a_scale=None, bias=None, out_dtype=None, path=
                 "'e5m2'"
             )
         a_format = fp8_format("matmul", "a_fmt", a_fmt)
-    default = "f32" if a_format is not None else a_name
-    out = _empty(framework, a, (m, spec.n), _out_dtype("matmul", framework, out_dtype, default))
+    if out_dtype is None and a_format is not None:
+        out_dtype = "f32"
+    out = _args.empty(framework, a, (m, spec.n),
+                      _args.numpy_out_dtype("matmul", framework, out_dtype, a, "a"))
     _C.matmul(a2, spec.data, spec.format, spec.n, spec.k, spec.scale, spec.layout, out,
               _activation_scale("matmul", a_scale, a, m, framework), bias, path,
-              _stream(a, framework), a_format=a_format, gate=gate, residual=residual)
+              _args.stream(a, framework), a_format=a_format, gate=gate, residual=residual)
     return out.reshape(*lead, spec.n)
 
 
@@ -532,13 +499,17 @@ def select_path(m: int, w, *, a_dtype="bf16", w_fmt=None, device=None) -> str:
     """The path kiln.matmul(path="auto") runs for an [m, K] activation of a_dtype ("f32", "f16",
     "bf16", "f8_e4m3fn", "f8_e5m2") against w (array or PreparedWeight) on w's device (or
     `device`: a CUDA ordinal, -1 for CPU): "gemv", "gemm", "fp8_native" or "reference"."""
+    m = _args.integer("select_path", "m", m, minimum=0)
     data = w.storage if isinstance(w, PreparedWeight) else w
-    framework = _framework("select_path", "w", data)
+    framework = _args.check_arrays("select_path", w=data)
     spec = weight_spec("select_path", w, None, None if data is not w else w_fmt, framework)
     a_name = str(a_dtype).removeprefix("torch.")
-    a_name = _FP8_ALIASES.get(a_name, None) or dtype_name("select_path", a_name)
-    index = _device_index(data, framework) if device is None else int(device)
-    return _C.matmul_select_path(int(m), spec.n, spec.k, spec.format, spec.layout, a_name, index)
+    a_name = _FP8_ALIASES.get(a_name, None) or _args.dtype_name("select_path", a_name, "a_dtype")
+    if device is None:
+        index = _device_index(data, framework)
+    else:
+        index = _args.integer("select_path", "device", device, minimum=-1)
+    return _C.matmul_select_path(m, spec.n, spec.k, spec.format, spec.layout, a_name, index)
 
 
 def prepare_weight(w, w_scale=None, *, fmt=None, path="auto") -> PreparedWeight:
@@ -549,7 +520,7 @@ def prepare_weight(w, w_scale=None, *, fmt=None, path="auto") -> PreparedWeight:
     fmt: w's format when w is uint8 holding fp8 bytes ("e4m3fn"/"e5m2"); None reads uint8 as
     Q8_0.
     """
-    framework = _framework("prepare_weight", "w", w)
+    framework = _args.check_arrays("prepare_weight", w=w, w_scale=_array_or_none(w_scale))
     path = path_name("prepare_weight", path)
     spec = weight_spec("prepare_weight", w, w_scale, fmt, framework)
     nbytes = _C.prepared_weight_bytes(spec.data, spec.format, spec.n, spec.k, spec.scale,
@@ -557,14 +528,11 @@ def prepare_weight(w, w_scale=None, *, fmt=None, path="auto") -> PreparedWeight:
     if framework == "torch":
         torch = sys.modules["torch"]
         storage = torch.empty(nbytes, dtype=torch.uint8, device=w.device)
-        stream = (torch.cuda.current_stream(w.device).cuda_stream
-                  if w.device.type == "cuda" else 0)
     else:
-        storage = _empty(framework, w, (nbytes,), np.uint8)
-        stream = _stream(w, framework)
+        storage = _args.empty(framework, w, (nbytes,), np.uint8)
     fmt_name, layout, keeps_scale = _C.prepare_weight(spec.data, spec.format, spec.n, spec.k,
                                                       spec.scale, spec.layout, path, storage,
-                                                      stream)
+                                                      _args.stream(w, framework))
     data = storage
     if layout == "row_major":  # a plain copy: read with the format's dtype and shape
         data = _typed_view(framework, storage, fmt_name, spec.n, spec.k)

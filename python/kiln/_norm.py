@@ -8,8 +8,7 @@ no fp8 dtype: a quantized output comes back as its uint8 codes. torch is never i
 
 import sys
 
-from . import _C
-from ._matmul import _framework, _stream
+from . import _C, _args
 from ._rows import outputs, quantize_format
 
 
@@ -27,14 +26,14 @@ def rms_norm(x, weight=None, *, eps=1e-6, out_dtype=None, quantize=None):
     bit kiln.quantize_fp8(y_f32, quantize, "row") of the f32 y (q_scale = amax / 448 for e4m3fn,
     1 for an all-zero row): what kiln.matmul(q, w, a_scale=q_scale, ...) takes.
     """
-    framework = _framework("rms_norm", "x", x)
+    framework = _args.framework("rms_norm", "x", x)
     fmt = quantize_format("rms_norm", quantize, out_dtype)
     if framework == "torch":
         from . import _torch_norm
 
         return _torch_norm.rms_norm(x, weight, eps, out_dtype, fmt)
     out, scale = outputs("rms_norm", framework, x, x.shape, out_dtype, fmt, x.dtype)
-    _C.rms_norm(x, weight, out, scale, float(eps), _stream(x, framework), fmt=fmt)
+    _C.rms_norm(x, weight, out, scale, float(eps), _args.stream(x, framework), fmt=fmt)
     return out if fmt is None else (out, scale)
 
 
@@ -51,7 +50,7 @@ def layer_norm(x, weight=None, bias=None, *, shift=None, scale=None, eps=1e-6, o
        or None (one dtype when both are given).
     out_dtype, quantize: as kiln.rms_norm.
     """
-    framework = _framework("layer_norm", "x", x)
+    framework = _args.framework("layer_norm", "x", x)
     fmt = quantize_format("layer_norm", quantize, out_dtype)
     if framework == "torch":
         from . import _torch_norm
@@ -59,7 +58,7 @@ def layer_norm(x, weight=None, bias=None, *, shift=None, scale=None, eps=1e-6, o
         return _torch_norm.layer_norm(x, weight, bias, shift, scale, eps, out_dtype, fmt)
     out, out_scale = outputs("layer_norm", framework, x, x.shape, out_dtype, fmt, x.dtype)
     _C.layer_norm(x, weight, bias, shift, scale, out, out_scale, float(eps),
-                  _stream(x, framework), fmt=fmt)
+                  _args.stream(x, framework), fmt=fmt)
     return out if fmt is None else (out, out_scale)
 
 
@@ -80,7 +79,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-6, silu=False, o
        memory format. num_groups divides C. weight, bias: [C] or None.
     out_dtype: "f32"/"f16"/"bf16" or a framework dtype; default x's dtype.
     """
-    framework = _framework("group_norm", "x", x)
+    framework = _args.framework("group_norm", "x", x)
     if framework == "torch":
         from . import _torch_norm
 
@@ -90,5 +89,5 @@ def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-6, silu=False, o
         n, c, h, w = x.shape
         out = out.reshape(n, h, w, c).transpose(0, 3, 1, 2)
     _C.group_norm(x, int(num_groups), weight, bias, out, float(eps), bool(silu),
-                  _stream(x, framework))
+                  _args.stream(x, framework))
     return out

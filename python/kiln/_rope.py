@@ -9,19 +9,17 @@ import sys
 
 import numpy as np
 
-from . import _C
+from . import _C, _args
 from ._C import InvalidArgumentError
-from .ops import _shape_str, dtype_name
 
 _STYLES = ("normal", "neox")
-_NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
 def out_shape(x_shape) -> tuple:
     """[N, H, T, D] for x of shape [N, T, H, D]."""
     if len(x_shape) != 4:
         raise InvalidArgumentError(
-            f"kiln::rope: x has shape {_shape_str(x_shape)}, expected 4 dims [N, T, H, D]"
+            f"kiln::rope: x has shape {_args.shape_str(x_shape)}, expected 4 dims [N, T, H, D]"
         )
     n, t, h, d = x_shape
     return (n, h, t, d)
@@ -84,13 +82,13 @@ def rope(x, positions, *, theta, style="normal", norm_weight=None, eps=1e-6, cac
 
     shape = out_shape(x.shape)
     if isinstance(x, np.ndarray):
-        name = dtype_name("rope", out_dtype if out_dtype is not None else x.dtype)
-        if name not in _NUMPY_DTYPES:
+        name = _args.dtype_name("rope", out_dtype if out_dtype is not None else x.dtype)
+        if name not in _args.NUMPY_DTYPES:
             raise InvalidArgumentError(
                 f"kiln::rope: out_dtype is {name}, which numpy has no type for; expected f32 or "
                 "f16 (use torch for bf16)"
             )
-        out = np.empty(shape, dtype=_NUMPY_DTYPES[name])
+        out = np.empty(shape, dtype=_args.NUMPY_DTYPES[name])
         _C.rope(x, positions, out, theta, style, norm_weight, float(eps), False, 0)
         return out
 

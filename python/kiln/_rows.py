@@ -9,7 +9,8 @@ import math
 import numpy as np
 
 from ._C import InvalidArgumentError
-from ._matmul import _empty, _out_dtype, fp8_format
+from . import _args
+from ._matmul import fp8_format
 
 
 def quantize_format(op: str, quantize, out_dtype):
@@ -35,10 +36,11 @@ def outputs(op: str, framework: str, x, shape, out_dtype, fmt, default):
     scale [R] when fmt is set, else out_dtype or `default` and no scale). A row of no elements
     has scale 1 (the kernels write nothing there)."""
     if fmt is None:
-        return _empty(framework, x, shape, _out_dtype(op, framework, out_dtype, default)), None
-    out = _empty(framework, x, shape, np.uint8)
+        return _args.empty(framework, x, shape,
+                           _args.numpy_out_dtype(op, framework, out_dtype, x, "x")), None
+    out = _args.empty(framework, x, shape, np.uint8)
     rows = row_count(shape)
-    scale = _empty(framework, x, (rows,), np.float32)
+    scale = _args.empty(framework, x, (rows,), np.float32)
     if shape[-1] == 0:
         scale[...] = 1
     return out, scale

@@ -4,19 +4,15 @@ _torch.py), with a CPU and a CUDA kernel, like rope_flux."""
 
 import torch
 
-from . import _C
-from . import _torch  # noqa: F401  (defines the "kiln" library first)
+from . import _C, _args
 from ._attention import out_shapes
+from ._torch import inference_only
 
 _lib = torch.library.Library("kiln", "FRAGMENT")
 _lib.define(
     "attention(Tensor q, Tensor k, Tensor v, bool causal, float? scale, Tensor? mask,"
     " Tensor? kv_len, float? softcap, bool return_lse) -> (Tensor, Tensor)"
 )
-
-
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
 
 
 def _outputs(q, v, return_lse):
@@ -27,9 +23,10 @@ def _outputs(q, v, return_lse):
 
 
 def _attention_kernel(q, k, v, causal, scale, mask, kv_len, softcap, return_lse):
+    inference_only("attention", q=q, k=k, v=v, mask=mask)
     out, lse = _outputs(q, v, return_lse)
     _C.attention(q, k, v, out, causal, scale, mask, kv_len, softcap, lse if return_lse else None,
-                 _stream(q))
+                 _args.stream(q, "torch"))
     return out, lse
 
 
@@ -39,6 +36,7 @@ for _key in ("CPU", "CUDA"):
 
 @torch.library.register_fake("kiln::attention")
 def _attention_fake(q, k, v, causal, scale, mask, kv_len, softcap, return_lse):
+    _args.same_device("attention", q=q, k=k, v=v, mask=mask, kv_len=kv_len)
     return _outputs(q, v, return_lse)
 
 
@@ -47,7 +45,5 @@ def attention(q, k, v, causal, scale, mask, kv_len, softcap, return_lse):
     if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
             ~mask, float("-inf"))
-    out, lse = torch.ops.kiln.attention(
-        q, k, v, bool(causal), None if scale is None else float(scale), mask, kv_len,
-        None if softcap is None else float(softcap), bool(return_lse))
+    out, lse = torch.ops.kiln.attention(q, k, v, causal, scale, mask, kv_len, softcap, return_lse)
     return (out, lse) if return_lse else out

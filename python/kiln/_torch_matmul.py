@@ -12,19 +12,19 @@ object (kiln.PreparedWeight) whose layout strings an op could not return.
 
 import torch
 
-from . import _C, _torch  # noqa: F401  (_torch holds the namespace's DEF: load it first)
+from . import _C, _args
 from ._matmul import (
     Q8_0_BYTES,
     Q8_0_BLOCK,
     WeightSpec,
+    as_rows,
     fp8_format,
     q8_0_bytes_per_row,
     q8_0_cols,
     scale_shape,
 )
-from .ops import dtype_name
+from ._torch import TORCH_DTYPES, inference_only, torch_dtype  # the namespace's DEF first
 
-_TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 _FP8_DTYPES = {"f8_e4m3fn": torch.float8_e4m3fn, "f8_e5m2": torch.float8_e5m2}
 
 _lib = torch.library.Library("kiln", "FRAGMENT")
@@ -41,37 +41,31 @@ _lib.define(
 )
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
-
-
-def _resolve_dtype(op: str, dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return _TORCH_DTYPES[dtype_name(op, dtype)]
-
-
 # ---- kernels (x, q, a are 2-D here) ---------------------------------------------------------
 
 
 def _quantize_fp8_kernel(x, fmt, granularity):
+    inference_only("quantize_fp8", x=x)
     q = torch.empty(x.shape, dtype=fmt, device=x.device)
-    scale = torch.empty(scale_shape(granularity, x.shape[0], x.shape[1]), dtype=torch.float32,
-                        device=x.device)
-    _C.quantize_fp8(x, q, scale, granularity, True, _stream(x))
+    # An empty x has no element in any group: amax 0, so scale 1 (the op writes nothing then).
+    new_scale = torch.ones if x.numel() == 0 else torch.empty
+    scale = new_scale(scale_shape(granularity, *x.shape), dtype=torch.float32, device=x.device)
+    _C.quantize_fp8(x, q, scale, granularity, True, _args.stream(x, "torch"))
     return q, scale
 
 
 def _quantize_fp8_scaled_kernel(x, scale, fmt, granularity):
+    inference_only("quantize_fp8", x=x, scale=scale)
     q = torch.empty(x.shape, dtype=fmt, device=x.device)
-    _C.quantize_fp8(x, q, scale, granularity, False, _stream(x))
+    _C.quantize_fp8(x, q, scale, granularity, False, _args.stream(x, "torch"))
     return q
 
 
 def _quantize_q8_0_kernel(x):
+    inference_only("quantize_q8_0", x=x)
     q = torch.empty((x.shape[0], q8_0_bytes_per_row("quantize_q8_0", x.shape[1])),
                     dtype=torch.uint8, device=x.device)
-    _C.quantize_q8_0(x, q, _stream(x))
+    _C.quantize_q8_0(x, q, _args.stream(x, "torch"))
     return q
 
 
@@ -82,16 +76,19 @@ def _dequantized_shape(q):
 
 
 def _dequantize_kernel(q, scale, out_dtype):
+    inference_only("dequantize", q=q, scale=scale)
     out = torch.empty(_dequantized_shape(q), dtype=out_dtype, device=q.device)
-    _C.dequantize(q, scale, out, _stream(q))
+    _C.dequantize(q, scale, out, _args.stream(q, "torch"))
     return out
 
 
 def _matmul_kernel(a, w, w_format, n, k, w_scale, w_layout, a_scale, bias, out_dtype, path,
                    gate=None, residual=None):
+    inference_only("matmul", a=a, w=w, w_scale=w_scale, a_scale=a_scale, bias=bias, gate=gate,
+                   residual=residual)
     out = torch.empty((a.shape[0], n), dtype=out_dtype, device=a.device)
-    _C.matmul(a, w, w_format, n, k, w_scale, w_layout, out, a_scale, bias, path, _stream(a),
-              gate=gate, residual=residual)
+    _C.matmul(a, w, w_format, n, k, w_scale, w_layout, out, a_scale, bias, path,
+              _args.stream(a, "torch"), gate=gate, residual=residual)
     return out
 
 
@@ -112,6 +109,7 @@ def _quantize_fp8_fake(x, fmt, granularity):
 
 @torch.library.register_fake("kiln::quantize_fp8_scaled")
 def _quantize_fp8_scaled_fake(x, scale, fmt, granularity):
+    _args.same_device("quantize_fp8", x=x, scale=scale)
     return x.new_empty(x.shape, dtype=fmt)
 
 
@@ -122,6 +120,7 @@ def _quantize_q8_0_fake(x):
 
 @torch.library.register_fake("kiln::dequantize")
 def _dequantize_fake(q, scale, out_dtype):
+    _args.same_device("dequantize", q=q, scale=scale)
     if q.dtype == torch.uint8:
         return q.new_empty((q.shape[0], q.shape[1] // Q8_0_BYTES * Q8_0_BLOCK), dtype=out_dtype)
     return q.new_empty(q.shape, dtype=out_dtype)
@@ -130,59 +129,50 @@ def _dequantize_fake(q, scale, out_dtype):
 @torch.library.register_fake("kiln::matmul")
 def _matmul_fake(a, w, w_format, n, k, w_scale, w_layout, a_scale, bias, out_dtype, path,
                  gate=None, residual=None):
+    _args.same_device("matmul", a=a, w=w, w_scale=w_scale, a_scale=a_scale, bias=bias, gate=gate,
+                      residual=residual)
     return a.new_empty((a.shape[0], n), dtype=out_dtype)
 
 
 # ---- wrappers: kiln.* for torch tensors ------------------------------------------------------
 
 
-def _scale_tensor(scale, like: torch.Tensor):
-    """A scale as a contiguous f32 tensor on like's device: numbers and 0-d become [1]."""
-    if scale is None:
-        return None
-    if not isinstance(scale, torch.Tensor):
-        return torch.tensor([float(scale)], dtype=torch.float32, device=like.device)
-    if scale.dim() == 0:
-        scale = scale.reshape(1)
-    return scale.to(torch.float32).contiguous()
-
-
 def quantize_fp8(x, fmt_name: str, granularity: str, scale):
-    """kiln.quantize_fp8 for torch tensors: [..., C] read as [R, C]."""
-    x2 = x.reshape(-1, x.shape[-1])
+    """kiln.quantize_fp8 for torch tensors: [..., C] read as [R, C]; scale None or an f32
+    tensor."""
+    x2 = as_rows(x)
     fmt = _FP8_DTYPES[fmt_name]
     if scale is None:
         q, scale = torch.ops.kiln.quantize_fp8(x2, fmt, granularity)
     else:
-        scale = _scale_tensor(scale, x)
         q = torch.ops.kiln.quantize_fp8_scaled(x2, scale, fmt, granularity)
     return q.reshape(x.shape), scale
 
 
 def quantize_q8_0(x):
     """kiln.quantize_q8_0 for torch tensors: [..., C] -> uint8 [..., C / 32 * 34]."""
-    q = torch.ops.kiln.quantize_q8_0(x.reshape(-1, x.shape[-1]))
+    q = torch.ops.kiln.quantize_q8_0(as_rows(x))
     return q.reshape(*x.shape[:-1], q.shape[-1])
 
 
 def dequantize(q, scale, out_dtype, q_fmt: str):
-    """kiln.dequantize for torch tensors; q_fmt is "q8_0" or q's fp8 format (uint8 fp8 bytes
-    are viewed as their float8 dtype, no copy)."""
+    """kiln.dequantize for torch tensors, scale None or an f32 tensor; q_fmt is "q8_0" or q's fp8
+    format (uint8 fp8 bytes are viewed as their float8 dtype, no copy)."""
     if q_fmt != "q8_0" and q.dtype == torch.uint8:
         q = q.view(_FP8_DTYPES[fp8_format("dequantize", "fmt", q_fmt)])
-    out = torch.ops.kiln.dequantize(q.reshape(-1, q.shape[-1]), _scale_tensor(scale, q),
-                                    _resolve_dtype("dequantize", out_dtype))
+    out = torch.ops.kiln.dequantize(as_rows(q), scale,
+                                    torch_dtype("dequantize", out_dtype))
     return out.reshape(*q.shape[:-1], out.shape[-1])
 
 
 def matmul(a, spec: WeightSpec, a_scale, bias, out_dtype, path: str, gate=None, residual=None):
-    """kiln.matmul for a 2-D torch a and a WeightSpec (residual [M, N] or None)."""
+    """kiln.matmul for a 2-D torch a, a WeightSpec, a_scale None or an f32 tensor, and residual
+    [M, N] or None."""
     if out_dtype is None:
-        out_dtype = a.dtype if a.dtype in _TORCH_DTYPES.values() else torch.bfloat16
+        out_dtype = a.dtype if a.dtype in TORCH_DTYPES.values() else torch.bfloat16
     else:
-        out_dtype = _resolve_dtype("matmul", out_dtype)
+        out_dtype = torch_dtype("matmul", out_dtype)
     if a.dim() == 2 and a.shape[1] > 0 and a.stride(1) != 1:
         a = a.contiguous()  # kiln reads rows with unit column stride
     return torch.ops.kiln.matmul(a, spec.data, spec.format, spec.n, spec.k, spec.scale,
-                                 spec.layout, _scale_tensor(a_scale, a), bias, out_dtype, path,
-                                 gate, residual)
+                                 spec.layout, a_scale, bias, out_dtype, path, gate, residual)

@@ -8,9 +8,7 @@ import torch
 from . import _C
 from . import _torch  # noqa: F401  (defines the "kiln" library first)
 from ._rope import out_shape
-from .ops import dtype_name
-
-_TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+from ._torch import torch_dtype
 
 _lib = torch.library.Library("kiln", "FRAGMENT")
 _lib.define(
@@ -62,6 +60,5 @@ def rope(x, positions, theta, style, norm_weight, eps, cache, out_dtype):
             )
         torch.ops.kiln.rope_cache(x, positions, cache, theta, style, norm_weight, float(eps))
         return None
-    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
-        out_dtype = _TORCH_DTYPES[dtype_name("rope", out_dtype)]
-    return torch.ops.kiln.rope(x, positions, theta, style, norm_weight, float(eps), out_dtype)
+    return torch.ops.kiln.rope(x, positions, theta, style, norm_weight, float(eps),
+                               torch_dtype("rope", out_dtype))

@@ -4,9 +4,8 @@ import math
 
 import torch
 
-from .ops import dtype_name
+from ._torch import torch_dtype
 
-_TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 FP8_DTYPES = {"f8_e4m3fn": torch.float8_e4m3fn, "f8_e5m2": torch.float8_e5m2}
 
 
@@ -16,9 +15,7 @@ def stream(t: torch.Tensor) -> int:
 
 def resolve_dtype(op: str, dtype):
     """out_dtype as a torch dtype (None stays None: the op's default)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    return _TORCH_DTYPES[dtype_name(op, dtype)]
+    return torch_dtype(op, dtype)
 
 
 def fp8_outputs(like: torch.Tensor, shape, fmt: torch.dtype):

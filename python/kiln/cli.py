@@ -6,13 +6,15 @@
                                      stderr, ids on stdout)
   kiln cache list [--json]           the disk cache's entries
   kiln cache clear                   empty the disk cache
-  kiln cache warmup [--workload NAME] [--arch sm_80,sm_90a] [--device N]
+  kiln cache warmup [--workload NAME] [--arch sm_80,sm_90a | --device N]
                                      compile and store a workload's kernels; with --arch it
-                                     needs no GPU, without it compiles for CUDA device --device
+                                     needs no GPU, without it compiles for CUDA device --device;
+                                     fails when it cannot store what it compiled
 """
 
 import argparse
 import json
+import os
 import sys
 
 from . import jit
@@ -24,13 +26,17 @@ def _cache_list(args) -> int:
     folder = jit.cache_dir()
     entries = sorted(jit.list_cache(), key=lambda e: (e["kernel"], e["arch"]))
     if args.json:
-        print(json.dumps({"cache_dir": folder, "entries": entries}, indent=1))
+        print(json.dumps({"cache_dir": folder, "writable": jit.cache_writable(),
+                          "entries": entries}, indent=1))
         return 0
     if not folder:
-        print("kiln cache: memory-only (no writable cache folder)")
+        print("kiln cache: memory-only (the cache folder cannot be read or created)")
         return 0
     total = sum(e["bytes"] for e in entries)
-    print(f"{folder}: {len(entries)} entries, {total / 2**20:.2f} MiB")
+    state = "" if jit.cache_writable() else " (read-only: read, not written)"
+    if not os.path.isdir(folder):
+        state = " (not created yet: the first compile makes it)"
+    print(f"{folder}: {len(entries)} entries, {total / 2**20:.2f} MiB{state}")
     for e in entries:
         state = "ok" if e["valid"] else "INVALID"
         print(f"  {e['arch']:8s} {e['bytes']:>9d} B  {state:7s}  {e['kernel']}")
@@ -44,8 +50,16 @@ def _cache_clear(args) -> int:
 
 
 def _cache_warmup(args) -> int:
-    if args.arch:
+    if args.arch is not None:
+        if args.device is not None:
+            print("kiln cache warmup: --arch and --device exclude each other (--device picks the "
+                  "arch of that GPU)", file=sys.stderr)
+            return 2
         archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+        if not archs:
+            print(f"kiln cache warmup: --arch {args.arch!r} names no arch, expected e.g. "
+                  "--arch sm_80,sm_90a", file=sys.stderr)
+            return 2
     elif cuda_device_count() == 0:
         print(
             f"kiln cache warmup: no CUDA device ({cuda_unavailable_reason()}); name the targets "
@@ -54,13 +68,22 @@ def _cache_warmup(args) -> int:
         )
         return 2
     else:
-        archs = [cuda_arch(args.device)]
+        archs = [cuda_arch(args.device or 0)]
     result = jit.warmup(args.workload, archs)
+    folder = jit.cache_dir() or "no disk cache"
     print(
         f"kiln cache warmup {args.workload} for {', '.join(archs)}: {result['variants']} "
         f"variants, {result['compiled']} compiled, {result['variants'] - result['compiled']} "
-        f"already cached, in {jit.cache_dir() or 'no disk cache'}"
+        f"already cached, {result['stored']} stored in {folder}"
     )
+    if result["stored"] < result["compiled"]:
+        why = "is read-only" if jit.cache_dir() else "cannot be read or created"
+        print(
+            f"kiln cache warmup: stored {result['stored']} of the {result['compiled']} kernels it "
+            f"compiled: the cache folder {jit.cache_dir() or '(KILN_CACHE_DIR)'} {why}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -108,7 +131,8 @@ def parser() -> argparse.ArgumentParser:
     warmup.add_argument(
         "--arch", help="comma-separated targets, e.g. sm_80,sm_90a (default: the GPU's)"
     )
-    warmup.add_argument("--device", type=int, default=0, help="CUDA device when --arch is absent")
+    warmup.add_argument("--device", type=int, help="CUDA device whose arch to compile for "
+                        "(default 0), when --arch is absent")
     warmup.set_defaults(func=_cache_warmup)
     return top
 
@@ -119,4 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KilnError as e:
         print(f"kiln: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader left (`kiln cache list | head`): say nothing more, and keep Python from
+        # complaining when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -20,8 +20,15 @@ def reset_stats() -> None:
 
 
 def cache_dir() -> str:
-    """The disk cache folder in use; "" when the cache is memory-only."""
+    """The disk cache folder in use; "" when the cache is memory-only (the folder cannot be read,
+    or is missing and cannot be created). The folder is made by the first compile, not before."""
     return _C.cache_dir()
+
+
+def cache_writable() -> bool:
+    """Whether compiled kernels are stored in cache_dir(). A read-only folder (a cache warmed at
+    build time and shipped) is still read; kernels missing from it are kept in memory."""
+    return _C.cache_writable()
 
 
 def list_cache() -> list[dict]:
@@ -51,8 +58,10 @@ def device_archs(device: int = 0) -> list[str]:
 
 def warmup(workload: str = "flux", archs: list[str] | None = None) -> dict:
     """Compiles and stores (without loading) every kernel `workload` needs for `archs`
-    (default: the arch of CUDA device 0). Needs no GPU when archs are given.
-    Returns {"variants": requested, "compiled": newly compiled}."""
+    (default: the arch of CUDA device 0). Needs no GPU when archs are given; archs older than
+    sm_80 are refused ("kiln needs sm_80 or newer"). Processes warming one folder at once compile
+    each kernel once between them. Returns {"variants": requested, "compiled": newly compiled,
+    "stored": of those, written to the disk cache (fewer: a read-only or missing cache)}."""
     known = workloads()
     if workload not in known:
         raise _C.InvalidArgumentError(

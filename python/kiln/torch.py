@@ -221,6 +221,8 @@ def _run_kiln(a, mat2, a_factors, w_factors, bias, out_dtype, torch_refuses):
         raise _FallThrough(f"output dtype {out_dtype} (kiln writes f32/f16/bf16)")
     if bias is not None and (bias.dim() != 1 or bias.dtype not in _OUT_DTYPES):
         raise _FallThrough("bias is not a 1-D float vector")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, mat2, bias)):
+        raise _FallThrough("an operand requires grad, and kiln has no backward")
     m, k = a.shape
     n = mat2.shape[1]
     if mat2.shape[0] != k:

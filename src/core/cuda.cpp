@@ -20,16 +20,35 @@ struct Probe {
   std::string reason;
 };
 
+// "12.4" for CUDA's version number 12040.
+std::string cuda_version_text(int version) {
+  return std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10);
+}
+
 const Probe& probe() {
   static const Probe p = [] {
     Probe r;
     const cudaError_t status = cudaGetDeviceCount(&r.count);
     if (status != cudaSuccess) {
       r.count = 0;
-      r.reason = std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+      // 0 when no driver is installed: the runtime then reports "insufficient driver" too, which
+      // would send the user to update a driver they do not have.
+      int driver = 0;
+      if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+      if (status == cudaErrorNoDevice) {
+        r.reason = "no CUDA device: the NVIDIA driver sees none";
+      } else if (driver == 0) {
+        r.reason = "no NVIDIA driver: libcuda.so.1 is not installed";
+      } else if (status == cudaErrorInsufficientDriver) {
+        r.reason = "the NVIDIA driver supports CUDA " + cuda_version_text(driver) +
+                   ", older than the CUDA " + cuda_version_text(CUDART_VERSION) +
+                   " runtime kiln is built with: update the driver";
+      } else {
+        r.reason = std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+      }
       cudaGetLastError();  // clear the sticky-free error so later calls start clean
     } else if (r.count == 0) {
-      r.reason = "the driver reports no CUDA device";
+      r.reason = "no CUDA device: the NVIDIA driver sees none";
     }
     return r;
   }();

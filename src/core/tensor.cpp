@@ -99,7 +99,8 @@ std::int64_t TensorView::numel() const {
 }
 
 bool TensorView::is_contiguous() const {
-  if (numel() == 0) return true;  // no element to place (torch gives such tensors any strides)
+  // An empty view touches no memory: any strides describe it (torch calls it contiguous too).
+  if (numel() == 0) return true;
   std::int64_t expected = 1;
   for (int d = ndim_; d-- > 0;) {
     if (shape_[std::size_t(d)] != 1 && strides_[std::size_t(d)] != expected) return false;

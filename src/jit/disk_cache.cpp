@@ -1,10 +1,12 @@
 #include "jit/disk_cache.hpp"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -24,6 +26,7 @@ namespace {
 constexpr std::string_view kMagic = "KILNCBIN";
 constexpr std::string_view kExtension = ".kiln";
 constexpr std::string_view kTempInfix = ".tmp.";
+constexpr std::string_view kClaimSuffix = ".lock";
 // magic, version, key bytes, name bytes, cubin bytes, checksum
 constexpr std::size_t kHeaderBytes = 8 + 4 + 4 + 4 + 8 + 8;
 
@@ -168,6 +171,33 @@ std::string field(std::string_view key_text, std::string_view name) {
 
 std::string errno_text() { return std::error_code(errno, std::generic_category()).message(); }
 
+std::string host_name() {
+  char name[256] = {};
+  if (::gethostname(name, sizeof name - 1) != 0) return "?";
+  return name;
+}
+
+std::string claim_path(const std::filesystem::path& entry) {
+  return entry.string() + std::string(kClaimSuffix);
+}
+
+// Whether another process's claim is stale: its process is gone (same host), or it is older than
+// kStaleClaimSeconds. A claim whose owner line is not written yet is fresh.
+bool claim_is_stale(const std::string& claim) {
+  std::error_code error;
+  const auto written = std::filesystem::last_write_time(claim, error);
+  if (error) return false;  // removed meanwhile: the caller tries again
+  if (std::filesystem::file_time_type::clock::now() - written >
+      std::chrono::seconds(kStaleClaimSeconds)) {
+    return true;
+  }
+  std::ifstream in(claim);
+  long long pid = 0;
+  std::string host;
+  if (!(in >> pid >> host) || pid <= 0 || host != host_name()) return false;
+  return ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+}
+
 }  // namespace
 
 std::uint64_t fnv1a(std::string_view bytes, std::uint64_t hash) {
@@ -202,8 +232,29 @@ FileKind file_kind(std::string_view name) {
   if (!name.starts_with(kExtension)) return FileKind::foreign;
   name.remove_prefix(kExtension.size());
   if (name.empty()) return FileKind::entry;
+  if (name == kClaimSuffix) return FileKind::claim;
   return name.starts_with(kTempInfix) ? FileKind::temporary : FileKind::foreign;
 }
+
+bool claim_entry(const std::filesystem::path& entry) {
+  const std::string claim = claim_path(entry);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const int fd = ::open(claim.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      const std::string owner = std::to_string(::getpid()) + " " + host_name() + "\n";
+      const bool written = ::write(fd, owner.data(), owner.size()) == ssize_t(owner.size());
+      ::close(fd);
+      if (!written) ::unlink(claim.c_str());  // an empty claim would look fresh for too long
+      return true;
+    }
+    if (errno != EEXIST) return true;  // no claim possible here: compile without one
+    if (!claim_is_stale(claim)) return false;
+    ::unlink(claim.c_str());  // taken over: the next attempt creates it afresh
+  }
+  return false;
+}
+
+void release_claim(const std::filesystem::path& entry) { ::unlink(claim_path(entry).c_str()); }
 
 EntryRead read_entry(const std::filesystem::path& file, std::string_view key_text) {
   EntryRead entry;

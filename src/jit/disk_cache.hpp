@@ -12,6 +12,14 @@
 //   u64      FNV-1a of the lowered name followed by the cubin
 //   key text, lowered name, cubin
 // Writers use "<hash>.kiln.tmp.<pid>.<n>" in the same folder and rename it into place.
+//
+// Claims: a process about to compile a missing entry first creates "<hash>.kiln.lock" (O_EXCL),
+// holding "<pid> <host>", and removes it once the entry is stored or the compile failed. Another
+// process that finds the claim waits for the entry instead of compiling it too (warm-up first
+// builds what nobody claimed). A claim is stale, and taken over, when its process is gone (same
+// host) or it is older than kStaleClaimSeconds (another host, or an unreadable claim). Claims
+// only save work: two processes that both compile an entry (a claim taken over twice at once,
+// say) still store a correct file, since entries are renamed into place whole.
 #pragma once
 
 #include <cstdint>
@@ -36,9 +44,19 @@ std::string key_material(const KernelSpec& spec, const std::string& arch);
 // "<16 hex digits>.kiln"
 std::string entry_file_name(std::string_view key_text);
 
-// Entries and writers' temporary files are the only files clear() may remove.
-enum class FileKind { foreign, entry, temporary };
+// Entries, writers' temporary files and claims are the only files clear() may remove.
+enum class FileKind { foreign, entry, temporary, claim };
 FileKind file_kind(std::string_view file_name);
+
+// A claim older than this is taken over whoever holds it: longer than any compile takes.
+inline constexpr int kStaleClaimSeconds = 600;
+
+// Claims `entry` for this process: true when this process now holds "<entry>.lock" (after taking
+// over a stale one), false while another process holds it. Throws nothing: a claim that cannot be
+// made for another reason (a read-only folder) is reported as held here, so the caller compiles.
+bool claim_entry(const std::filesystem::path& entry);
+// Removes this process's claim on `entry`.
+void release_claim(const std::filesystem::path& entry);
 
 struct EntryRead {
   enum Status { ok, missing, corrupt } status = missing;

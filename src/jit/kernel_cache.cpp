@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <thread>
 
 #include "core/check.hpp"
 #include "core/cuda.hpp"
@@ -107,22 +108,52 @@ struct KernelCache::Loaded {
   }
 };
 
+namespace {
+
+// Whether `dir` (a folder) allows `mode` (access(2)'s R_OK, W_OK) with X_OK.
+bool allows(const fs::path& dir, int mode) { return ::access(dir.c_str(), mode | X_OK) == 0; }
+
+// How long a process waits between looks at an entry another process has claimed.
+constexpr auto kClaimPoll = std::chrono::milliseconds(20);
+
+}  // namespace
+
+void check_supported_arch(const std::string& arch) {
+  check_arch(arch);
+  // kiln's kernels use sm_80 instructions (cp.async, bf16 mma.sync); ptxas would reject them for
+  // older targets with a screenful of errors per kernel.
+  if (std::stoi(arch.substr(3)) < 80) {
+    check::fail("jit", ErrorCode::unsupported,
+                "arch " + arch + " is older than sm_80: kiln needs sm_80 or newer");
+  }
+}
+
 KernelCache::KernelCache(CacheConfig config) : log_(config.log), dump_(std::move(config.dump)) {
   if (!dump_.empty()) {
     log::info("jit: KILN_JIT_DUMP: each kernel compiled is written to " + dump_ +
               " (source, PTX, cubin, SASS); the disk cache is not read");
   }
   if (config.dir.empty()) return;
-  std::error_code error;
-  fs::create_directories(config.dir, error);
-  std::string problem;
+  // Nothing is created here: a listing or a read must not leave a folder behind. A missing folder
+  // is made on the first store, where its nearest existing parent allows it.
   std::error_code ignored;  // an unreadable path is not a folder either
-  if (!fs::is_directory(config.dir, ignored)) {
-    problem = "cannot be created" + (error ? " (" + error.message() + ")" : std::string());
-  } else if (::access(config.dir.c_str(), W_OK | X_OK) != 0) {
-    problem = "is not writable";
+  const fs::path dir = config.dir;
+  std::string problem;
+  if (fs::is_directory(dir, ignored)) {
+    if (!allows(dir, R_OK)) problem = "cannot be read";
+    writable_ = allows(dir, W_OK);
+  } else if (fs::exists(dir, ignored)) {
+    problem = "is not a folder";
+  } else {
+    fs::path parent = fs::absolute(dir, ignored).parent_path();
+    while (!parent.empty() && !fs::exists(parent, ignored) && parent != parent.parent_path()) {
+      parent = parent.parent_path();
+    }
+    writable_ = fs::is_directory(parent, ignored) && allows(parent, W_OK);
+    if (!writable_) problem = "is missing and cannot be created under " + parent.string();
   }
   if (!problem.empty()) {
+    writable_ = false;
     log::warning_once("jit-cache-dir:" + config.dir,
                       "jit: kernel cache folder " + config.dir + " " + problem +
                           "; compiled kernels are cached in memory only");
@@ -134,6 +165,16 @@ KernelCache::KernelCache(CacheConfig config) : log_(config.log), dump_(std::move
 KernelCache::~KernelCache() = default;
 
 std::shared_ptr<const Cubin> KernelCache::cubin(const KernelSpec& spec, const std::string& arch) {
+  return get(spec, arch, true);
+}
+
+std::shared_ptr<const Cubin> KernelCache::cubin_unless_claimed(const KernelSpec& spec,
+                                                               const std::string& arch) {
+  return get(spec, arch, false);
+}
+
+std::shared_ptr<const Cubin> KernelCache::get(const KernelSpec& spec, const std::string& arch,
+                                              bool wait_for_claims) {
   // Reused per thread so that a memory hit allocates nothing but spec.key().
   thread_local std::string memory_key;
   memory_key.assign(arch).append(1, '|').append(spec.key());
@@ -153,14 +194,14 @@ std::shared_ptr<const Cubin> KernelCache::cubin(const KernelSpec& spec, const st
   const std::string building = memory_key;
   std::shared_ptr<const Cubin> built;
   try {
-    check_arch(arch);
+    check_supported_arch(arch);
     if (!spec.targets(arch)) {
       std::string written_for;
       for (const std::string& a : spec.archs) written_for += (written_for.empty() ? "" : ", ") + a;
       check::fail("jit", ErrorCode::unsupported,
                   spec.key() + " is written for " + written_for + ", not " + arch);
     }
-    built = load_or_compile(spec, arch, key_material(spec, arch));
+    built = load_or_compile(spec, arch, key_material(spec, arch), wait_for_claims);
   } catch (...) {
     // Waiters retry and meet the same error themselves.
     lock.lock();
@@ -169,48 +210,93 @@ std::shared_ptr<const Cubin> KernelCache::cubin(const KernelSpec& spec, const st
     throw;
   }
   lock.lock();
-  cubins_[building] = built;
+  if (built == nullptr) {
+    cubins_.erase(building);  // claimed by another process: a later call reads its entry
+  } else {
+    cubins_[building] = built;
+  }
   built_.notify_all();
   return built;
 }
 
+std::shared_ptr<const Cubin> KernelCache::read_disk(const fs::path& file, const KernelSpec& spec,
+                                                    const std::string& arch,
+                                                    const std::string& key_text, bool& corrupt) {
+  const std::string key = spec.key();
+  const Clock::time_point start = Clock::now();
+  EntryRead entry = read_entry(file, key_text);
+  const double ms = elapsed_ms(start);
+  if (entry.status == EntryRead::ok) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++stats_.disk_hits;
+      stats_.disk_load_ms += ms;
+    }
+    if (log_) log::info("jit: loaded " + key + " for " + arch + " from disk in " + ms_text(ms));
+    return std::make_shared<const Cubin>(
+        Cubin{arch, key, std::move(entry.lowered_name), std::move(entry.image)});
+  }
+  if (entry.status == EntryRead::corrupt) {
+    corrupt = true;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++stats_.corrupt_entries;
+      stats_.disk_load_ms += ms;
+    }
+    log::warning("jit: cache entry " + file.string() + " for " + key + " on " + arch +
+                 " rejected (" + entry.problem + "); recompiling it");
+  }
+  return nullptr;
+}
+
 std::shared_ptr<const Cubin> KernelCache::load_or_compile(const KernelSpec& spec,
                                                           const std::string& arch,
-                                                          const std::string& key_text) {
+                                                          const std::string& key_text,
+                                                          bool wait_for_claims) {
   const std::string key = spec.key();
   fs::path file;
-  if (!dir_.empty()) file = fs::path(dir_) / entry_file_name(key_text);
+  bool claimed = false;
+  if (!dir_.empty()) {
+    file = fs::path(dir_) / entry_file_name(key_text);
+    // The first look-up that misses memory makes the folder (while dumping, nothing is read from
+    // it, but what is compiled is stored).
+    std::error_code made;
+    if (writable_) fs::create_directories(dir_, made);
+  }
   if (!dir_.empty() && dump_.empty()) {
+    bool corrupt = false;
+    if (auto cubin = read_disk(file, spec, arch, key_text, corrupt)) return cubin;
+    // Missing (or rejected): compile it, unless another process has claimed it; then wait for its
+    // file (or for its claim to go stale).
     const Clock::time_point start = Clock::now();
-    EntryRead entry = read_entry(file, key_text);
-    const double ms = elapsed_ms(start);
-    if (entry.status == EntryRead::ok) {
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        ++stats_.disk_hits;
-        stats_.disk_load_ms += ms;
-      }
-      if (log_) log::info("jit: loaded " + key + " for " + arch + " from disk in " + ms_text(ms));
-      return std::make_shared<const Cubin>(
-          Cubin{arch, key, std::move(entry.lowered_name), std::move(entry.image)});
+    while (writable_ && !(claimed = claim_entry(file))) {
+      if (!wait_for_claims) return nullptr;
+      if (Clock::now() - start > std::chrono::seconds(kStaleClaimSeconds)) break;
+      std::this_thread::sleep_for(kClaimPoll);
+      if (auto cubin = read_disk(file, spec, arch, key_text, corrupt)) return cubin;
     }
-    if (entry.status == EntryRead::corrupt) {
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        ++stats_.corrupt_entries;
-        stats_.disk_load_ms += ms;
+    // The process that held the claim may have stored the entry between the read above and
+    // this claim: read it once more (unless it was there and rejected) before compiling.
+    if (claimed && !corrupt) {
+      if (auto cubin = read_disk(file, spec, arch, key_text, corrupt)) {
+        release_claim(file);
+        return cubin;
       }
-      log::warning("jit: cache entry " + file.string() + " for " + key + " on " + arch +
-                   " rejected (" + entry.problem + "); recompiling it");
     }
   }
 
-  const Clock::time_point start = Clock::now();
+  std::shared_ptr<const Cubin> cubin;
   std::string nvrtc_log;
   std::string ptx;
   CompileExtras extras;
   if (!dump_.empty()) extras = {true, &ptx};
-  auto cubin = std::make_shared<const Cubin>(compile(spec, arch, nvrtc_log, extras));
+  const Clock::time_point start = Clock::now();
+  try {
+    cubin = std::make_shared<const Cubin>(compile(spec, arch, nvrtc_log, extras));
+  } catch (...) {
+    if (claimed) release_claim(file);
+    throw;
+  }
   const double ms = elapsed_ms(start);
   if (!dump_.empty()) {
     if (const std::string error = write_dump(dump_, spec, *cubin, ptx, nvrtc_log); !error.empty()) {
@@ -226,18 +312,27 @@ std::shared_ptr<const Cubin> KernelCache::load_or_compile(const KernelSpec& spec
     log::info("jit: compiled " + key + " for " + arch + " in " + ms_text(ms) +
               (nvrtc_log.empty() ? std::string() : ":\n" + nvrtc_log));
   }
-  if (!dir_.empty()) {
-    const std::string error = write_entry(file, key_text, *cubin);
-    if (error.empty()) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      ++stats_.disk_writes;
-    } else {
-      log::warning_once("jit-cache-write:" + dir_, "jit: cannot store compiled kernels in " + dir_ +
-                                                       " (" + error +
-                                                       "); they are cached in memory only");
-    }
-  }
+  if (!dir_.empty()) store(file, key_text, *cubin);
+  if (claimed) release_claim(file);
   return cubin;
+}
+
+void KernelCache::store(const fs::path& file, const std::string& key_text, const Cubin& cubin) {
+  std::string error;
+  if (!writable_) {
+    error = "the folder is read-only";
+  } else {
+    error = write_entry(file, key_text, cubin);
+  }
+  if (error.empty()) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++stats_.disk_writes;
+    return;
+  }
+  log::warning_once("jit-cache-write:" + dir_, "jit: cannot store compiled kernels in " + dir_ +
+                                                   " (" + error +
+                                                   "); kernels missing from it are compiled and "
+                                                   "cached in memory only");
 }
 
 Kernel KernelCache::kernel(const KernelSpec& spec, int device) {
@@ -288,7 +383,7 @@ void KernelCache::reset_stats() {
 std::vector<CacheEntry> KernelCache::list() const {
   std::vector<CacheEntry> entries;
   if (dir_.empty()) return entries;
-  std::error_code error;
+  std::error_code error;  // a folder not made yet lists nothing
   for (const fs::directory_entry& file : fs::directory_iterator(dir_, error)) {
     if (file.is_regular_file(error) &&
         file_kind(file.path().filename().string()) == FileKind::entry) {

@@ -9,14 +9,18 @@
 // the full key text, the cubin size and a checksum; an entry whose header, key or checksum does
 // not match is recompiled with a warning and never used. Entries are written to a temporary file
 // in the same folder and renamed into place, so concurrent processes both succeed and no reader
-// sees a partial file. A folder that is missing and cannot be created, or is read-only, makes the
-// cache memory-only with one warning.
+// sees a partial file; a per-entry claim file keeps two processes from compiling one entry twice
+// (disk_cache.hpp). The folder is created on the first store, never by a read or a listing. A
+// read-only folder is read (a cache warmed at build time and shipped): kernels missing from it are
+// compiled and kept in memory, with one warning. A folder that cannot be read, or is missing and
+// cannot be created, makes the cache memory-only with one warning.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <condition_variable>
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -62,8 +66,13 @@ class KernelCache {
   KernelCache(const KernelCache&) = delete;
   KernelCache& operator=(const KernelCache&) = delete;
 
-  // Thread-safe. Throws kiln::Error (compile_error) with the NVRTC log and the specialization.
+  // Thread-safe. Throws kiln::Error (compile_error) with the NVRTC log and the specialization,
+  // and (unsupported) for archs older than sm_80. Waits while another process that claimed the
+  // entry compiles it, then reads its file.
   std::shared_ptr<const Cubin> cubin(const KernelSpec& spec, const std::string& arch);
+  // As cubin(), but returns nullptr at once where another process has claimed the entry.
+  std::shared_ptr<const Cubin> cubin_unless_claimed(const KernelSpec& spec,
+                                                    const std::string& arch);
   // Thread-safe. Loads the cubin for cuda_arch(device) on first use.
   Kernel kernel(const KernelSpec& spec, int device);
 
@@ -71,6 +80,8 @@ class KernelCache {
   void reset_stats();
   // "" when memory-only.
   const std::string& dir() const { return dir_; }
+  // Whether compiled kernels are stored in dir() (false for a read-only folder).
+  bool writable() const { return writable_; }
   // The entry files in dir(), each checked (header, checksum, file name).
   std::vector<CacheEntry> list() const;
   // Removes kiln's files from dir() (entries and leftover temporary files, nothing else) and
@@ -80,10 +91,19 @@ class KernelCache {
 
  private:
   struct Loaded;
+  std::shared_ptr<const Cubin> get(const KernelSpec& spec, const std::string& arch,
+                                   bool wait_for_claims);
+  // nullptr when !wait_for_claims and another process has claimed the entry.
   std::shared_ptr<const Cubin> load_or_compile(const KernelSpec& spec, const std::string& arch,
-                                               const std::string& key_text);
+                                               const std::string& key_text, bool wait_for_claims);
+  // The entry's cubin, or nullptr when it is missing or rejected (`corrupt` set, with a warning).
+  std::shared_ptr<const Cubin> read_disk(const std::filesystem::path& file, const KernelSpec& spec,
+                                         const std::string& arch, const std::string& key_text,
+                                         bool& corrupt);
+  void store(const std::filesystem::path& file, const std::string& key_text, const Cubin& cubin);
 
   std::string dir_;
+  bool writable_ = false;
   bool log_ = false;
   std::string dump_;
   mutable std::mutex mutex_;
@@ -93,6 +113,15 @@ class KernelCache {
   std::unordered_map<std::string, std::shared_ptr<const Cubin>> cubins_;
   std::unordered_map<std::string, std::unique_ptr<Loaded>> loaded_;  // device|key -> kernel
 };
+
+// Throws kiln::Error unless `arch` reads like "sm_90a" (invalid_argument) and is sm_80 or newer
+// (unsupported: "kiln needs sm_80 or newer").
+void check_supported_arch(const std::string& arch);
+
+// jit::warmup on `cache`: compiles (in parallel) and stores every pair of `specs` and `archs`
+// a spec targets; entries another process has claimed are left to it and read once stored.
+WarmupResult warm(KernelCache& cache, const std::vector<KernelSpec>& specs,
+                  const std::vector<std::string>& archs);
 
 // The process-wide cache, configured from the environment on first use.
 KernelCache& process_cache();

@@ -127,6 +127,16 @@ TEST_F(JitDumpTest, DiskCacheIsWrittenButNotReadWhileDumping) {
   EXPECT_TRUE(fs::exists(file(kProbe, "sm_80", ".cu")));
 }
 
+TEST_F(JitDumpTest, DumpingIntoACacheFolderNotMadeYetStoresTheEntry) {
+  const fs::path dir = root_ / "cache" / "new";
+  KernelCache dumping({dir.string(), false, dump().string()});
+  dumping.cubin(kProbe, "sm_80");
+  EXPECT_EQ(dumping.stats().compiles, 1u);
+  EXPECT_EQ(dumping.stats().disk_writes, 1u);
+  EXPECT_EQ(dumping.list().size(), 1u);
+  EXPECT_TRUE(fs::exists(file(kProbe, "sm_80", ".cu")));
+}
+
 TEST(JitDumpConfigTest, FolderFromEnvironment) {
   const char* old = std::getenv("KILN_JIT_DUMP");
   const std::string saved = old ? old : "";

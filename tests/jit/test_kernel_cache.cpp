@@ -1,5 +1,7 @@
 // The JIT's caches without a GPU: NVRTC compiles, memory and disk hits, damaged entries,
-// unusable folders, concurrent processes and threads, list() and clear().
+// unusable and read-only folders, claims, concurrent processes and threads, warm-up, list() and
+// clear().
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -7,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -18,6 +21,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "jit/disk_cache.hpp"
 #include "jit/kernel_cache.hpp"
 #include "kiln/error.hpp"
 
@@ -57,6 +61,70 @@ std::size_t count(const std::string& text, const std::string& word) {
   std::size_t n = 0;
   for (auto at = text.find(word); at != std::string::npos; at = text.find(word, at + 1)) ++n;
   return n;
+}
+
+// What a forked child reported: its exit status (its failed check's number, 0 when all held)
+// and its stderr.
+struct ChildResult {
+  int status = -1;
+  std::string err;
+};
+
+// Runs `body` (returning an exit status) in a forked child. As root the child runs as user nobody,
+// so that folder permissions apply to it as to any user. `scratch` holds the child's stderr.
+template <typename F>
+ChildResult in_child_as_user(const fs::path& scratch, F body) {
+  const fs::path err_file = scratch / "child-stderr";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int fd = ::open(err_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) ::dup2(fd, 2);
+    if (::geteuid() == 0 && (::setgid(65534) != 0 || ::setuid(65534) != 0)) ::_exit(100);
+    ::_exit(body());
+  }
+  int status = 0;
+  if (pid < 0 || ::waitpid(pid, &status, 0) != pid) return {};
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, read_bytes(err_file)};
+}
+
+// In a child's body: returns `number` (its exit status) when `condition` does not hold.
+#define CHILD_EXPECT(number, condition)                                \
+  if (!(condition)) {                                                  \
+    std::fprintf(stderr, "check %d failed: %s\n", number, #condition); \
+    return number;                                                     \
+  }
+
+// Forks `count` children that start `body()` together (they wait until the parent closes a pipe)
+// and returns their exit statuses (-1 for a child that did not exit normally).
+template <typename F>
+std::vector<int> run_together(int count, F body) {
+  int barrier[2];
+  if (::pipe(barrier) != 0) return {};
+  std::vector<pid_t> children;
+  for (int i = 0; i < count; ++i) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::close(barrier[1]);
+      char byte;
+      if (::read(barrier[0], &byte, 1) != 0) ::_exit(255);
+      int code = 254;
+      try {
+        code = body();
+      } catch (...) {
+      }
+      ::_exit(code);
+    }
+    if (pid > 0) children.push_back(pid);
+  }
+  ::close(barrier[0]);
+  ::close(barrier[1]);
+  std::vector<int> statuses;
+  for (const pid_t pid : children) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    statuses.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+  }
+  return statuses;
 }
 
 class KernelCacheTest : public testing::Test {
@@ -293,64 +361,185 @@ TEST_F(KernelCacheTest, UncreatableFolderMeansMemoryOnly) {
   EXPECT_EQ(read_bytes(file), "not a folder");
 }
 
-TEST_F(KernelCacheTest, ReadOnlyFolderMeansMemoryOnly) {
-  if (::geteuid() == 0) GTEST_SKIP() << "root writes into read-only folders";
-  fs::create_directories(dir());
-  fs::permissions(dir(), fs::perms(0555));
-  testing::internal::CaptureStderr();
+TEST_F(KernelCacheTest, ListingMakesNoFolder) {
   KernelCache cache(config());
-  const std::string err = testing::internal::GetCapturedStderr();
-  fs::permissions(dir(), fs::perms(0755));
-  EXPECT_EQ(count(err, "warning"), 1u) << err;
-  EXPECT_EQ(cache.dir(), "");
-  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));
-  EXPECT_EQ(cache.stats().disk_writes, 0u);
-  EXPECT_TRUE(file_names(dir()).empty());
+  EXPECT_EQ(cache.dir(), dir().string());
+  EXPECT_TRUE(cache.writable());
+  EXPECT_TRUE(cache.list().empty());
+  EXPECT_EQ(cache.clear(), 0u);
+  EXPECT_FALSE(fs::exists(dir()));
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));  // the first store makes it
+  EXPECT_EQ(file_names(dir()).size(), 1u);
 }
 
-TEST_F(KernelCacheTest, FolderRemovedAfterStartKeepsCompiling) {
+// A cache warmed where it could be written, then shipped read-only: a user who cannot write it
+// still reads every entry, and compiles (in memory) only what is missing, with one warning.
+TEST_F(KernelCacheTest, ReadOnlyFolderIsRead) {
+  ASSERT_TRUE(is_elf(*KernelCache(config()).cubin(probe(1), "sm_80")));
+  fs::permissions(root_, fs::perms(0755));
+  fs::permissions(dir(), fs::perms(0555));
+  const ChildResult child = in_child_as_user(root_, [&] {
+    KernelCache cache(config());
+    CHILD_EXPECT(1, cache.dir() == dir().string());
+    CHILD_EXPECT(2, !cache.writable());
+    CHILD_EXPECT(3, cache.list().size() == 1 && cache.list()[0].valid);
+    CHILD_EXPECT(4, is_elf(*cache.cubin(probe(1), "sm_80")));
+    CHILD_EXPECT(5, cache.stats().disk_hits == 1 && cache.stats().compiles == 0);
+    CHILD_EXPECT(6, is_elf(*cache.cubin(probe(2), "sm_80")));
+    CHILD_EXPECT(7, is_elf(*cache.cubin(probe(3), "sm_80")));
+    CHILD_EXPECT(8, cache.stats().compiles == 2 && cache.stats().disk_writes == 0);
+    return 0;
+  });
+  fs::permissions(dir(), fs::perms(0755));
+  EXPECT_EQ(child.status, 0) << child.err;
+  EXPECT_EQ(count(child.err, "warning"), 1u) << child.err;
+  EXPECT_NE(child.err.find("read-only"), std::string::npos) << child.err;
+  EXPECT_EQ(file_names(dir()).size(), 1u);  // nothing written, no claim left
+}
+
+TEST_F(KernelCacheTest, MissingFolderUnderReadOnlyParentMeansMemoryOnly) {
+  fs::permissions(root_, fs::perms(0555));
+  const ChildResult child = in_child_as_user(testing::TempDir(), [&] {
+    KernelCache cache(config());
+    CHILD_EXPECT(1, cache.dir().empty() && !cache.writable());
+    CHILD_EXPECT(2, is_elf(*cache.cubin(probe(1), "sm_80")));
+    CHILD_EXPECT(3, cache.stats().compiles == 1 && cache.stats().disk_writes == 0);
+    return 0;
+  });
+  fs::permissions(root_, fs::perms(0700));
+  EXPECT_EQ(child.status, 0) << child.err;
+  EXPECT_EQ(count(child.err, "warning"), 1u) << child.err;
+  EXPECT_NE(child.err.find("cannot be created"), std::string::npos) << child.err;
+  EXPECT_FALSE(fs::exists(dir()));
+}
+
+TEST_F(KernelCacheTest, FolderRemovedAfterStartIsMadeAgain) {
   KernelCache cache(config());
   ASSERT_EQ(cache.dir(), dir().string());
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));
   fs::remove_all(dir());
   testing::internal::CaptureStderr();
-  EXPECT_TRUE(is_elf(*cache.cubin(probe(1), "sm_80")));
   EXPECT_TRUE(is_elf(*cache.cubin(probe(2), "sm_80")));
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(3), "sm_80")));
   const std::string err = testing::internal::GetCapturedStderr();
-  EXPECT_EQ(count(err, "warning"), 1u) << err;
-  EXPECT_EQ(cache.stats().compiles, 2u);
-  EXPECT_EQ(cache.stats().disk_writes, 0u);
+  EXPECT_EQ(count(err, "warning"), 0u) << err;
+  EXPECT_EQ(cache.stats().compiles, 3u);
+  EXPECT_EQ(cache.stats().disk_writes, 3u);
+  EXPECT_EQ(file_names(dir()).size(), 2u);
+}
+
+TEST_F(KernelCacheTest, ArchsBeforeSm80AreRefusedInOneLine) {
+  KernelCache cache(config());
+  for (const char* arch : {"sm_75", "sm_70", "sm_61"}) {
+    try {
+      cache.cubin(probe(1), arch);
+      ADD_FAILURE() << "accepted " << arch;
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      EXPECT_EQ(e.code(), ErrorCode::unsupported) << what;
+      EXPECT_NE(what.find("kiln needs sm_80 or newer"), std::string::npos) << what;
+      EXPECT_NE(what.find(arch), std::string::npos) << what;
+      EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+    }
+  }
+  // warm() checks every arch before compiling anything, and wants at least one.
+  EXPECT_THROW(warm(cache, {probe(1)}, {"sm_90a", "sm_75"}), Error);
+  EXPECT_THROW(warm(cache, {probe(1)}, {}), Error);
+  EXPECT_EQ(cache.stats().compiles, 0u);
+  EXPECT_FALSE(fs::exists(dir()));
+}
+
+// The claim another process holds on an entry it compiles: a request that may skip it gets
+// nothing at once; one that must have it waits and reads the entry the claimant stores.
+TEST_F(KernelCacheTest, ClaimedEntryIsWaitedFor) {
+  fs::create_directories(dir());
+  const std::string key_text = key_material(probe(5), "sm_80");
+  const fs::path entry = dir() / entry_file_name(key_text);
+  ASSERT_TRUE(claim_entry(entry));
+  KernelCache cache(config());
+  EXPECT_EQ(cache.cubin_unless_claimed(probe(5), "sm_80"), nullptr);
+  EXPECT_EQ(cache.stats().compiles, 0u);
+
+  constexpr auto kDelay = std::chrono::milliseconds(300);
+  std::thread claimant([&] {
+    std::this_thread::sleep_for(kDelay);
+    KernelCache memory_only({"", false});
+    EXPECT_EQ(write_entry(entry, key_text, *memory_only.cubin(probe(5), "sm_80")), "");
+    release_claim(entry);
+  });
+  const auto start = std::chrono::steady_clock::now();
+  const auto cubin = cache.cubin(probe(5), "sm_80");
+  const auto waited = std::chrono::steady_clock::now() - start;
+  claimant.join();
+  ASSERT_NE(cubin, nullptr);
+  EXPECT_TRUE(is_elf(*cubin));
+  EXPECT_GE(waited, kDelay);
+  EXPECT_EQ(cache.stats().compiles, 0u);
+  EXPECT_EQ(cache.stats().disk_hits, 1u);
+  EXPECT_EQ(file_names(dir()).size(), 1u);
+}
+
+TEST_F(KernelCacheTest, StaleClaimsAreTakenOver) {
+  fs::create_directories(dir());
+  const fs::path entry = dir() / entry_file_name(key_material(probe(6), "sm_80"));
+  const fs::path claim = entry.string() + ".lock";
+  char host[256] = {};
+  ASSERT_EQ(::gethostname(host, sizeof host - 1), 0);
+  const pid_t gone = ::fork();
+  if (gone == 0) ::_exit(0);
+  ASSERT_EQ(::waitpid(gone, nullptr, 0), gone);
+
+  // A live process of this host (this one) holds it; then one that is gone.
+  write_bytes(claim, std::to_string(::getpid()) + " " + host + "\n");
+  EXPECT_FALSE(claim_entry(entry));
+  write_bytes(claim, std::to_string(gone) + " " + host + "\n");
+  EXPECT_TRUE(claim_entry(entry));
+  EXPECT_EQ(read_bytes(claim), std::to_string(::getpid()) + " " + host + "\n");
+  // Another host's claim: fresh until kStaleClaimSeconds have passed.
+  write_bytes(claim, "1 another-host\n");
+  EXPECT_FALSE(claim_entry(entry));
+  fs::last_write_time(
+      claim, fs::file_time_type::clock::now() - std::chrono::seconds(kStaleClaimSeconds + 60));
+  EXPECT_TRUE(claim_entry(entry));
+
+  // Through the cache: the entry of a gone claimant is compiled at once and the claim removed.
+  write_bytes(claim, std::to_string(gone) + " " + host + "\n");
+  KernelCache cache(config());
+  EXPECT_TRUE(is_elf(*cache.cubin(probe(6), "sm_80")));
+  EXPECT_EQ(cache.stats().compiles, 1u);
+  EXPECT_EQ(file_names(dir()), (std::set<std::string>{entry.filename().string()}));
+}
+
+// Two processes warming one folder compile each entry once between them, and read the rest.
+TEST_F(KernelCacheTest, TwoProcessesWarmingOneFolderCompileEachEntryOnce) {
+  constexpr int kSpecs = 12;
+  std::vector<KernelSpec> specs;
+  for (int i = 0; i < kSpecs; ++i) specs.push_back(probe(100 + i));
+  // Each child's status: how many kernels it compiled (and stored).
+  const std::vector<int> statuses = run_together(2, [&] {
+    KernelCache cache(config());
+    const WarmupResult r = warm(cache, specs, {"sm_80"});
+    return r.variants == std::size_t(kSpecs) && r.stored == r.compiled ? int(r.compiled) : 254;
+  });
+  ASSERT_EQ(statuses.size(), 2u);
+  int compiled = 0;
+  for (const int status : statuses) {
+    ASSERT_TRUE(status >= 0 && status <= kSpecs) << "child status " << status;
+    compiled += status;
+  }
+  EXPECT_EQ(compiled, kSpecs);
+  const auto names = file_names(dir());
+  EXPECT_EQ(names.size(), std::size_t(kSpecs)) << testing::PrintToString(names);
+  for (const std::string& name : names) EXPECT_TRUE(name.ends_with(".kiln")) << name;
 }
 
 TEST_F(KernelCacheTest, ConcurrentProcessesShareOneEntry) {
   constexpr int kChildren = 4;
-  int barrier[2];
-  ASSERT_EQ(::pipe(barrier), 0);
-  std::vector<pid_t> children;
-  for (int i = 0; i < kChildren; ++i) {
-    const pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      ::close(barrier[1]);
-      char byte;
-      // Blocks until the parent closes its end: all children start compiling together.
-      if (::read(barrier[0], &byte, 1) != 0) ::_exit(2);
-      int code = 1;
-      try {
-        KernelCache cache(config());
-        if (!cache.dir().empty() && is_elf(*cache.cubin(probe(1), "sm_80"))) code = 0;
-      } catch (...) {
-      }
-      ::_exit(code);
-    }
-    children.push_back(pid);
-  }
-  ::close(barrier[0]);
-  ::close(barrier[1]);
-  for (const pid_t pid : children) {
-    int status = 0;
-    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
-  }
+  const std::vector<int> statuses = run_together(kChildren, [&] {
+    KernelCache cache(config());
+    return !cache.dir().empty() && is_elf(*cache.cubin(probe(1), "sm_80")) ? 0 : 1;
+  });
+  EXPECT_EQ(statuses, std::vector<int>(kChildren, 0));
   // Exactly one entry and no temporary file left behind.
   const auto names = file_names(dir());
   ASSERT_EQ(names.size(), 1u) << testing::PrintToString(names);
@@ -461,6 +650,7 @@ TEST_F(KernelCacheTest, ListAndClearTouchOnlyKilnFiles) {
   write_bytes(dir() / "notes.txt", "mine");
   write_bytes(dir() / "0123456789abcdef.kiln.bak", "mine too");
   write_bytes(dir() / "0123456789abcdef.kiln.tmp.1.0", "a writer's leftover");
+  write_bytes(dir() / "0123456789abcdef.kiln.lock", "1 a claim left by a crash");
 
   const std::vector<CacheEntry> entries = cache.list();
   ASSERT_EQ(entries.size(), 2u);
@@ -476,7 +666,7 @@ TEST_F(KernelCacheTest, ListAndClearTouchOnlyKilnFiles) {
                                                                   {probe(2).key(), "sm_90a"}};
   EXPECT_EQ(kernels, expected);
 
-  EXPECT_EQ(cache.clear(), 3u);  // two entries and the leftover temporary file
+  EXPECT_EQ(cache.clear(), 4u);  // two entries, the leftover temporary file and the claim
   EXPECT_EQ(file_names(dir()), (std::set<std::string>{"notes.txt", "0123456789abcdef.kiln.bak"}));
   EXPECT_TRUE(cache.list().empty());
 

@@ -61,12 +61,14 @@ def rope_reference(x, table, scale=None, eps=1e-6, magnitude=False):
 
 
 def assert_rope(got, x, table):
-    """got is the f64 RoPE of x rounded once to x's dtype, give or take f32 math (a few f32
-    ulps of the products)."""
+    """got is the f64 RoPE of x rounded once to x's dtype (half a step: relative to the value,
+    or half the subnormal step below the normal range), give or take f32 math (a few f32 ulps of
+    the products)."""
     assert got.dtype == x.dtype
     x, table = x.cpu(), table.cpu()
     want = rope_reference(x, table)
-    bound = (2.0 ** -(MANTISSA[x.dtype] + 1) * want.abs()
+    subnormal_step = torch.finfo(x.dtype).smallest_normal * 2.0 ** -MANTISSA[x.dtype]
+    bound = (2.0 ** -(MANTISSA[x.dtype] + 1) * want.abs() + subnormal_step / 2
              + 2.0**-21 * rope_reference(x, table, magnitude=True))
     assert bool(((got.cpu().double() - want).abs() <= bound).all())
 

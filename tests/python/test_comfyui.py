@@ -355,7 +355,10 @@ def _scenario(settings: dict) -> None:
     latents, images, metrics = {"noise": noise}, {}, {}
 
     def decode(vae, latent):
-        return vae.decode(latent[:, :, :crop, :crop]).float()
+        # Under inference mode, as ComfyUI's executor runs every node (execution.py): the VAE's
+        # weights require grad, and kiln refuses them under grad mode (no backward).
+        with torch.inference_mode():
+            return vae.decode(latent[:, :, :crop, :crop]).float()
 
     # ComfyUI as shipped.
     model = load("bf16")

@@ -9,7 +9,9 @@ from .core import Bench
 
 
 def default_json_path(suite: str) -> Path:
-    folder = os.environ.get("OUT") or "."
+    """$OUT/bench_<suite>.json, else ./out/bench_<suite>.json (out/ is git-ignored in a kiln
+    checkout, so a run there leaves the tree clean)."""
+    folder = os.environ.get("OUT") or "out"
     return Path(folder) / f"bench_{suite}.json"
 
 
@@ -60,6 +62,7 @@ def record(bench: Bench) -> dict:
     copy = bench.measured_copy_gbps
     return {
         "suite": bench.suite,
+        "smoke_test": not bench.cuda,  # no GPU: toy sizes on the CPU, not a measurement
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **bench.environment(),
         "copy_GBps": copy,

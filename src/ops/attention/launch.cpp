@@ -60,6 +60,13 @@ void check_positive(const char* name, float value) {
   }
 }
 
+// Elements the call writes: out's and lse's (validate() checks their shapes first).
+std::int64_t out_elements(const TensorView& q, const TensorView& v,
+                          const AttentionOptions& options) {
+  const std::int64_t rows = q.size(0) * q.size(1) * q.size(2);
+  return rows * v.size(3) + (options.lse ? rows : 0);
+}
+
 void validate(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
               const AttentionOptions& options) {
   check::dims(kOp, "q", q, 4);
@@ -80,13 +87,17 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
   check::shape(kOp, "k", k, k_shape, "[N, Hkv, Lk, D] with N and D from q (" + q_dims + ")");
   const std::int64_t v_shape[] = {N, Hkv, Lk, Dv};
   check::shape(kOp, "v", v, v_shape, "[N, Hkv, Lk, Dv] with N, Hkv, Lk from k");
-  if (Hkv <= 0 || Hq % Hkv != 0) {
+  if (Hkv == 0 ? Hq != 0 : Hq % Hkv != 0) {
     check::fail(kOp, ErrorCode::invalid_argument,
                 "k has " + std::to_string(Hkv) + " heads (shape " + k.shape_str() +
                     "), expected a divisor of q's " + std::to_string(Hq) + " heads (GQA/MQA)");
   }
-  check_head_dim("q", q, D);
-  check_head_dim("v", v, Dv);
+  // The head-dim limits are the kernels': a call with nothing to compute (no out element, no
+  // lse element) returns at once, whatever D and Dv are, as torch does.
+  if (out_elements(q, v, options) > 0) {
+    check_head_dim("q", q, D);
+    check_head_dim("v", v, Dv);
+  }
   check::dtype_in(kOp, "out", out, {DType::f32, DType::f16, DType::bf16});
   const std::int64_t out_shape[] = {N, Hq, Lq, Dv};
   check::shape(kOp, "out", out, out_shape, "[N, Hq, Lq, Dv] with " + q_dims + ", Dv from v");
@@ -124,6 +135,20 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
     check::shape(kOp, "kv_len", l, l_shape, "[N], N = " + std::to_string(N));
     check::contiguous(kOp, "kv_len", l);
     check::non_null(kOp, "kv_len", l);
+    // On CPU the lengths are host memory and checked here; on CUDA they are device memory,
+    // which only a synchronization could read, so the kernels clamp them to [0, Lk] instead.
+    if (l.device().type == DeviceType::cpu) {
+      for (std::int64_t n = 0; n < N; ++n) {
+        const std::int64_t keys = l.dtype() == DType::i32
+                                      ? std::int64_t(static_cast<const std::int32_t*>(l.data())[n])
+                                      : static_cast<const std::int64_t*>(l.data())[n];
+        if (keys < 0 || keys > Lk) {
+          check::fail(kOp, ErrorCode::invalid_argument,
+                      "kv_len[" + std::to_string(n) + "] = " + std::to_string(keys) +
+                          ", expected 0 <= kv_len <= Lk = " + std::to_string(Lk));
+        }
+      }
+    }
   }
   if (options.lse) {
     const TensorView& l = *options.lse;
@@ -142,6 +167,7 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
 // The CUDA kernels move 16-byte chunks of rows: the last dim contiguous, every other stride a
 // whole number of chunks, the start 16-byte aligned.
 void check_rows_16b(const char* arg, const TensorView& t) {
+  if (t.numel() == 0) return;  // nothing to load
   const std::int64_t per_chunk = 16 / std::int64_t(dtype_size(t.dtype()));
   bool ok = t.stride(3) == 1 && aligned(t.data(), 16);
   for (int d = 0; ok && d < 3; ++d) ok = t.size(d) == 1 || t.stride(d) % per_chunk == 0;
@@ -235,7 +261,8 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
   if (!aligned(out.data(), 16)) {
     check::fail(kOp, ErrorCode::unsupported, "out does not start 16-byte aligned");
   }
-  if (prefill_sm90_takes(q, k, v, options)) {
+  // Lk = 0 (every row gives zeros) takes the mma.sync kernel: a TMA map needs sizes > 0.
+  if (k.size(2) > 0 && prefill_sm90_takes(q, k, v, options)) {
     run_prefill_sm90(q, k, v, out, options, scale, stream);
     return;
   }
@@ -251,7 +278,7 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
   const int device = q.device().index;
   const int sms = cuda::sm_count(kOp, device), smem = smem_per_sm(device);
   const Loads loads = requested_loads();
-  const bool has_tma = loads != Loads::cp_async && cuda_arch(device) == "sm_90a" &&
+  const bool has_tma = Lk > 0 && loads != Loads::cp_async && cuda_arch(device) == "sm_90a" &&
                        tma::compatible(k, 3) && tma::compatible(v, 3) && Lk <= INT_MAX;
   Plan plan = make_plan(q.dtype(), k.dtype(), out.dtype(), int(q.size(3)), int(v.size(3)), group,
                         options.causal, mask_kind(options), kv_len_kind(options),
@@ -504,7 +531,7 @@ void attention(const TensorView& q, const TensorView& k, const TensorView& v, co
                                  {"mask", options.mask ? &*options.mask : nullptr},
                                  {"kv_len", options.kv_len ? &*options.kv_len : nullptr},
                                  {"lse", options.lse ? &*options.lse : nullptr}});
-  if (out.numel() == 0) return;
+  if (out_elements(q, v, options) == 0) return;
   const float scale = options.scale ? *options.scale : float(1.0 / std::sqrt(double(q.size(3))));
   if (device.type == DeviceType::cpu) {
     reference(q, k, v, out, options, scale);

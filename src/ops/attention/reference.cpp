@@ -42,18 +42,19 @@ void reference(const TensorView& q, const TensorView& k, const TensorView& v, co
   std::vector<double> o(static_cast<std::size_t>(Dv));
 
   for (std::int64_t n = 0; n < N; ++n) {
+    // Keys at or past kv_len[n] are hidden (validate() has checked 0 <= kv_len <= Lk on CPU).
     std::int64_t keys = Lk;
     if (options.kv_len) {
       keys = options.kv_len->dtype() == DType::i32
                  ? std::int64_t(static_cast<const std::int32_t*>(options.kv_len->data())[n])
                  : static_cast<const std::int64_t*>(options.kv_len->data())[n];
-      keys = std::clamp<std::int64_t>(keys, 0, Lk);
     }
     for (std::int64_t h = 0; h < Hq; ++h) {
       const std::int64_t kv_head = h / group;
       for (std::int64_t i = 0; i < Lq; ++i) {
         for (std::int64_t d = 0; d < D; ++d) q_row[std::size_t(d)] = element(q, n, h, i, d);
-        // s_j = scale * q . k_j, soft-capped, plus the mask; -inf for hidden keys.
+        // s_j = scale * q . k_j, soft-capped, plus the mask; -inf for keys hidden by kv_len and
+        // causal. The row's max ignores NaN (as fmaxf does in the kernels).
         double row_max = -kInf;
         for (std::int64_t j = 0; j < Lk; ++j) {
           const bool visible = j < keys && (!options.causal || j <= i + keys - Lq);
@@ -67,28 +68,30 @@ void reference(const TensorView& q, const TensorView& k, const TensorView& v, co
             if (options.mask) x += mask_value(*options.mask, n, h, i, j);
           }
           s[std::size_t(j)] = x;
-          row_max = std::max(row_max, x);
+          row_max = std::fmax(row_max, x);
         }
-        // softmax(s) v, or zeros when no key is visible.
+        // softmax(s) v as the kernels compute it: exponents relative to the max (0 when every
+        // score is -inf), so a row whose scores are all -inf sums to exactly 0 and gives zeros
+        // and lse -inf, while a NaN score, or a +inf one (inf - inf), makes the sum NaN and the
+        // row NaN, as in SDPA. A key whose score is -inf never contributes, whatever v holds.
+        const double shift = row_max == -kInf ? 0.0 : row_max;
         double sum = 0;
         std::fill(o.begin(), o.end(), 0.0);
-        if (row_max > -kInf) {
-          for (std::int64_t j = 0; j < Lk; ++j) {
-            const double p = std::exp(s[std::size_t(j)] - row_max);
-            if (p == 0) continue;
-            sum += p;
-            for (std::int64_t d = 0; d < Dv; ++d)
-              o[std::size_t(d)] += p * element(v, n, kv_head, j, d);
-          }
+        for (std::int64_t j = 0; j < Lk; ++j) {
+          if (s[std::size_t(j)] == -kInf) continue;
+          const double p = std::exp(s[std::size_t(j)] - shift);
+          sum += p;
+          for (std::int64_t d = 0; d < Dv; ++d)
+            o[std::size_t(d)] += p * element(v, n, kv_head, j, d);
         }
         const std::int64_t row = (n * Hq + h) * Lq + i;
         for (std::int64_t d = 0; d < Dv; ++d) {
           numeric::store_float(out.data(), out.dtype(), row * Dv + d,
-                               float(sum > 0 ? o[std::size_t(d)] / sum : 0.0));
+                               float(sum == 0 ? 0.0 : o[std::size_t(d)] / sum));
         }
         if (options.lse) {
           static_cast<float*>(options.lse->data())[row] =
-              float(sum > 0 ? row_max + std::log(sum) : -kInf);
+              float(sum == 0 ? -kInf : shift + std::log(sum));
         }
       }
     }

@@ -78,6 +78,12 @@ void validate(const TensorView& x, const TensorView& w, const std::optional<Tens
                 "w has shape " + w.shape_str() + ", expected [OC, " + std::to_string(C) +
                     ", KH, KW] (C = " + std::to_string(C) + " from x " + x.shape_str() + ")");
   }
+  if (C < 1 || x.size(2) < 1 || x.size(3) < 1) {
+    // As torch: an empty batch (N = 0) or no output channel (OC = 0) gives an empty out, an
+    // empty channel or spatial dim has no defined convolution.
+    check::fail(kOp, ErrorCode::invalid_argument,
+                "x has shape " + x.shape_str() + ", expected C, H and W >= 1 (N = 0 is allowed)");
+  }
   for (int d = 0; d < 2; ++d) {
     if (options.stride[std::size_t(d)] < 1 || options.dilation[std::size_t(d)] < 1 ||
         options.padding[std::size_t(d)] < 0) {
@@ -112,7 +118,8 @@ void validate(const TensorView& x, const TensorView& w, const std::optional<Tens
   const std::int64_t out_shape[] = {x.size(0), OC, OH, OW};
   check::shape(kOp, "out", out, out_shape,
                "[N, OC, OH, OW] with OH = (H + 2 pad - dilation (KH - 1) - 1) / stride + 1");
-  if (!has_strides(out, nchw_strides(OC, OH, OW)) && !has_strides(out, nhwc_strides(OC, OH, OW))) {
+  if (out.numel() > 0 && !has_strides(out, nchw_strides(OC, OH, OW)) &&
+      !has_strides(out, nhwc_strides(OC, OH, OW))) {
     check::fail(kOp, ErrorCode::invalid_argument,
                 "out has strides " + check::shape_str(out.strides()) + " for shape " +
                     out.shape_str() + ", expected contiguous NCHW " +

@@ -344,7 +344,13 @@ const char* weight_layout_name(WeightLayout layout) {
 
 MatmulPath select_path(std::int64_t m, const Weight& w, DType a_dtype, const Device& device) {
   using namespace matmul_detail;
+  if (m < 0 || w.n < 0 || w.k < 0) {
+    check::fail("select_path", ErrorCode::invalid_argument,
+                "m = " + std::to_string(m) + " for a weight [" + std::to_string(w.n) + ", " +
+                    std::to_string(w.k) + "], expected sizes >= 0");
+  }
   if (device.type == DeviceType::cpu) return MatmulPath::reference;
+  cuda::require_device("select_path", device);
   MatmulProblem p;
   p.m = m;
   p.n = w.n;
@@ -387,11 +393,7 @@ MatmulPath matmul(const TensorView& a, const Weight& w, const TensorView& out,
   }
 
   if (device.type == DeviceType::cpu) {
-    if (options.path != MatmulPath::automatic && options.path != MatmulPath::reference) {
-      check::fail(kOp, ErrorCode::invalid_argument,
-                  std::string("path ") + matmul_path_name(options.path) +
-                      " runs on CUDA tensors, got CPU tensors (their path is reference)");
-    }
+    // The CPU backend is the reference, whatever path was asked for (the paths are CUDA kernels).
     if (w.layout != WeightLayout::row_major) {
       check::fail(kOp, ErrorCode::unsupported,
                   std::string("weight layout ") + weight_layout_name(w.layout) +

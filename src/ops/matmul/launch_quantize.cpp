@@ -2,6 +2,7 @@
 // and launches (kernels/quantize.cuh, kernels/dequantize.cuh).
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -64,6 +65,21 @@ void launch(const jit::KernelSpec& spec, int device, std::int64_t blocks, Quanti
 // Blocks of a grid-stride loop over `chunks`: enough to fill the device a few times over.
 std::int64_t grid_for(std::int64_t chunks) {
   return std::clamp<std::int64_t>(ceil_div(chunks, kThreads), 1, 65535);
+}
+
+// A given quantization scale divides x: it must be finite and > 0 (0 would turn x into +-max,
+// NaN into NaN codes). Host memory only: CUDA scales are device memory, which kiln does not read
+// on the host (that would synchronize the stream).
+void check_scale_values(const char* op, const TensorView& scale) {
+  check::non_null(op, "scale", scale);
+  const auto* values = static_cast<const float*>(scale.data());
+  for (std::int64_t i = 0; i < scale.numel(); ++i) {
+    if (!(values[i] > 0.f) || !std::isfinite(values[i])) {
+      check::fail(op, ErrorCode::invalid_argument,
+                  "scale has value " + std::to_string(values[i]) + " at index " +
+                      std::to_string(i) + ", expected a finite value > 0");
+    }
+  }
 }
 
 void check_2d_float(const char* op, const char* arg, const TensorView& t) {
@@ -162,6 +178,7 @@ void quantize_fp8(const TensorView& x, const TensorView& q, const TensorView& sc
                                                        : "one scale per 128x128 block of x");
   check::contiguous(kOp, "scale", scale);
   const Device device = check::common_device(kOp, {{"x", &x}, {"q", &q}, {"scale", &scale}});
+  if (!compute_scale && device.type == DeviceType::cpu) check_scale_values(kOp, scale);
   if (x.numel() == 0) return;
   check::non_null(kOp, "x", x);
   check::non_null(kOp, "q", q);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/numeric.hpp"
+#include "ops/matmul/kernels/params.cuh"
 #include "ops/matmul/matmul.hpp"
 
 namespace kiln::matmul_detail {
@@ -179,16 +180,28 @@ std::int64_t weight_row_bytes(WeightFormat format, std::int64_t k) {
 void quantize_q8_0_block(const float* x, std::uint8_t* block) {
   // ggml's quantize_row_q8_0_ref, step for step: amax with its MAX(a, b) = a > b ? a : b.
   float amax = 0.f;
+  bool has_nan = false;
   for (int j = 0; j < kQ8Block; ++j) {
     const float v = std::fabs(x[j]);
+    has_nan = has_nan || std::isnan(v);
     amax = amax > v ? amax : v;
   }
-  const float d = amax / 127.f;
-  const float id = d != 0.f ? 1.f / d : 0.f;
-  const std::uint16_t d_bits = numeric::float_to_f16(d);
+  std::uint16_t d_bits = kQ8NanScale;
+  float d = 0.f;
+  bool saturate = false;
+  if (!has_nan) {
+    d = amax / 127.f;
+    d_bits = numeric::float_to_f16(d);
+    // d past f16's range (ggml stores inf): the largest finite f16, and the codes saturate.
+    saturate = (d_bits & 0x7FFF) == 0x7C00;
+    if (saturate) d = numeric::f16_to_float(d_bits = kQ8MaxScale);
+  }
   std::memcpy(block, &d_bits, 2);
+  const float id = d != 0.f ? 1.f / d : 0.f;
   for (int j = 0; j < kQ8Block; ++j) {
-    block[2 + j] = static_cast<std::uint8_t>(static_cast<std::int8_t>(std::round(x[j] * id)));
+    float code = has_nan ? 0.f : std::round(x[j] * id);
+    if (saturate) code = std::clamp(code, -127.f, 127.f);
+    block[2 + j] = static_cast<std::uint8_t>(static_cast<std::int8_t>(code));
   }
 }
 

@@ -286,9 +286,15 @@ void errors(ErrorTable<Args>& t) {
   t.add("OutDtype", invalid, {"out", "i32"}, [](Args& a) {
     rope_flux(a.x(), a.pe(), a.out_({2, 3, 4, 8}, DType::i32));
   });
-  t.add("OutNotContiguous", invalid, {"out", "contiguous"}, [](Args& a) {
-    // A gap between the two sequences.
-    rope_flux(a.x(), a.pe(), a.other_({2, 3, 4, 8}, DType::f32, {100, 32, 8, 1}));
+  t.add("OutDStrided", invalid, {"out", "D contiguous"}, [](Args& a) {
+    rope_flux(a.x(), a.pe(), a.other_({2, 3, 4, 8}, DType::f32, {100, 32, 8, 2}));
+  });
+  t.add("OutRowsOverlapByStrideZero", invalid, {"out", "do not overlap"}, [](Args& a) {
+    rope_flux(a.x(), a.pe(), a.other_({2, 3, 4, 8}, DType::f32, {0, 32, 8, 1}));
+  });
+  t.add("OutRowsOverlapByShortStride", invalid, {"out", "do not overlap"}, [](Args& a) {
+    // Rows (n, h, l) 6 elements apart, each 8 long.
+    rope_flux(a.x(), a.pe(), a.other_({2, 3, 4, 8}, DType::f32, {72, 24, 6, 1}));
   });
   t.add("OutOverlapsX", invalid, {"out", "overlaps", "x"}, [](Args& a) {
     rope_flux(a.x(), a.pe(), a.x_({2, 3, 4, 8}));

@@ -24,8 +24,9 @@
 // counter at zero for the next call on the stream (no memset launch).
 //
 // Limits: D, DV multiples of 8 up to 256 (TMA: multiples of 64); q/k/v rows contiguous and
-// 16-byte aligned (the launcher checks); out contiguous. A row with no visible key writes zeros
-// and LSE -inf.
+// 16-byte aligned (the launcher checks); out contiguous. A row whose scores are all -inf (no
+// visible key) writes zeros and LSE -inf; a NaN or +inf score makes its row and LSE NaN, as the
+// CPU reference (reference.cpp) and SDPA's math do.
 //
 // Why this shape (figures in ../NOTES.md, every version): mma.sync with 16 rows a warp feeds each
 // ldmatrix'd K/V fragment to one MMA, which caps prefill well below wgmma (prefill_sm90.cuh);
@@ -471,23 +472,28 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ?
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = warp_m * 16 + group + 8 * h;
-    float total_max = row_max[h], total_sum = row_sum[h];
+    // Sums relative to the max, or to 0 when every score so far is -inf (as the loop's shift):
+    // a row whose scores are all -inf sums to exactly 0 (zeros, LSE -inf); a NaN score, or a
+    // +inf one (inf - inf), has made its warp's sum NaN, which reaches the total either way.
+    float total_max = row_max[h];
     if constexpr (WARPS_N > 1) {
       total_max = neg_inf();
 #pragma unroll
       for (int w = 0; w < WARPS_N; ++w) total_max = fmaxf(total_max, s_stat[(w * kBlockM + r) * 2]);
+    }
+    const float shift = total_max == neg_inf() ? 0.f : total_max;
+    float total_sum = row_sum[h];
+    if constexpr (WARPS_N > 1) {
       total_sum = 0.f;
-      if (total_max != neg_inf()) {
 #pragma unroll
-        for (int w = 0; w < WARPS_N; ++w) {
-          total_sum += s_stat[(w * kBlockM + r) * 2 + 1] *
-                       exp2_approx(s_stat[(w * kBlockM + r) * 2] - total_max);
-        }
+      for (int w = 0; w < WARPS_N; ++w) {
+        total_sum +=
+            s_stat[(w * kBlockM + r) * 2 + 1] * exp2_approx(s_stat[(w * kBlockM + r) * 2] - shift);
       }
     }
-    factor[h] = total_sum > 0.f ? exp2_approx(row_max[h] - total_max) / total_sum : 0.f;
+    factor[h] = total_sum == 0.f ? 0.f : exp2_approx(row_max[h] - shift) / total_sum;
     if (warp_n == 0 && quad == 0) {
-      s_lse[r] = total_sum > 0.f ? total_max + __log2f(total_sum) : neg_inf();
+      s_lse[r] = total_sum == 0.f ? neg_inf() : shift + __log2f(total_sum);
     }
   }
   float* s_o_warp = s_o + (warp_n * kBlockM + warp_m * 16) * kOPitch;

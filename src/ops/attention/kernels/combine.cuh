@@ -3,7 +3,8 @@
 //
 // For each output row (n, hq, i), with chunk s holding O_s (normalized by its own sum) and its
 // log2-sum-exp L_s:  out = sum_s 2^(L_s - L) O_s,  L = log2 sum_s 2^L_s  (lse = L * ln 2).
-// A row whose every chunk saw no key (all L_s = -inf) gets zeros and lse -inf.
+// A row whose every chunk saw no key (all L_s = -inf) gets zeros and lse -inf; a NaN L_s gives a
+// NaN row.
 //
 // Layout: one warp per row; lane l owns columns [8c, 8c + 8) for chunks c = l, l + 32, ... of
 // DV / 8. The workspace is [splits, rows, DV] f32 plus [splits, rows] (params.cuh); it is small
@@ -31,19 +32,21 @@ __device__ __forceinline__ void attention_combine_row(const AttentionParams& p, 
   for (int off = 16; off > 0; off /= 2) {
     max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, off));
   }
+  // Weights relative to the max, or to 0 when every chunk's L_s is -inf: then the total is
+  // exactly 0 (zeros, lse -inf), while a NaN L_s (a chunk that met a NaN or +inf score; the max
+  // skips it) makes the total and the row NaN.
+  const float shift = max_lse == -inf ? 0.f : max_lse;
   float total = 0.f;
-  if (max_lse != -inf) {
-    for (int s = 0; s < p.splits; ++s) total += exp2f(p.lse_part[s * rows + row] - max_lse);
-  }
-  const float inv_total = total > 0.f ? 1.f / total : 0.f;
+  for (int s = 0; s < p.splits; ++s) total += exp2f(p.lse_part[s * rows + row] - shift);
+  const float inv_total = total == 0.f ? 0.f : 1.f / total;
 
   for (int c = lane; c < kChunks; c += 32) {
     float acc[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-    if (total > 0.f) {
+    if (total != 0.f) {
       for (int s = 0; s < p.splits; ++s) {
-        const float w = exp2f(p.lse_part[s * rows + row] - max_lse) * inv_total;
+        const float w = exp2f(p.lse_part[s * rows + row] - shift) * inv_total;
         if (w == 0.f) continue;
         float part[8];
         load_vec(part, p.o_part + (s * rows + row) * DV + c * 8);
@@ -57,7 +60,7 @@ __device__ __forceinline__ void attention_combine_row(const AttentionParams& p, 
     store_vec(static_cast<TO*>(p.out) + row * DV + c * 8, y);
   }
   if (lane == 0 && p.lse != nullptr) {
-    p.lse[row] = total > 0.f ? (max_lse + __log2f(total)) * kLn2 : -inf;
+    p.lse[row] = total == 0.f ? -inf : (shift + __log2f(total)) * kLn2;
   }
 }
 

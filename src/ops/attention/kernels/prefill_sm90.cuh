@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
     for (int r = 0; r < 2; ++r) {
       l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
       l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
-      inv_l[r] = l_run[r] > 0.f ? 1.f / l_run[r] : 0.f;
+      inv_l[r] = l_run[r] == 0.f ? 0.f : 1.f / l_run[r];  // NaN (a NaN or +inf score) stays NaN
     }
     const i64 head_row = (static_cast<i64>(w.batch) * p.Hq + w.head) * p.Lq;  // row 0 of it
     if (p.lse != nullptr && lane % 4 == 0) {
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
         const int row = row0 + 8 * r;
         if (row < lq) {
           p.lse[head_row + row] =
-              l_run[r] > 0.f ? (m_run[r] + __log2f(l_run[r])) * 0.6931471805599453f : neg_inf();
+              l_run[r] == 0.f ? neg_inf() : (m_run[r] + __log2f(l_run[r])) * 0.6931471805599453f;
         }
       }
     }

@@ -88,6 +88,12 @@ inline constexpr int kScaleTensor = 1;
 inline constexpr int kScaleRow = 2;
 inline constexpr int kScaleBlock128 = 3;
 
+// Q8_0 block scales (f16 bits) where ggml's rule d = amax / 127 gives no usable d: the largest
+// finite f16, stored when d overflows f16 (the block's codes saturate at +-127; ggml stores inf),
+// and a NaN, stored with zero codes for a block holding a NaN (it dequantizes to NaN).
+inline constexpr unsigned short kQ8MaxScale = 0x7BFF;
+inline constexpr unsigned short kQ8NanScale = 0x7E00;
+
 // quantize.cuh and dequantize.cuh: a matrix [rows, cols] and its quantized form.
 struct QuantizeParams {
   const void* x;  // [rows, cols] with x_stride (quantize: the input; dequantize: q)

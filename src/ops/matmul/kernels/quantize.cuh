@@ -164,23 +164,40 @@ __global__ void quantize_q8_0_kernel(const __grid_constant__ QuantizeParams p) {
       v[j] = one[0];
     }
   }
-  // ggml's quantize_row_q8_0_ref: amax = MAX(amax, |x|) with MAX(a, b) = a > b ? a : b.
+  // ggml's quantize_row_q8_0_ref: amax = MAX(amax, |x|) with MAX(a, b) = a > b ? a : b; a block
+  // holding NaN, and one whose d overflows f16, as the CPU reference (kQ8NanScale, kQ8MaxScale).
   float amax = 0.f;
+  bool has_nan = false;
 #pragma unroll
   for (int j = 0; j < kQ8Block; ++j) {
     const float a = fabsf(v[j]);
+    has_nan = has_nan || isnan(a);
     amax = amax > a ? amax : a;
   }
-  const float d = amax / 127.f;
+  unsigned short d_bits = kQ8NanScale;
+  float d = 0.f;
+  bool saturate = false;
+  if (!has_nan) {
+    d = amax / 127.f;
+    d_bits = from_float<f16>(d).bits;
+    saturate = (d_bits & 0x7FFFu) == 0x7C00u;
+    if (saturate) {
+      d_bits = kQ8MaxScale;
+      d = to_float(f16{d_bits});
+    }
+  }
   const float id = d != 0.f ? 1.f / d : 0.f;
   unsigned short* out =
       reinterpret_cast<unsigned short*>(static_cast<unsigned char*>(p.q) + i * kQ8BlockBytes);
-  out[0] = from_float<f16>(d).bits;
+  out[0] = d_bits;
+  const auto code = [&](float x) {
+    float c = has_nan ? 0.f : roundf(x * id);
+    if (saturate) c = fminf(fmaxf(c, -127.f), 127.f);
+    return u32(int(c)) & 0xFFu;
+  };
 #pragma unroll
   for (int j = 0; j < kQ8Block; j += 2) {
-    const u32 lo = u32(int(roundf(v[j] * id))) & 0xFFu;
-    const u32 hi = u32(int(roundf(v[j + 1] * id))) & 0xFFu;
-    out[1 + j / 2] = static_cast<unsigned short>(lo | hi << 8);
+    out[1 + j / 2] = static_cast<unsigned short>(code(v[j]) | code(v[j + 1]) << 8);
   }
 }
 
