@@ -96,7 +96,8 @@ void validate(const TensorView& a, const Weight& w, const TensorView& out,
   if (options.gate) {
     const TensorView& g = *options.gate;
     check::dtype_in(kOp, "gate", g, kFloat);
-    const bool batched = g.dim() == 2 && g.size(0) >= 1 && M % g.size(0) == 0;
+    // B divides M; B = 0 only with M = 0 (an empty batch, as torch's broadcast gives).
+    const bool batched = g.dim() == 2 && (g.size(0) >= 1 ? M % g.size(0) == 0 : M == 0);
     if (!(g.dim() == 1 && g.size(0) == w.n) && !(batched && g.size(1) == w.n)) {
       check::fail(kOp, ErrorCode::invalid_argument,
                   "gate has shape " + g.shape_str() + ", expected [" + std::to_string(w.n) +
