@@ -108,6 +108,15 @@ def _check_one(op: str, name: str, x, kind: str) -> None:
         no_grad_needed(op, name, x)
 
 
+def writable(op: str, name: str, x) -> None:
+    """Refuses a read-only numpy array given as an output (out=, cache=): kiln writes it."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise InvalidArgumentError(
+            f"kiln::{op}: {name} is a read-only numpy array, expected a writable one (kiln "
+            f"writes it; a broadcast view, say, is read-only: pass {name}.copy())"
+        )
+
+
 def no_grad_needed(op: str, name: str, t) -> None:
     """Refuses a torch tensor that autograd would need a gradient for: kiln ops have no
     backward, and a graph through them would silently drop the gradient."""

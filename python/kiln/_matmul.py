@@ -425,7 +425,8 @@ def matmul(a, w, *, w_scale=None, a_scale=None, bias=None, out_dtype=None, path=
     bias: [N] f32/f16/bf16.
     gate: [N], or [B, N] where a is [B, L, K] (one gate vector per batch element: rows
        b * L .. b * L + L - 1 use gate[b]; rows may be strided, e.g. a chunk of Flux's AdaLN
-       modulation), f32/f16/bf16.
+       modulation), f32/f16/bf16. A 2-D a [M, K] takes [B, N] with B dividing M (rows
+       b * M / B .. (b + 1) * M / B - 1 use gate[b]).
     residual: out's shape [..., N], f32/f16/bf16 (any dtype pairing with out), rows may be
        strided: the residual stream the linear adds into (the output is a fresh array).
     out_dtype: "f32"/"f16"/"bf16" or a framework dtype; default a's dtype (bf16 for an fp8 a
@@ -456,6 +457,12 @@ def matmul(a, w, *, w_scale=None, a_scale=None, bias=None, out_dtype=None, path=
                 f"out's shape {_args.shape_str((*lead, spec.n))}"
             )
         residual = residual.reshape(m, spec.n)
+    if gate is not None and gate.ndim == 2 and a.ndim > 2 and gate.shape[0] != a.shape[0]:
+        raise InvalidArgumentError(
+            f"kiln::matmul: gate has shape {_args.shape_str(gate.shape)}, expected [N] or "
+            f"[B, N] with B = {a.shape[0]}, a's first dim (a is {_args.shape_str(a.shape)}: one "
+            "gate vector per batch element)"
+        )
     if framework == "torch":
         from . import _torch_matmul
 

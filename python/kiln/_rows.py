@@ -4,13 +4,11 @@ uint8 with one f32 scale per row). torch tensors go through the torch custom ops
 (_torch_rows.py). torch is never imported here.
 """
 
-import math
-
 import numpy as np
 
-from ._C import InvalidArgumentError
 from . import _args
-from ._matmul import fp8_format
+from ._C import InvalidArgumentError
+from ._matmul import fp8_format, rows_of
 
 
 def quantize_format(op: str, quantize, out_dtype):
@@ -26,21 +24,15 @@ def quantize_format(op: str, quantize, out_dtype):
     return fp8_format(op, "quantize", quantize)
 
 
-def row_count(shape) -> int:
-    """Rows of an array [..., C] read as [R, C]: the product of the leading sizes."""
-    return math.prod(shape[:-1])
-
-
-def outputs(op: str, framework: str, x, shape, out_dtype, fmt, default):
+def outputs(op: str, kind: str, x, shape, out_dtype, fmt):
     """(out, out_scale) of a numpy / CuPy call: out of `shape` (fp8 codes as uint8 with an f32
-    scale [R] when fmt is set, else out_dtype or `default` and no scale). A row of no elements
+    scale [R] when fmt is set, else out_dtype or x's dtype and no scale). A row of no elements
     has scale 1 (the kernels write nothing there)."""
     if fmt is None:
-        return _args.empty(framework, x, shape,
-                           _args.numpy_out_dtype(op, framework, out_dtype, x, "x")), None
-    out = _args.empty(framework, x, shape, np.uint8)
-    rows = row_count(shape)
-    scale = _args.empty(framework, x, (rows,), np.float32)
+        dtype = _args.numpy_out_dtype(op, kind, out_dtype, x, "x")
+        return _args.empty(kind, x, shape, dtype), None
+    out = _args.empty(kind, x, shape, np.uint8)
+    scale = _args.empty(kind, x, (rows_of(op, "x", shape),), np.float32)
     if shape[-1] == 0:
         scale[...] = 1
     return out, scale

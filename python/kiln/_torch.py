@@ -19,6 +19,7 @@ from . import _C, _args
 from .ops import rope_flux_out_shape
 
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+FP8_DTYPES = {"f8_e4m3fn": torch.float8_e4m3fn, "f8_e5m2": torch.float8_e5m2}
 
 
 def torch_dtype(op: str, dtype) -> torch.dtype | None:

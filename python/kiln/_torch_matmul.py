@@ -23,9 +23,7 @@ from ._matmul import (
     q8_0_cols,
     scale_shape,
 )
-from ._torch import TORCH_DTYPES, inference_only, torch_dtype  # the namespace's DEF first
-
-_FP8_DTYPES = {"f8_e4m3fn": torch.float8_e4m3fn, "f8_e5m2": torch.float8_e5m2}
+from ._torch import FP8_DTYPES, TORCH_DTYPES, inference_only, torch_dtype  # its DEF first
 
 _lib = torch.library.Library("kiln", "FRAGMENT")
 _lib.define("quantize_fp8(Tensor x, ScalarType fmt, str granularity) -> (Tensor, Tensor)")
@@ -141,7 +139,7 @@ def quantize_fp8(x, fmt_name: str, granularity: str, scale):
     """kiln.quantize_fp8 for torch tensors: [..., C] read as [R, C]; scale None or an f32
     tensor."""
     x2 = as_rows(x)
-    fmt = _FP8_DTYPES[fmt_name]
+    fmt = FP8_DTYPES[fmt_name]
     if scale is None:
         q, scale = torch.ops.kiln.quantize_fp8(x2, fmt, granularity)
     else:
@@ -159,7 +157,7 @@ def dequantize(q, scale, out_dtype, q_fmt: str):
     """kiln.dequantize for torch tensors, scale None or an f32 tensor; q_fmt is "q8_0" or q's fp8
     format (uint8 fp8 bytes are viewed as their float8 dtype, no copy)."""
     if q_fmt != "q8_0" and q.dtype == torch.uint8:
-        q = q.view(_FP8_DTYPES[fp8_format("dequantize", "fmt", q_fmt)])
+        q = q.view(FP8_DTYPES[fp8_format("dequantize", "fmt", q_fmt)])
     out = torch.ops.kiln.dequantize(as_rows(q), scale,
                                     torch_dtype("dequantize", out_dtype))
     return out.reshape(*q.shape[:-1], out.shape[-1])

@@ -1,14 +1,14 @@
 """kiln.rope as torch operators (torch.ops.kiln.rope, and torch.ops.kiln.rope_cache, which
 writes a KV cache in place), with fake kernels for torch.compile. Defined on the "kiln" library
 as a fragment (the library itself is defined in _torch.py), with a CPU and a CUDA kernel, like
-rope_flux."""
+rope_flux; the kernels refuse tensors that need a gradient and the fake kernels a mix of devices,
+as there."""
 
 import torch
 
-from . import _C
-from . import _torch  # noqa: F401  (defines the "kiln" library first)
+from . import _C, _args
 from ._rope import out_shape
-from ._torch import torch_dtype
+from ._torch import inference_only, torch_dtype  # its DEF first
 
 _lib = torch.library.Library("kiln", "FRAGMENT")
 _lib.define(
@@ -21,18 +21,16 @@ _lib.define(
 )
 
 
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
-
-
 def _rope_kernel(x, positions, theta, style, norm_weight, eps, out_dtype):
+    inference_only("rope", x=x, norm_weight=norm_weight)
     out = x.new_empty(out_shape(x.shape), dtype=out_dtype or x.dtype)
-    _C.rope(x, positions, out, theta, style, norm_weight, eps, False, _stream(x))
+    _C.rope(x, positions, out, theta, style, norm_weight, eps, False, _args.stream(x, "torch"))
     return out
 
 
 def _rope_cache_kernel(x, positions, cache, theta, style, norm_weight, eps):
-    _C.rope(x, positions, cache, theta, style, norm_weight, eps, True, _stream(x))
+    inference_only("rope_cache", x=x, norm_weight=norm_weight, cache=cache)
+    _C.rope(x, positions, cache, theta, style, norm_weight, eps, True, _args.stream(x, "torch"))
 
 
 for _key in ("CPU", "CUDA"):
@@ -42,23 +40,22 @@ for _key in ("CPU", "CUDA"):
 
 @torch.library.register_fake("kiln::rope")
 def _rope_fake(x, positions, theta, style, norm_weight, eps, out_dtype):
+    _args.same_device("rope", x=x, positions=positions, norm_weight=norm_weight)
     return x.new_empty(out_shape(x.shape), dtype=out_dtype or x.dtype)
 
 
 @torch.library.register_fake("kiln::rope_cache")
 def _rope_cache_fake(x, positions, cache, theta, style, norm_weight, eps):
+    _args.same_device("rope_cache", x=x, positions=positions, norm_weight=norm_weight,
+                      cache=cache)
     return None
 
 
 def rope(x, positions, theta, style, norm_weight, eps, cache, out_dtype):
-    """kiln.rope for torch tensors: torch.ops.kiln.rope, or rope_cache when a cache is given."""
+    """kiln.rope for torch tensors (checked by kiln.rope): torch.ops.kiln.rope, or rope_cache when
+    a cache is given."""
     if cache is not None:
-        if out_dtype is not None:
-            raise _C.InvalidArgumentError(
-                "kiln::rope_cache: out_dtype is given with a cache, expected None (the cache's "
-                "dtype is the output's)"
-            )
-        torch.ops.kiln.rope_cache(x, positions, cache, theta, style, norm_weight, float(eps))
+        torch.ops.kiln.rope_cache(x, positions, cache, theta, style, norm_weight, eps)
         return None
-    return torch.ops.kiln.rope(x, positions, theta, style, norm_weight, float(eps),
+    return torch.ops.kiln.rope(x, positions, theta, style, norm_weight, eps,
                                torch_dtype("rope", out_dtype))

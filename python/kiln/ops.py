@@ -1,7 +1,8 @@
 """kiln.rope_flux for torch tensors, numpy arrays and CuPy arrays.
 
-The output is allocated with the input's framework, on the input's device; CUDA work goes on that
-framework's current stream. torch is never imported here: a torch tensor can only come from a
+The output is allocated with the input's framework, on the input's device (or given: out=); CUDA
+work goes on that framework's current stream. The arrays are checked first (_args: framework,
+device, byte order, autograd). torch is never imported here: a torch tensor can only come from a
 process that has imported it already.
 """
 
@@ -58,6 +59,7 @@ def rope_flux(x, pe=None, *, norm_weight=None, eps: float = 1e-6, out_dtype=None
     kind = _args.check_arrays("rope_flux", x=x, pe=pe, norm_weight=norm_weight, out=out)
     eps = _args.real("rope_flux", "eps", eps)
     if out is not None:
+        _args.writable("rope_flux", "out", out)
         _check_out(x.shape, out, out_dtype)
     if kind == "torch":
         from . import _torch

@@ -115,6 +115,82 @@ def test_conv2d_empty(device):
         assert message.startswith(f"kiln::conv2d: {arg} ")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0), (2, 0, 8), (0,)])
+@pytest.mark.parametrize("quantize", [None, "e4m3fn"])
+def test_row_ops_empty(device, shape, quantize):
+    """rms_norm, layer_norm (with AdaLN), glu and gelu_tanh: empty results as torch's; a row of
+    no elements has the fp8 scale 1 (as quantize_fp8 of an empty row)."""
+    x = torch.randn(shape, device=device)
+    d = shape[-1]
+    calls = {
+        "rms_norm": (lambda: kiln.rms_norm(x, torch.ones(d, device=device), quantize=quantize),
+                     shape, F.rms_norm(x, (d,))),
+        "layer_norm": (lambda: kiln.layer_norm(x, shift=torch.zeros(d, device=device),
+                                               scale=torch.zeros(d, device=device),
+                                               quantize=quantize),
+                       shape, F.layer_norm(x, (d,))),
+        "gelu_tanh": (lambda: kiln.gelu_tanh(x, quantize=quantize), shape,
+                      F.gelu(x, approximate="tanh")),
+        "glu": (lambda: kiln.glu(x, quantize=quantize), (*shape[:-1], d // 2),
+                F.silu(x[..., :d // 2]) * x[..., d // 2:]),
+    }
+    for op, (call, out_shape, want) in calls.items():
+        got = call()
+        if quantize is None:
+            assert got.shape == want.shape == out_shape and got.dtype == x.dtype, op
+            torch.testing.assert_close(got, want)  # rows of D = 0 stay empty too
+        else:
+            q, scale = got
+            assert q.shape == out_shape and q.dtype == torch.float8_e4m3fn, op
+            assert scale.shape == (math.prod(out_shape[:-1]),) and torch.all(scale == 1), op
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 4, 3, 5), (2, 4, 0, 5), (2, 4, 3, 0), (2, 0, 3, 5)])
+def test_group_norm_empty(device, shape):
+    """N = 0: torch's empty result. C, H or W = 0 (where torch raises, as the README's table of
+    differences says): an empty result too, as no element needs the statistics."""
+    x = torch.randn(shape, device=device)
+    groups = 2 if shape[1] else 1
+    got = kiln.group_norm(x, groups, silu=True)
+    assert got.shape == x.shape and got.numel() == 0
+    if shape[0] == 0:
+        assert F.group_norm(x, groups).shape == x.shape
+    else:
+        with pytest.raises(RuntimeError):
+            F.group_norm(x, groups)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 5, 2, 8), (1, 0, 2, 8), (1, 5, 0, 8), (1, 5, 2, 0)])
+def test_rope_empty(device, shape):
+    n, t, h, d = shape
+    x = torch.randn(shape, device=device)
+    positions = torch.arange(n * t, device=device).reshape(n, t)
+    got = kiln.rope(x, positions, theta=1e4, norm_weight=torch.ones(d, device=device))
+    assert got.shape == (n, h, t, d) and got.numel() == 0
+    cache = torch.zeros(n, h, 16, d, device=device)
+    assert kiln.rope(x, positions, theta=1e4, cache=cache) is None
+    assert torch.all(cache == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matmul_gate_residual_empty(device):
+    """An empty batch (B = 0: a [0, L, K], gate [0, N]) and K = 0 give what torch's formula
+    residual + gate * (a . w^T + bias) gives."""
+    w = torch.randn(5, 16, dtype=BF, device=device)
+    got = kiln.matmul(torch.randn(0, 3, 16, dtype=BF, device=device), w,
+                      gate=torch.randn(0, 5, device=device),
+                      residual=torch.randn(0, 3, 5, device=device))
+    assert got.shape == (0, 3, 5)
+    bias, gate = torch.randn(5, device=device), torch.randn(2, 5, device=device)
+    residual = torch.randn(2, 3, 5, device=device)
+    got = kiln.matmul(torch.randn(2, 3, 0, dtype=BF, device=device), w[:, :0], bias=bias,
+                      gate=gate, residual=residual, out_dtype=torch.float32)
+    torch.testing.assert_close(got, residual + gate[:, None] * bias)
+
+
 def test_empty_views_with_any_strides():
     """torch gives empty tensors strides that are not the contiguous ones: kiln takes them."""
     a = torch.randn(3, 128, dtype=BF)
@@ -239,6 +315,31 @@ def _calls(t):
                                             torch.randn(4, 8, dtype=BF), bias=t[:4]), "bias"),
         "quantize_fp8": (lambda: kiln.quantize_fp8(t.reshape(4, 8)), "x"),
         "quantize_q8_0": (lambda: kiln.quantize_q8_0(t.reshape(1, 32)), "x"),
+        "rope_flux out": (lambda: kiln.rope_flux(torch.randn(1, 2, 2, 8),
+                                                 out=t.reshape(1, 2, 2, 8)), "out"),
+        "matmul gate": (lambda: kiln.matmul(torch.randn(2, 8, dtype=BF),
+                                            torch.randn(4, 8, dtype=BF), gate=t[:4]), "gate"),
+        "matmul residual": (lambda: kiln.matmul(torch.randn(2, 8, dtype=BF),
+                                                torch.randn(4, 8, dtype=BF),
+                                                residual=t[:8].reshape(2, 4)), "residual"),
+        "rms_norm": (lambda: kiln.rms_norm(t.reshape(4, 8)), "x"),
+        "rms_norm weight": (lambda: kiln.rms_norm(torch.randn(4, 8), t[:8], quantize="e4m3fn"),
+                            "weight"),
+        "layer_norm shift": (lambda: kiln.layer_norm(torch.randn(2, 2, 8),
+                                                     shift=t[:16].reshape(2, 8)), "shift"),
+        "layer_norm scale": (lambda: kiln.layer_norm(torch.randn(2, 2, 8), scale=t[:8],
+                                                     quantize="e4m3fn"), "scale"),
+        "group_norm": (lambda: kiln.group_norm(t.reshape(1, 4, 2, 4), 2, silu=True), "x"),
+        "group_norm bias": (lambda: kiln.group_norm(torch.randn(1, 4, 2, 4), 2, bias=t[:4]),
+                            "bias"),
+        "glu": (lambda: kiln.glu(t.reshape(4, 8), quantize="e4m3fn"), "x"),
+        "gelu_tanh": (lambda: kiln.gelu_tanh(t.reshape(4, 8)), "x"),
+        "rope": (lambda: kiln.rope(t.reshape(1, 2, 2, 8), torch.tensor([[3, 4]]), theta=1e4),
+                 "x"),
+        "rope norm_weight": (lambda: kiln.rope(torch.randn(1, 2, 2, 8), torch.tensor([[3, 4]]),
+                                               theta=1e4, norm_weight=t[:8]), "norm_weight"),
+        "rope_cache": (lambda: kiln.rope(torch.randn(1, 2, 2, 8), torch.tensor([[0, 1]]),
+                                         theta=1e4, cache=t.reshape(1, 2, 2, 8)), "cache"),
     }
 
 
@@ -262,6 +363,22 @@ def test_requires_grad_refused_by_the_op_itself():
                                                         None, None, None, False),
                        kiln.UnsupportedError)
     assert message.startswith("kiln::attention: q requires grad")
+    x = torch.randn(4, 8, requires_grad=True)
+    positions = torch.zeros(1, 4, dtype=torch.int64)
+    for op, arg, call in [
+        ("rms_norm", "weight", lambda: torch.ops.kiln.rms_norm_fp8(x.detach(), x[0], 1e-6,
+                                                                  torch.float8_e4m3fn)),
+        ("layer_norm", "x", lambda: torch.ops.kiln.layer_norm(x, None, None, None, None, 1e-6,
+                                                              None)),
+        ("glu", "x", lambda: torch.ops.kiln.glu_fp8(x, "silu", torch.float8_e4m3fn)),
+        ("rope_cache", "cache", lambda: torch.ops.kiln.rope_cache(
+            x.detach().reshape(1, 4, 1, 8), positions, x.reshape(1, 1, 4, 8), 1e4, "normal",
+            None, 1e-6)),
+        ("rope_flux", "out", lambda: torch.ops.kiln.rope_flux_out(
+            x.detach().reshape(1, 4, 1, 8), None, None, 1e-6, x.reshape(1, 1, 4, 8))),
+    ]:
+        message = error_of(call, kiln.UnsupportedError)
+        assert message.startswith(f"kiln::{op}: {arg} requires grad"), message
 
 
 def test_torch_compile_traces_the_ops_without_grad():
@@ -312,6 +429,26 @@ def _meta_calls():
         ("prepare_weight", "w", lambda: kiln.prepare_weight(m(w), ws)),
         ("prepare_weight", "w_scale", lambda: kiln.prepare_weight(w, m(ws))),
         ("select_path", "w", lambda: kiln.select_path(1, m(w))),
+        ("rope_flux", "out", lambda: kiln.rope_flux(x, pe, out=m(torch.empty(1, 2, 4, 8)))),
+        ("matmul", "gate", lambda: kiln.matmul(a, w, w_scale=ws, gate=m(bias))),
+        ("matmul", "residual", lambda: kiln.matmul(a, w, w_scale=ws,
+                                                   residual=m(torch.zeros(2, 4)))),
+        ("rms_norm", "x", lambda: kiln.rms_norm(m(fx), quantize="e4m3fn")),
+        ("rms_norm", "weight", lambda: kiln.rms_norm(fx, m(fx[0]))),
+        ("layer_norm", "bias", lambda: kiln.layer_norm(fx, bias=m(fx[0]))),
+        ("layer_norm", "shift", lambda: kiln.layer_norm(fx, shift=m(fx[0]))),
+        ("layer_norm", "scale", lambda: kiln.layer_norm(fx, scale=m(fx[0]), quantize="e5m2")),
+        ("group_norm", "x", lambda: kiln.group_norm(m(cx), 2)),
+        ("group_norm", "weight", lambda: kiln.group_norm(cx, 2, m(cx[0, :, 0, 0]))),
+        ("glu", "x", lambda: kiln.glu(m(fx))),
+        ("gelu_tanh", "x", lambda: kiln.gelu_tanh(m(fx), quantize="e4m3fn")),
+        ("rope", "x", lambda: kiln.rope(m(x), torch.zeros(1, 4, dtype=torch.int64), theta=1e4)),
+        ("rope", "positions", lambda: kiln.rope(x, m(torch.zeros(1, 4, dtype=torch.int64)),
+                                                theta=1e4)),
+        ("rope", "norm_weight", lambda: kiln.rope(x, torch.zeros(1, 4, dtype=torch.int64),
+                                                  theta=1e4, norm_weight=m(nw))),
+        ("rope_cache", "cache", lambda: kiln.rope(x, torch.zeros(1, 4, dtype=torch.int64),
+                                                  theta=1e4, cache=m(torch.empty(1, 2, 8, 8)))),
     ]
 
 
@@ -332,6 +469,27 @@ def test_meta_only_op_call_gives_meta_and_mixed_is_refused():
     message = error_of(lambda: torch.ops.kiln.conv2d(torch.randn(1, 4, 8, 8), w, None, [1, 1],
                                                      [0, 0], [1, 1], 1, None))
     assert message.startswith("kiln::conv2d: w is on meta")
+    x, meta = torch.randn(4, 8), torch.empty(8, device="meta")
+    x4 = torch.randn(1, 4, 2, 8)
+    positions = torch.zeros(1, 4, dtype=torch.int64)
+    for op, arg, call in [
+        ("rms_norm", "weight", lambda: torch.ops.kiln.rms_norm(x, meta, 1e-6, None)),
+        ("layer_norm", "scale", lambda: torch.ops.kiln.layer_norm_fp8(
+            x, None, None, None, meta, 1e-6, torch.float8_e4m3fn)),
+        ("group_norm", "bias", lambda: torch.ops.kiln.group_norm(
+            torch.randn(1, 8, 2, 2), 2, None, meta, 1e-6, False, None)),
+        ("rope", "positions", lambda: torch.ops.kiln.rope(x4, positions.to("meta"), 1e4,
+                                                          "normal", None, 1e-6, None)),
+        ("rope_cache", "cache", lambda: torch.ops.kiln.rope_cache(
+            x4, positions, torch.empty(1, 2, 4, 8, device="meta"), 1e4, "neox", None, 1e-6)),
+        ("rope_flux", "out", lambda: torch.ops.kiln.rope_flux_out(
+            x4, None, None, 1e-6, torch.empty(1, 2, 4, 8, device="meta"))),
+        ("matmul", "residual", lambda: torch.ops.kiln.matmul(
+            x.to(BF), x.to(BF), "bf16", 4, 8, None, "row_major", None, None, BF, "auto", None,
+            torch.empty(4, 4, device="meta"))),
+    ]:
+        message = error_of(call, kiln.InvalidArgumentError)
+        assert message.startswith(f"kiln::{op}: {arg} is on meta"), message
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=CUDA_REASON)
@@ -390,6 +548,17 @@ def test_numpy_inputs():
      "w"),
     (lambda: kiln.quantize_q8_0("x"), "quantize_q8_0", "x"),
     (lambda: kiln.dequantize(None), "dequantize", "q"),
+    (lambda: kiln.rms_norm([1.0, 2.0]), "rms_norm", "x"),
+    (lambda: kiln.layer_norm(torch.randn(2, 8), shift=[0.0] * 8), "layer_norm", "shift"),
+    (lambda: kiln.group_norm(torch.randn(1, 4, 2, 2), 2, np.ones(4, np.float32)), "group_norm",
+     "weight"),
+    (lambda: kiln.glu((1.0, 2.0)), "glu", "x"),
+    (lambda: kiln.rope(torch.randn(1, 2, 2, 8), [[0, 1]], theta=1e4), "rope", "positions"),
+    (lambda: kiln.rope(torch.randn(1, 2, 2, 8), torch.tensor([[0, 1]]), theta=1e4,
+                       cache=np.zeros((1, 2, 4, 8), np.float32)), "rope_cache", "cache"),
+    (lambda: kiln.rope_flux(torch.randn(1, 2, 2, 8), out=[0.0]), "rope_flux", "out"),
+    (lambda: kiln.matmul(torch.randn(2, 8, dtype=BF), torch.randn(4, 8, dtype=BF), gate=1.0),
+     "matmul", "gate"),
 ])
 def test_non_arrays_are_named(call, op, arg):
     message = error_of(call, kiln.InvalidArgumentError)
@@ -465,6 +634,48 @@ def test_out_dtype_named(out_dtype):
     message = error_of(lambda: kiln.rope_flux(torch.randn(1, 2, 2, 8), out_dtype=out_dtype),
                        kiln.InvalidArgumentError)
     assert message.startswith("kiln::rope_flux: out_dtype is "), message
+
+
+@pytest.mark.parametrize("call,op,message", [
+    (lambda: kiln.group_norm(torch.randn(1, 4, 2, 2), 2.5), "group_norm",
+     "num_groups is 2.5, expected an int"),
+    (lambda: kiln.group_norm(torch.randn(1, 4, 2, 2), "2"), "group_norm", "num_groups is '2'"),
+    (lambda: kiln.group_norm(torch.randn(1, 4, 2, 2), 3), "group_norm", "num_groups = 3"),
+    (lambda: kiln.rms_norm(torch.randn(2, 8), eps="a"), "rms_norm", "eps is 'a'"),
+    (lambda: kiln.layer_norm(torch.randn(2, 8), eps=math.nan), "layer_norm", "eps = nan"),
+    (lambda: kiln.rms_norm(torch.randn(2, 8), quantize="e4m3fn", out_dtype="f32"), "rms_norm",
+     "out_dtype is f32 with quantize='e4m3fn'"),
+    (lambda: kiln.gelu_tanh(torch.tensor(1.0)), "gelu_tanh", "x is a scalar"),
+    (lambda: kiln.glu(torch.randn(2, 8), activation=["silu"]), "glu", "activation is ['silu']"),
+    (lambda: kiln.glu(torch.randn(2, 7)), "glu", "x has shape [2, 7], expected [..., 2F]"),
+    (lambda: kiln.rope(torch.randn(1, 2, 2, 8), torch.tensor([[0, 1]]), theta="x"), "rope",
+     "theta is 'x'"),
+    (lambda: kiln.rope(torch.randn(1, 2, 2, 8), torch.tensor([[0, 1]]), theta=0.0), "rope",
+     "theta = 0.0, expected a finite value > 0"),
+    (lambda: kiln.rope(torch.randn(1, 2, 2, 8), torch.tensor([[0, 1]]), theta=1e4, style="gptj"),
+     "rope", "style is 'gptj'"),
+    (lambda: kiln.rope(torch.randn(1, 2, 2, 8), torch.tensor([[0, 1]]), theta=1e4,
+                       cache=torch.zeros(1, 2, 4, 8), out_dtype="f32"), "rope_cache",
+     "out_dtype is given with a cache"),
+    (lambda: kiln.rope(np.zeros((1, 2, 2, 8)), np.zeros((1, 2), np.int64), theta=1e4), "rope",
+     "x has dtype float64, expected float32 or float16"),
+    (lambda: kiln.rope_flux(np.zeros((1, 2, 2, 8), np.float32), out=np.broadcast_to(
+        np.zeros((1, 1, 2, 8), np.float32), (1, 2, 2, 8))), "rope_flux",
+     "out is a read-only numpy array"),
+    (lambda: kiln.rope(np.zeros((1, 2, 2, 8), np.float32), np.zeros((1, 2), np.int64), theta=1e4,
+                       cache=np.broadcast_to(np.zeros((1, 2, 4, 8), np.float32), (1, 2, 4, 8))
+                       .view()), "rope_cache", "cache is a read-only numpy array"),
+    (lambda: kiln.matmul(torch.randn(2, 3, 8, dtype=BF), torch.randn(4, 8, dtype=BF),
+                         gate=torch.randn(3, 4)), "matmul",
+     "gate has shape [3, 4], expected [N] or [B, N] with B = 2"),
+    (lambda: kiln.matmul(torch.randn(2, 8, dtype=BF), torch.randn(4, 8, dtype=BF),
+                         residual=torch.randn(2, 4, dtype=torch.float64)), "matmul",
+     "residual has dtype float64, which no kiln op takes"),
+])
+def test_new_ops_bad_arguments(call, op, message):
+    got = error_of(call, kiln.InvalidArgumentError)
+    assert got.startswith(f"kiln::{op}: "), got
+    assert message in got, got
 
 
 # ---- no driver -----------------------------------------------------------------------------------
