@@ -4,11 +4,18 @@ and every call must either match torch's own result within the op's bound, or ra
 naming the op and the argument: never another exception, never uninitialized output.
 
 Oracles, all computed in f64 from the inputs as given: BFL's RoPE formula (apply_rope and its
-RMSNorm), F.scaled_dot_product_attention (SDPA's math written out where SDPA has no such argument:
-kv_len, softcap, the bottom-right causal diagonal when Lq != Lk, non-finite scores), F.conv2d,
-the dequantize-then-matmul chain, torch's fp8 casts, and gguf's Q8_0 (ggml's reference in numpy),
-with kiln's documented rules where it differs from torch on purpose (README, "Where kiln differs
-from torch on purpose").
+RMSNorm; with out=, into a row range of a larger buffer whose other rows stay untouched),
+F.scaled_dot_product_attention (SDPA's math written out where SDPA has no such argument: kv_len,
+softcap, the bottom-right causal diagonal when Lq != Lk, non-finite scores), F.conv2d, the
+dequantize-then-matmul chain (then residual + gate * (...) for the epilogue), torch's fp8 casts,
+gguf's Q8_0 (ggml's reference in numpy), F.rms_norm, F.layer_norm with the AdaLN modulation
+y * (1 + scale) + shift, F.group_norm (+ F.silu), the GLU formula act(x[..., :F]) * x[..., F:]
+with F.silu or F.gelu(approximate="tanh"), F.gelu(approximate="tanh"), and the LLM RoPE formulas
+(normal: adjacent pairs, neox: halves; angles position * theta^(-2i/D)) with the KV-cache write
+(rows at the positions, every other row untouched). A fused fp8 output (quantize=) must be, bit
+for bit, kiln.quantize_fp8(y, fmt, "row") of the op's own f32 output y, which is held to the
+oracle. kiln's documented rules apply where it differs from torch on purpose (README, "Where kiln
+differs from torch on purpose").
 
 A drawn case is valid by construction (kiln must compute it), deliberately broken in one argument
 (kiln must refuse it, naming that argument: a foreign dtype, a meta tensor, a tensor that requires
@@ -42,7 +49,8 @@ FOREIGN = [torch.float64, torch.int16, torch.bool, torch.complex64]  # no kiln o
 # One unit in the last place, relative, of each output dtype.
 ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 OPS = ["rope_flux", "attention", "conv2d", "matmul", "quantize_fp8", "quantize_q8_0",
-       "dequantize", "prepare_weight", "select_path"]
+       "dequantize", "prepare_weight", "select_path", "rms_norm", "layer_norm", "group_norm",
+       "glu", "gelu_tanh", "rope"]
 
 
 @dataclass
@@ -59,16 +67,23 @@ class Case:
 
 
 ARGUMENTS = {
-    "rope_flux": ["x", "pe", "norm_weight", "eps", "out_dtype"],
+    "rope_flux": ["x", "pe", "norm_weight", "eps", "out_dtype", "out"],
     "attention": ["q", "k", "v", "mask", "kv_len", "scale", "softcap", "head dim"],
     "conv2d": ["x", "w", "bias", "stride", "padding", "dilation", "groups", "out_dtype"],
     "matmul": ["a", "w", "w_scale", "a_scale", "bias", "out_dtype", "path", "w.data", "w_fmt",
-               "a_fmt", "K", "weight"],
+               "a_fmt", "K", "weight", "gate", "residual"],
     "quantize_fp8": ["x", "scale", "fmt", "granularity"],
     "quantize_q8_0": ["x"],
     "dequantize": ["q", "scale", "out_dtype", "fmt"],
     "prepare_weight": ["w", "w_scale", "path", "layout", "fmt"],
     "select_path": ["m", "w", "a_dtype", "device"],
+    "rms_norm": ["x", "weight", "eps", "out_dtype", "quantize"],
+    "layer_norm": ["x", "weight", "bias", "shift", "scale", "eps", "out_dtype", "quantize"],
+    "group_norm": ["x", "num_groups", "weight", "bias", "eps", "out_dtype"],
+    "glu": ["x", "activation", "out_dtype", "quantize"],
+    "gelu_tanh": ["x", "out_dtype", "quantize"],
+    "rope": ["x", "positions", "theta", "style", "norm_weight", "eps", "out_dtype"],
+    "rope_cache": ["x", "positions", "theta", "style", "norm_weight", "eps", "out_dtype", "cache"],
 }
 
 
@@ -255,24 +270,53 @@ def rope_cases(draw, device):
         st.booleans()) else None
     eps = draw(st.sampled_from([1e-6, 0.0, 1e-3]))
     out_dtype = draw(st.sampled_from([None, *FLOATS, "bf16", "f16"]))
-    b = present(draw(breakage(["x", "pe", "norm_weight"], device)),
-                {"x": x, "pe": pe, "norm_weight": norm_weight})
-    x, pe, norm_weight = (broken(b, name, t, draw, gen) for name, t in
-                          (("x", x), ("pe", pe), ("norm_weight", norm_weight)))
-    case = Case("rope_flux", lambda: kiln.rope_flux(x, pe, norm_weight=norm_weight, eps=eps,
-                                                    out_dtype=out_dtype), None)
-    case.notes = [f"x {tuple(x.shape) if hasattr(x, 'shape') else x!r:.40}", b]
-    if b is not None:
-        refuse(case, b, "x", other=bool(d % 2))
-    elif d % 2:
-        case.expect, case.bad = "error", "x"
     out_type = {None: x_dtype, "bf16": torch.bfloat16, "f16": torch.float16}.get(out_dtype,
                                                                                 out_dtype)
+    # out=: a row range [a, a + L) of a NaN-poisoned [N, H, L', D] buffer (its rows in [N, L', H,
+    # D] memory, or D strided: refused), of out_dtype's type or another (refused when out_dtype
+    # is given).
+    out, buf, out_bad = None, None, None
+    out_kind = draw(st.sampled_from(["none", "none", "range", "permuted", "d_strided"]))
+    if out_kind != "none":
+        buf_type = out_type if out_dtype is None or draw(st.integers(0, 3)) else draw(
+            st.sampled_from(FLOATS))
+        first, extra = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+        wide = 2 if out_kind == "d_strided" else 1
+        if out_kind == "permuted":
+            buf = torch.full((n, l + first + extra, h, d), math.nan, dtype=buf_type,
+                             device=device).permute(0, 2, 1, 3)
+        else:
+            buf = torch.full((n, h, l + first + extra, d * wide), math.nan, dtype=buf_type,
+                             device=device)
+        out = buf[:, :, first:first + l, ::wide]
+        issues = ([] if out_dtype is None or buf_type == out_type else ["out_dtype"]) + (
+            ["out"] if out_kind == "d_strided" and d > 1 and out.numel() else [])
+        out_bad = None if not issues else issues[0] if len(issues) == 1 else "several"
+        out_type = buf_type
+    b = present(draw(breakage(["x", "pe", "norm_weight", "out"], device)),
+                {"x": x, "pe": pe, "norm_weight": norm_weight, "out": out})
+    x, pe, norm_weight, out = (broken(b, name, t, draw, gen) for name, t in
+                               (("x", x), ("pe", pe), ("norm_weight", norm_weight), ("out", out)))
+    case = Case("rope_flux", lambda: kiln.rope_flux(x, pe, norm_weight=norm_weight, eps=eps,
+                                                    out_dtype=out_dtype, out=out), None)
+    case.notes = [f"x {tuple(x.shape) if hasattr(x, 'shape') else x!r:.40}", out_kind, b]
+    if b is not None:
+        refuse(case, b, "x", other=bool(d % 2) or out_bad is not None)
+    elif d % 2 and out_bad or out_bad == "several":
+        case.expect, case.bad = "error", None
+    elif d % 2 or out_bad:
+        case.expect, case.bad = "error", "x" if d % 2 else out_bad
 
     def check(got):
         want = rope_oracle(x, pe, norm_weight, eps)
-        assert got.dtype == out_type and got.is_contiguous()
         row = want.abs().nan_to_num(0, 0, 0).amax(-1, keepdim=True) if want.numel() else want
+        if out is None:
+            assert got.dtype == out_type and got.is_contiguous()
+        else:  # out written and returned; the buffer's other rows untouched (still NaN)
+            assert got is out
+            rest = torch.ones(buf.shape[2], dtype=torch.bool)
+            rest[first:first + l] = False
+            assert torch.isnan(buf[:, :, rest].float()).all(), case.notes
         close(got, want, rounding(out_type, want, 4e-6 * (row + 1)), case.notes)
 
     case.check = check
@@ -581,20 +625,44 @@ def matmul_cases(draw, device):
         st.booleans()) else None
     out_dtype = draw(st.sampled_from([None, *FLOATS]))
     path = draw(st.sampled_from(["auto", "gemv", "gemm", "fp8_native", "reference", "fast"]))
-    b = present(draw(breakage(["a", "w", "w_scale", "bias"], device)),
+    # The epilogue: out = residual + gate * (...). gate [N], or [B, N] (B = a's first dim for a
+    # 3-D a, else dividing M; rows maybe a strided chunk of a modulation output); residual of
+    # out's shape. A [B, N] gate whose B is not a's first dim is refused.
+    m = math.prod(lead)
+    gate, gate_rows, gate_bad = None, 1, False
+    gate_kind = draw(st.sampled_from(["none", "none", "vector", "batch", "wrong batch"]))
+    gate_dtype = draw(st.sampled_from(FLOATS))
+    if gate_kind == "vector":
+        gate = values(gen, (n,), gate_dtype, device)
+    elif gate_kind != "none":
+        batch = lead[0] if len(lead) > 1 else draw(st.sampled_from([1, m]))
+        if gate_kind == "wrong batch":  # (any B >= 1 divides M = 0)
+            batch, gate_bad = (3, True) if len(lead) > 1 else (m + 1, m > 0)
+        gate = values(gen, (batch, 3 * n), gate_dtype, device)[:, n:2 * n] if draw(
+            st.booleans()) else values(gen, (batch, n), gate_dtype, device)
+        gate_rows = m // batch if batch and not gate_bad else 1
+    residual = None
+    if draw(st.booleans()):  # rows maybe strided (a column range of a wider array)
+        pad = draw(st.sampled_from([0, 0, 3]))
+        residual = values(gen, (*lead, n + pad), draw(st.sampled_from(FLOATS)), device)[..., :n]
+    b = present(draw(breakage(["a", "w", "w_scale", "bias", "gate", "residual"], device)),
                 {"a": a, "w": w, "w_scale": w_scale if isinstance(w_scale, torch.Tensor) else None,
-                 "bias": bias})
-    a, w, bias = (broken(b, name, t, draw, gen) for name, t in (("a", a), ("w", w),
-                                                               ("bias", bias)))
+                 "bias": bias, "gate": gate, "residual": residual})
+    a, w, bias, gate, residual = (broken(b, name, t, draw, gen) for name, t in
+                                  (("a", a), ("w", w), ("bias", bias), ("gate", gate),
+                                   ("residual", residual)))
     w_scale = broken(b, "w_scale", w_scale, draw, gen)
     case = Case("matmul", lambda: kiln.matmul(a, w, w_scale=w_scale, bias=bias,
-                                              out_dtype=out_dtype, path=path), None)
+                                              out_dtype=out_dtype, path=path, gate=gate,
+                                              residual=residual), None)
     case.notes = [lead, n, k, fmt, getattr(w_scale, "shape", w_scale), a_dtype, out_dtype, path,
-                  b]
+                  gate_kind, None if residual is None else getattr(residual, "shape", "?"), b]
     if b is not None:
-        refuse(case, b, "a", other=path == "fast")
-    elif path == "fast":
-        case.expect, case.bad = "error", "path"
+        refuse(case, b, "a", other=path == "fast" or gate_bad)
+    elif path == "fast" and gate_bad:
+        case.expect, case.bad = "error", None
+    elif path == "fast" or gate_bad:
+        case.expect, case.bad = "error", "path" if path == "fast" else "gate"
     elif device != "cpu":
         case.expect = "either"  # paths that cannot run a shape on CUDA refuse it
 
@@ -602,12 +670,19 @@ def matmul_cases(draw, device):
         want_dtype = out_dtype or a_dtype
         assert got.dtype == want_dtype and got.shape == (*lead, n)
         wd = weight_values(w, fmt, w_scale, n, k)
-        ad = a.cpu().double().reshape(math.prod(lead), k)
+        ad = a.cpu().double().reshape(m, k)
         want = ad @ wd.T
         scale = ad.abs() @ wd.abs().T
         if bias is not None:
             want = want + bias.cpu().double()
             scale = scale + bias.cpu().double().abs()
+        if gate is not None:
+            g = gate.cpu().double().reshape(gate.shape[0] if gate.dim() == 2 else 1, n)
+            g = g.repeat_interleave(gate_rows, 0)
+            want, scale = want * g, scale * g.abs()
+        if residual is not None:
+            r = residual.cpu().double().reshape(m, n)
+            want, scale = want + r, scale + r.abs()
         want = want.reshape(*lead, n)
         floor = (1e-6 if device == "cpu" else 8 * ULP[torch.bfloat16]) * scale.reshape(*lead, n)
         close(got, want, rounding(want_dtype, want, floor), case.notes)
@@ -873,6 +948,450 @@ def dequantize_cases(draw, device, numpy=False):
     return case
 
 
+# ---- the row ops: rms_norm, layer_norm, glu, gelu_tanh (fused fp8 outputs), group_norm -------
+
+QUANTIZE = [None, None, "e4m3fn", "e5m2", torch.float8_e4m3fn, "int8"]
+FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2,
+       torch.float8_e4m3fn: torch.float8_e4m3fn}
+
+
+def rows_layout_ok(t) -> bool:
+    """Whether a row op takes t's layout: rows any strides, the last dim contiguous."""
+    return t.numel() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+@st.composite
+def row_input(draw, gen, device, last=None):
+    """x [..., C] (leading dims and C drawn, zero sizes included; C = `last` when given) in a
+    drawn layout, a few elements inf or NaN."""
+    lead = draw(st.sampled_from([(0,), (1,), (3,), (2, 3), (2, 0), (5,)]))
+    c = last if last is not None else draw(st.sampled_from([0, 1, 7, 8, 64, 33]))
+    x = values(gen, (*lead, c), draw(st.sampled_from(FLOATS)), device)
+    return draw(layout(inject_specials(draw, gen, x, 0.02)))
+
+
+def row_issues(x, out_dtype, quantize) -> list:
+    """The arguments a row-op call breaks by construction: quantize and out_dtype together, an
+    unknown quantize format, x with a strided last dim."""
+    issues = []
+    if quantize is not None and out_dtype is not None:
+        issues.append("out_dtype")
+    elif quantize == "int8":
+        issues.append("quantize")
+    if isinstance(x, torch.Tensor) and not rows_layout_ok(x):
+        issues.append("x")
+    return issues
+
+
+def expect_row_case(case, b, issues):
+    if b is not None:
+        refuse(case, b, "x", other=bool(issues))
+    elif issues:
+        case.expect, case.bad = "error", issues[0] if len(issues) == 1 else None
+
+
+def check_rows(case, got, want, floor, out_type, quantize, unfused):
+    """got against want (f64): the plain output rounded once to out_type, within floor for the
+    f32 math; a fused fp8 output (q, q_scale) bit for bit kiln.quantize_fp8 of the op's own f32
+    output (held to want), with one scale per row."""
+    if quantize is None:
+        assert got.dtype == out_type and got.is_contiguous(), case.notes
+        close(got, want, rounding(out_type, want, floor), case.notes)
+        return
+    q, scale = got
+    y = unfused()
+    assert y.dtype == torch.float32
+    close(y, want, rounding(torch.float32, want, floor), case.notes)
+    rows = math.prod(want.shape[:-1])
+    assert q.dtype == FP8[quantize] and q.shape == want.shape and q.is_contiguous(), case.notes
+    assert scale.dtype == torch.float32 and scale.shape == (rows,), case.notes
+    q_want, scale_want = kiln.quantize_fp8(y, quantize, "row")
+    assert torch.equal(q.view(torch.uint8), q_want.view(torch.uint8)), case.notes
+    assert torch.equal(scale.view(torch.int32), scale_want.view(torch.int32)), case.notes
+
+
+def row_floor(magnitude, eps=1e-5):
+    """An f32-math floor per element: eps times the largest magnitude of the element's row."""
+    if magnitude.numel() == 0:
+        return magnitude
+    return eps * magnitude.nan_to_num(0, 0, 0).amax(-1, keepdim=True)
+
+
+def centered_size(g, eps):
+    """(|x| + |mean|) * rsqrt(var + eps) over the last dim of g: the size of the terms that
+    (x - mean) * rstd cancels, which f32 math rounds (a one-element group normalizes to 0 from
+    two equal terms)."""
+    mean = g.mean(-1, keepdim=True)
+    var = (g - mean).pow(2).mean(-1, keepdim=True)
+    return (g.abs() + mean.abs()) * torch.rsqrt(var + f32(eps))
+
+
+def eps_draw(draw):
+    """eps: usual values, or (1 in 8) a bad one kiln refuses."""
+    bad = draw(st.integers(0, 7)) == 0
+    return draw(st.sampled_from([math.nan, -1.0, "1e-6"] if bad else [1e-6, 0.0, 1e-3])), bad
+
+
+def f32(value: float) -> float:
+    return float(np.float32(value))
+
+
+@st.composite
+def rms_norm_cases(draw, device):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    x = draw(row_input(gen, device))
+    c = x.shape[-1]
+    weight = values(gen, (c,), draw(st.sampled_from(FLOATS)), device) if draw(
+        st.booleans()) else None
+    eps, eps_bad = eps_draw(draw)
+    out_dtype = draw(st.sampled_from([None, None, *FLOATS, "f16"]))
+    quantize = draw(st.sampled_from(QUANTIZE))
+    b = present(draw(breakage(["x", "weight"], device)), {"x": x, "weight": weight})
+    x, weight = (broken(b, name, t, draw, gen) for name, t in (("x", x), ("weight", weight)))
+    case = Case("rms_norm", lambda: kiln.rms_norm(x, weight, eps=eps, out_dtype=out_dtype,
+                                                  quantize=quantize), None)
+    case.notes = [getattr(x, "shape", "?"), getattr(x, "dtype", "?"), eps, out_dtype, quantize, b]
+    expect_row_case(case, b, ["eps"] * eps_bad + row_issues(x, out_dtype, quantize))
+    out_type = getattr(x, "dtype", None) if out_dtype is None else {"f16": torch.float16}.get(
+        out_dtype, out_dtype)
+
+    def check(got):
+        xd = x.detach().cpu().double()
+        wd = None if weight is None else weight.cpu().double()
+        want = F.rms_norm(xd, (c,), wd, f32(eps)) if xd.numel() else xd
+        magnitude = xd.abs() * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + f32(eps)) * (
+            1 if wd is None else wd.abs()) if xd.numel() else xd
+        check_rows(case, got, want, row_floor(magnitude), out_type, quantize,
+                   lambda: kiln.rms_norm(x, weight, eps=eps, out_dtype="f32"))
+
+    case.check = check
+    return case
+
+
+@st.composite
+def layer_norm_cases(draw, device):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    x = draw(row_input(gen, device))
+    c = x.shape[-1]
+    vector_dtype = draw(st.sampled_from(FLOATS))
+    weight, bias = (values(gen, (c,), vector_dtype, device) if draw(st.booleans()) else None
+                    for _ in range(2))
+    if weight is not None and bias is not None and draw(st.integers(0, 5)) == 0:
+        bias = bias.to(next(t for t in FLOATS if t != vector_dtype))  # refused: one dtype
+    # shift, scale: [B, D] (B = x's first dim; rows maybe strided), [D], or None.
+    mod_dtype = draw(st.sampled_from(FLOATS))
+    batch = x.shape[0] if x.dim() > 1 else None
+    mods = []
+    for _ in range(2):
+        kind = draw(st.sampled_from(["none", "vector", "batch"] if batch is not None else
+                                    ["none", "vector"]))
+        if kind == "vector":
+            mods.append(values(gen, (c,), mod_dtype, device) * 0.5)
+        elif kind == "batch":
+            mods.append(values(gen, (batch, 2 * c), mod_dtype, device)[:, c:] * 0.5)
+        else:
+            mods.append(None)
+    shift, scale = mods
+    eps, eps_bad = eps_draw(draw)
+    out_dtype = draw(st.sampled_from([None, None, *FLOATS]))
+    quantize = draw(st.sampled_from(QUANTIZE))
+    b = present(draw(breakage(["x", "weight", "bias", "shift", "scale"], device)),
+                {"x": x, "weight": weight, "bias": bias, "shift": shift, "scale": scale})
+    x, weight, bias, shift, scale = (broken(b, name, t, draw, gen) for name, t in
+                                     (("x", x), ("weight", weight), ("bias", bias),
+                                      ("shift", shift), ("scale", scale)))
+    case = Case("layer_norm", lambda: kiln.layer_norm(x, weight, bias, shift=shift, scale=scale,
+                                                      eps=eps, out_dtype=out_dtype,
+                                                      quantize=quantize), None)
+    case.notes = [getattr(x, "shape", "?"), getattr(x, "dtype", "?"),
+                  [None if t is None else getattr(t, "shape", "?") for t in
+                   (weight, bias, shift, scale)], eps, out_dtype, quantize, b]
+    issues = ["eps"] * eps_bad + row_issues(x, out_dtype, quantize)
+    if (weight is not None and bias is not None and hasattr(bias, "dtype")
+            and bias.dtype != getattr(weight, "dtype", None)):
+        issues.append("bias")
+    if (shift is not None and scale is not None and hasattr(scale, "dtype")
+            and scale.dtype != getattr(shift, "dtype", None)):
+        issues.append("scale")
+    expect_row_case(case, b, issues)
+    out_type = getattr(x, "dtype", None) if out_dtype is None else out_dtype
+
+    def check(got):
+        xd = x.detach().cpu().double()
+        if xd.numel() == 0:
+            check_rows(case, got, xd, xd, out_type, quantize,
+                       lambda: kiln.layer_norm(x, weight, bias, shift=shift, scale=scale,
+                                               eps=eps, out_dtype="f32"))
+            return
+        wd, bd = (None if t is None else t.cpu().double() for t in (weight, bias))
+        want = F.layer_norm(xd, (c,), wd, bd, f32(eps))
+        magnitude = centered_size(xd, eps) * (1 if wd is None else wd.abs()) + (
+            0 if bd is None else bd.abs())
+        view = (x.shape[0], *[1] * (x.dim() - 2), c)  # one vector per index of x's first dim
+
+        def mod(t):
+            return t.cpu().double().reshape(view if t.dim() == 2 else (c,))
+        if scale is not None:
+            want, magnitude = want * (1 + mod(scale)), magnitude * (1 + mod(scale)).abs()
+        if shift is not None:
+            want, magnitude = want + mod(shift), magnitude + mod(shift).abs()
+        check_rows(case, got, want, row_floor(magnitude), out_type, quantize,
+                   lambda: kiln.layer_norm(x, weight, bias, shift=shift, scale=scale, eps=eps,
+                                           out_dtype="f32"))
+
+    case.check = check
+    return case
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+@st.composite
+def glu_cases(draw, device):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    x = draw(row_input(gen, device, last=draw(st.sampled_from([0, 2, 8, 14, 128, 7]))))
+    activation = draw(st.sampled_from(["silu", "silu", "gelu_tanh", "relu"]))
+    out_dtype = draw(st.sampled_from([None, None, *FLOATS]))
+    quantize = draw(st.sampled_from(QUANTIZE))
+    b = draw(breakage(["x"], device))
+    x = broken(b, "x", x, draw, gen)
+    case = Case("glu", lambda: kiln.glu(x, activation=activation, out_dtype=out_dtype,
+                                        quantize=quantize), None)
+    case.notes = [getattr(x, "shape", "?"), getattr(x, "dtype", "?"), activation, out_dtype,
+                  quantize, b]
+    issues = ["activation"] * (activation == "relu") + row_issues(x, out_dtype, quantize)
+    if hasattr(x, "shape") and x.shape[-1] % 2:
+        issues.append("x")
+    expect_row_case(case, b, issues)
+    out_type = getattr(x, "dtype", None) if out_dtype is None else out_dtype
+
+    def check(got):
+        xd = x.detach().cpu().double()
+        f = xd.shape[-1] // 2
+        gate, linear = xd[..., :f], xd[..., f:]
+        want = ACTIVATIONS[activation](gate) * linear
+        # f32 math: a few f32 ulps of act(gate) * linear, and of |gate * linear| where GELU's
+        # 1 + tanh cancels.
+        floor = 2.0**-21 * (want.abs() + (gate * linear).abs()).nan_to_num(0, 0, 0)
+        check_rows(case, got, want, floor, out_type, quantize,
+                   lambda: kiln.glu(x, activation=activation, out_dtype="f32"))
+
+    case.check = check
+    return case
+
+
+@st.composite
+def gelu_tanh_cases(draw, device):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    x = draw(row_input(gen, device))
+    out_dtype = draw(st.sampled_from([None, None, *FLOATS]))
+    quantize = draw(st.sampled_from(QUANTIZE))
+    b = draw(breakage(["x"], device))
+    x = broken(b, "x", x, draw, gen)
+    case = Case("gelu_tanh", lambda: kiln.gelu_tanh(x, out_dtype=out_dtype, quantize=quantize),
+                None)
+    case.notes = [getattr(x, "shape", "?"), getattr(x, "dtype", "?"), out_dtype, quantize, b]
+    expect_row_case(case, b, row_issues(x, out_dtype, quantize))
+    out_type = getattr(x, "dtype", None) if out_dtype is None else out_dtype
+
+    def check(got):
+        xd = x.detach().cpu().double()
+        want = F.gelu(xd, approximate="tanh")
+        floor = 2.0**-21 * xd.abs().nan_to_num(0, 0, 0)
+        check_rows(case, got, want, floor, out_type, quantize,
+                   lambda: kiln.gelu_tanh(x, out_dtype="f32"))
+
+    case.check = check
+    return case
+
+
+@st.composite
+def group_norm_cases(draw, device):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    n, c = draw(st.integers(0, 2)), draw(st.sampled_from([0, 1, 4, 6, 32]))
+    hh, ww = draw(st.integers(0, 5)), draw(st.integers(0, 5))
+    x = values(gen, (n, c, hh, ww), draw(st.sampled_from(FLOATS)), device)
+    x = inject_specials(draw, gen, x, 0.01)
+    memory = draw(st.sampled_from(["nchw", "channels_last", "other"]))
+    if memory == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif memory == "other":
+        x = draw(layout(x, ("reversed", "strided")))
+    groups = draw(st.sampled_from([1, 2, 3, 4, "all", 0, 2.0]))
+    groups = c if groups == "all" else groups
+    vector_dtype = draw(st.sampled_from(FLOATS))
+    weight, bias = (values(gen, (c,), vector_dtype, device) if draw(st.booleans()) else None
+                    for _ in range(2))
+    eps, eps_bad = eps_draw(draw)
+    silu = draw(st.booleans())
+    out_dtype = draw(st.sampled_from([None, None, *FLOATS]))
+    b = present(draw(breakage(["x", "weight", "bias"], device)),
+                {"x": x, "weight": weight, "bias": bias})
+    x, weight, bias = (broken(b, name, t, draw, gen) for name, t in
+                       (("x", x), ("weight", weight), ("bias", bias)))
+    case = Case("group_norm", lambda: kiln.group_norm(x, groups, weight, bias, eps=eps, silu=silu,
+                                                      out_dtype=out_dtype), None)
+    case.notes = [(n, c, hh, ww), memory, groups, eps, silu, out_dtype, b]
+    issues = ["eps"] * eps_bad
+    if isinstance(groups, float) or groups < 1 or (isinstance(groups, int) and c % groups):
+        issues.append("num_groups")
+    dense = isinstance(x, torch.Tensor) and (x.is_contiguous() or x.is_contiguous(
+        memory_format=torch.channels_last))
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and not dense:
+        issues.append("x")
+    if b is not None:
+        refuse(case, b, "x", other=bool(issues))
+    elif issues:
+        case.expect, case.bad = "error", issues[0] if len(issues) == 1 else None
+    out_type = getattr(x, "dtype", None) if out_dtype is None else out_dtype
+
+    def check(got):
+        assert got.dtype == out_type and got.shape == x.shape, case.notes
+        channels_last = c > 1 and x.stride(1) == 1  # conv2d's rule, kept by the output
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else
+                                 torch.contiguous_format), (got.stride(), case.notes)
+        if got.numel() == 0:  # C, H or W = 0 too, where F.group_norm raises (README)
+            return
+        xd = x.cpu().double()
+        wd, bd = (None if t is None else t.cpu().double() for t in (weight, bias))
+        # The aten op: F.group_norm also refuses groups of one value (a training-mode check).
+        want = torch.group_norm(xd, groups, wd, bd, f32(eps), False)
+        size = centered_size(xd.reshape(n, groups, -1), eps).reshape(xd.shape)
+        magnitude = size * (1 if wd is None else wd.abs()[:, None, None]) + (
+            0 if bd is None else bd.abs()[:, None, None])
+        if silu:
+            want = F.silu(want)
+        floor = 2e-5 * magnitude.nan_to_num(0, 0, 0).amax((1, 2, 3), keepdim=True)
+        close(got, want, rounding(out_type, want, floor), case.notes)
+
+    case.check = check
+    return case
+
+
+# ---- rope (LLM): normal and neox, per-head norm, the KV-cache write ---------------------------
+
+
+def llm_rope_oracle(x, positions, theta, style, norm_weight, eps):
+    """y [N, T, H, D] in f64: the per-head RMSNorm, then pair i, (y[2i], y[2i+1]) (normal) or
+    (y[i], y[i + D/2]) (neox), turned by positions[n, t] * theta^(-2i/D)."""
+    y = x.detach().cpu().double()
+    if y.numel() == 0:
+        return y
+    if norm_weight is not None:
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + f32(eps))
+        y = y * norm_weight.cpu().double()
+    if theta is None:
+        return y
+    d = y.shape[-1]
+    half = d // 2
+    freq = torch.tensor(float(theta), dtype=torch.float64) ** (
+        -2 * torch.arange(half, dtype=torch.float64) / d)
+    angle = positions.cpu().double()[:, :, None, None] * freq  # [N, T, 1, D/2]
+    cos, sin = angle.cos(), angle.sin()
+    a, b = (y[..., 0::2], y[..., 1::2]) if style == "normal" else (y[..., :half], y[..., half:])
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    if style == "normal":
+        return torch.stack([ra, rb], -1).reshape(y.shape)
+    return torch.cat([ra, rb], -1)
+
+
+@st.composite
+def llm_rope_cases(draw, device):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    n, t, h = draw(st.integers(0, 2)), draw(st.integers(0, 5)), draw(st.integers(0, 3))
+    d = draw(st.sampled_from([0, 2, 6, 8, 64, 128, 3]))
+    x_dtype = draw(st.sampled_from(FLOATS))
+    x = draw(layout(values(gen, (n, t, h, d), x_dtype, device)))
+    use_cache = draw(st.booleans())
+    # Positions: distinct within a sequence (two tokens at one cache row write it in an
+    # unspecified order); without a cache, from far positions (exact f64 angles) or negative.
+    s = t + draw(st.integers(0, 4))
+    base = 0 if use_cache else draw(st.sampled_from([0, 0, 32768, 1_000_003, -7]))
+    positions = torch.stack([torch.randperm(s, generator=gen)[:t] for _ in range(n)]) if n else \
+        torch.zeros(0, t, dtype=torch.int64)
+    positions = positions + base
+    # Outside [0, S): refused on CPU (where a row is written: H and D > 0), skipped on CUDA.
+    position_bad = use_cache and n * t * h * d > 0 and draw(st.integers(0, 5)) == 0
+    if position_bad:
+        positions[0, 0] = draw(st.sampled_from([s, -1, s + 100]))
+    positions = draw(layout(positions.to(draw(st.sampled_from([torch.int32, torch.int64])))
+                            .to(device)))
+    theta = draw(st.sampled_from([10000.0, 1e6, 10.0, None, 0.0, -1.0, math.nan, "x"]))
+    theta_bad = theta is not None and not (isinstance(theta, float) and math.isfinite(theta)
+                                           and theta > 0)
+    style = draw(st.sampled_from(["normal", "neox", "normal", "neox", "gptj"]))
+    norm_weight = values(gen, (d,), draw(st.sampled_from(FLOATS)), device) if draw(
+        st.booleans()) else None
+    eps, eps_bad = eps_draw(draw)
+    out_dtype = draw(st.sampled_from([None, None, *FLOATS]))
+    cache = cache_before = None
+    if use_cache:
+        out_dtype = out_dtype if draw(st.integers(0, 5)) == 0 else None  # refused with a cache
+        cache_dtype = draw(st.sampled_from(FLOATS))
+        kind = draw(st.sampled_from(["contiguous", "rows", "heads_major"]))
+        if kind == "heads_major":  # [N, S, H, D] memory
+            cache = values(gen, (n, s, h, d), cache_dtype, device).permute(0, 2, 1, 3)
+        else:
+            cache = values(gen, (n, h, s + 3, d), cache_dtype, device)
+            cache = cache[:, :, 2:s + 2] if kind == "rows" else cache[:, :, :s].contiguous()
+        cache_before = cache.clone()
+    b = present(draw(breakage(["x", "positions", "norm_weight", "cache"], device)),
+                {"x": x, "positions": positions, "norm_weight": norm_weight, "cache": cache})
+    x, positions, norm_weight, cache = (broken(b, name, t_, draw, gen) for name, t_ in
+                                        (("x", x), ("positions", positions),
+                                         ("norm_weight", norm_weight), ("cache", cache)))
+    op = "rope_cache" if use_cache else "rope"
+    case = Case(op, lambda: kiln.rope(x, positions, theta=theta, style=style,
+                                      norm_weight=norm_weight, eps=eps, cache=cache,
+                                      out_dtype=out_dtype), None)
+    case.notes = [(n, t, h, d), x_dtype, theta, style, norm_weight is not None, eps, out_dtype,
+                  None if cache is None else getattr(cache, "shape", "?"), b]
+    # eps is read with a norm weight only (a negative one is then refused; NaN and text always).
+    eps_bad = eps_bad and (norm_weight is not None or not isinstance(eps, float) or
+                           math.isnan(eps))
+    issues = ["theta"] * theta_bad + ["style"] * (style == "gptj") + ["eps"] * eps_bad
+    if use_cache and out_dtype is not None:
+        issues.append("out_dtype")
+    if d % 2:
+        issues.append("x")
+    if position_bad and device == "cpu":
+        issues.append("positions")
+    if b is not None:
+        refuse(case, b, "x", other=bool(issues))
+    elif issues:
+        case.expect, case.bad = "error", issues[0] if len(issues) == 1 else None
+    out_type = x_dtype if out_dtype is None else out_dtype
+
+    def check(got):
+        y = llm_rope_oracle(x, positions, theta, style, norm_weight, eps)  # [N, T, H, D]
+        if not use_cache:
+            want = y.permute(0, 2, 1, 3)
+            assert got.dtype == out_type and got.is_contiguous(), case.notes
+            row = want.abs().amax(-1, keepdim=True) if want.numel() else want
+            close(got, want, rounding(out_type, want, 4e-6 * (row + 1)), case.notes)
+            return
+        assert got is None
+        # Rows at the tokens' positions hold y; every other row keeps its bits.
+        want = cache_before.cpu().double()
+        written = torch.zeros(want.shape[:3], dtype=torch.bool)
+        pos = positions.cpu().long()
+        for i in range(n):
+            for j in range(t):
+                if 0 <= pos[i, j] < s:
+                    want[i, :, pos[i, j]] = y[i, j]
+                    written[i, :, pos[i, j]] = True
+        after = cache.cpu()
+        assert torch.equal(after[~written].view(torch.int16 if after.element_size() == 2 else
+                                                torch.int32),
+                           cache_before.cpu()[~written].view(torch.int16 if after.element_size()
+                                                             == 2 else torch.int32)), case.notes
+        row = want.abs().amax(-1, keepdim=True) if want.numel() else want
+        close(after, want, rounding(cache.dtype, want, 4e-6 * (row + 1)), case.notes)
+
+    case.check = check
+    return case
+
+
 # ---- the tests ----------------------------------------------------------------------------------
 
 STRATEGIES = {
@@ -885,6 +1404,12 @@ STRATEGIES = {
     "dequantize": dequantize_cases,
     "prepare_weight": prepare_weight_cases,
     "select_path": select_path_cases,
+    "rms_norm": rms_norm_cases,
+    "layer_norm": layer_norm_cases,
+    "group_norm": group_norm_cases,
+    "glu": glu_cases,
+    "gelu_tanh": gelu_tanh_cases,
+    "rope": llm_rope_cases,
 }
 NUMPY = {"conv2d", "quantize_q8_0", "dequantize"}
 
