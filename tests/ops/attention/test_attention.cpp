@@ -10,9 +10,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -41,6 +43,11 @@ enum class MaskKind {
 
 enum class KvLen { none, i32, i64 };
 
+// Non-finite inputs (contiguous layout): a NaN in q row (0, 1 % Hq, 0), and +inf in k[N-1, 0,
+// Lk/2, 0] met by q[N-1, h, :, 0] = 1 for the heads h of kv head 0: those rows' scores hold +inf
+// (where the key is visible), so they are NaN as in SDPA.
+enum class Specials { none, nonfinite };
+
 struct Case {
   std::int64_t N, Hq, Hkv, Lq, Lk, D, Dv;
   DType kv = DType::bf16;
@@ -55,6 +62,7 @@ struct Case {
   Layout layout = Layout::contiguous;
   bool lse = false;
   std::int64_t kv_len_cap = 0;  // > 0: batches between the first and the last see <= this many keys
+  Specials specials = Specials::none;
 
   std::string name() const {
     static const char* layouts[] = {"contiguous", "packed_qkv", "kv_cache"};
@@ -67,7 +75,8 @@ struct Case {
                softcap > 0 ? cat("_softcap", int(softcap)) : "",
                scale > 0 ? cat("_scale", int(scale * 100)) : "",
                input_range != 1.f ? cat("_range", int(input_range)) : "", lse ? "_lse" : "",
-               kv_len_cap > 0 ? cat("_kvlencap", kv_len_cap) : "", "_", layouts[int(layout)]);
+               kv_len_cap > 0 ? cat("_kvlencap", kv_len_cap) : "",
+               specials == Specials::nonfinite ? "_nonfinite" : "", "_", layouts[int(layout)]);
   }
   float softmax_scale() const { return scale > 0 ? scale : float(1.0 / std::sqrt(double(D))); }
 };
@@ -206,6 +215,19 @@ struct Attention {
       t.input("k", c.kv, {c.N, c.Hkv, c.Lk, c.D});
       t.input("v", c.kv, {c.N, c.Hkv, c.Lk, c.Dv});
       for (const char* name : {"q", "k", "v"}) t.fill(name, rng, -r, r);
+      if (c.specials == Specials::nonfinite) {
+        const TensorView q = t.views()["q"], k = t.views()["k"];
+        const auto q_at = [&](std::int64_t n, std::int64_t h, std::int64_t i, std::int64_t d) {
+          return ((n * c.Hq + h) * c.Lq + i) * c.D + d;
+        };
+        numeric::store_float(q.data(), c.q, q_at(0, 1 % c.Hq, 0, 5 % c.D), NAN);
+        numeric::store_float(k.data(), c.kv, ((c.N - 1) * c.Hkv * c.Lk + c.Lk / 2) * c.D, INFINITY);
+        for (std::int64_t h = 0; h < c.Hq / c.Hkv; ++h) {
+          for (std::int64_t i = 0; i < c.Lq; ++i) {
+            numeric::store_float(q.data(), c.q, q_at(c.N - 1, h, i, 0), 1.f);
+          }
+        }
+      }
     }
 
     // Masks: random values in [-2, 2), whole rows (or a batch's keys) at -inf.
@@ -391,6 +413,59 @@ std::vector<Case> sanitizer_cases() {
 KILN_CASES(Attention, "AttentionSanitize", sanitizer_cases, .backends = {Backend::cuda},
            .sanitize = true, .twice = true);
 
+// NaN and +inf through every kernel: split-KV decode (Lq = 1, 4096 keys; TMA loads on sm_90a),
+// the sm_90a prefill (Lq = 200, D = 64 and 128), the mma.sync prefill at D = 40 and 256. The CPU
+// reference's NaN rows, zero rows and -inf LSEs must come back as they are (the tolerance
+// policy), with batch 0 seeing no key through kv_len in the i32 cases.
+std::vector<Case> nonfinite_cases() {
+  const DType bf = DType::bf16, hf = DType::f16;
+  std::vector<Case> all;
+  for (const Case& shape : std::initializer_list<Case>{{2, 4, 2, 1, 4096, 64, 64},
+                                                       {2, 4, 2, 1, 4096, 128, 128},
+                                                       {2, 4, 2, 200, 300, 64, 64},
+                                                       {2, 4, 2, 200, 300, 128, 128},
+                                                       {2, 4, 2, 40, 50, 40, 40},
+                                                       {2, 4, 2, 3, 1000, 256, 256}}) {
+    for (KvLen lens : {KvLen::none, KvLen::i32}) {
+      Case c = shape;
+      c.kv = c.q = c.out = shape.D == 128 ? hf : bf;
+      c.kv_len = lens;
+      c.lse = true;
+      c.specials = Specials::nonfinite;
+      all.push_back(c);
+    }
+  }
+  return all;
+}
+
+KILN_CASES(Attention, "AttentionNonFinite", nonfinite_cases, .backends = {Backend::cuda},
+           .sanitize = true);
+
+// kv_len lives in device memory on CUDA: not read on the host, so values outside [0, Lk] are
+// clamped by the kernels rather than refused: [Lk + 8, -3] gives the bits of [Lk, 0].
+KILN_CUDA_TEST(AttentionCudaEdges, KvLenOutsideTheKeysIsClamped, true) {
+  Rng rng;
+  for (const std::int64_t lq : {1, 33}) {
+    SCOPED_TRACE(cat("Lq = ", lq));
+    const Case c{2,         2,           1,           lq,          96,    64,
+                 64,        DType::bf16, DType::bf16, DType::bf16, false, MaskKind::none,
+                 KvLen::i32};
+    CaseRun r(Backend::cuda, rng, [&](Tensors& t, Rng& g) { Attention::build(c, t, g); });
+    const Views& v = r.views();
+    const auto run_with = [&](std::int32_t first, std::int32_t second) {
+      const std::int32_t lens[2] = {first, second};
+      DeviceBuffer kv_len(sizeof lens);
+      kv_len.upload(lens, sizeof lens);
+      AttentionOptions o;
+      o.kv_len = TensorView(kv_len.data(), DType::i32, {2}, Device::cuda(0));
+      attention(v["q"], v["k"], v["v"], v["out"], o);
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      return bytes(r.got()["out"]);
+    };
+    EXPECT_TRUE(run_with(96 + 8, -3) == run_with(96, 0));
+  }
+}
+
 // On sm_90a, decode with head dims of whole 64-element panels loads K/V by TMA (the case table
 // above runs that); this table runs the table's decode cases (Lq * Hq / Hkv <= 16) again through
 // the cp.async loads that sm_80 uses, selected by KILN_ATTENTION_LOADS.
@@ -538,6 +613,166 @@ TEST(AttentionCpu, LowPrecisionReferenceIsCloseButNotExact) {
   EXPECT_LT(max_error, 4 * unit_roundoff(DType::bf16));
 }
 
+// Small CPU problems for the tests of edge inputs: q f32, k and v bf16 [N, H, L, D] from floats,
+// out and lse f32 (poisoned), one call.
+struct Small {
+  std::int64_t N, Hq, Hkv, Lq, Lk, D, Dv;
+  std::vector<float> q, k, v;
+  std::vector<float> out, lse;
+
+  Small(std::int64_t n, std::int64_t hq, std::int64_t hkv, std::int64_t lq, std::int64_t lk,
+        std::int64_t d, std::int64_t dv, Rng& rng)
+      : N(n), Hq(hq), Hkv(hkv), Lq(lq), Lk(lk), D(d), Dv(dv) {
+    q.resize(std::size_t(N * Hq * Lq * D));
+    k.resize(std::size_t(N * Hkv * Lk * D));
+    v.resize(std::size_t(N * Hkv * Lk * Dv));
+    for (std::vector<float>* x : {&q, &k, &v}) fill_uniform(x->data(), DType::f32, x->size(), rng);
+  }
+  float& q_at(std::int64_t n, std::int64_t h, std::int64_t i, std::int64_t d) {
+    return q[std::size_t(((n * Hq + h) * Lq + i) * D + d)];
+  }
+  float& k_at(std::int64_t n, std::int64_t h, std::int64_t j, std::int64_t d) {
+    return k[std::size_t(((n * Hkv + h) * Lk + j) * D + d)];
+  }
+  float row_out(std::int64_t n, std::int64_t h, std::int64_t i, std::int64_t d) const {
+    return out[std::size_t(((n * Hq + h) * Lq + i) * Dv + d)];
+  }
+  float row_lse(std::int64_t n, std::int64_t h, std::int64_t i) const {
+    return lse[std::size_t((n * Hq + h) * Lq + i)];
+  }
+  void run(AttentionOptions options = {}, bool with_lse = true) {
+    std::vector<std::uint16_t> k16(k.size()), v16(v.size());
+    for (std::size_t i = 0; i < k.size(); ++i) k16[i] = numeric::float_to_bf16(k[i]);
+    for (std::size_t i = 0; i < v.size(); ++i) v16[i] = numeric::float_to_bf16(v[i]);
+    out.assign(std::size_t(N * Hq * Lq * Dv), NAN);
+    lse.assign(std::size_t(N * Hq * Lq), NAN);
+    if (with_lse) options.lse = TensorView(lse.data(), DType::f32, {N, Hq, Lq});
+    attention(TensorView(q.data(), DType::f32, {N, Hq, Lq, D}),
+              TensorView(k16.data(), DType::bf16, {N, Hkv, Lk, D}),
+              TensorView(v16.data(), DType::bf16, {N, Hkv, Lk, Dv}),
+              TensorView(out.data(), DType::f32, {N, Hq, Lq, Dv}), options);
+  }
+  // Whether row (n, h, i) of out is all NaN (and its lse NaN), all zeros (lse -inf), or finite.
+  bool nan_row(std::int64_t n, std::int64_t h, std::int64_t i) const {
+    for (std::int64_t d = 0; d < Dv; ++d) {
+      if (!std::isnan(row_out(n, h, i, d))) return false;
+    }
+    return std::isnan(row_lse(n, h, i));
+  }
+  bool zero_row(std::int64_t n, std::int64_t h, std::int64_t i) const {
+    for (std::int64_t d = 0; d < Dv; ++d) {
+      if (row_out(n, h, i, d) != 0.f) return false;
+    }
+    return row_lse(n, h, i) == -INFINITY;
+  }
+  bool finite_row(std::int64_t n, std::int64_t h, std::int64_t i) const {
+    bool any_nonzero = false;
+    for (std::int64_t d = 0; d < Dv; ++d) {
+      if (!std::isfinite(row_out(n, h, i, d))) return false;
+      any_nonzero = any_nonzero || row_out(n, h, i, d) != 0.f;
+    }
+    return any_nonzero && std::isfinite(row_lse(n, h, i));
+  }
+};
+
+// A +inf score makes its row NaN, as in SDPA (inf - inf in the softmax), not 0: with q[..., 0] = 1
+// and k[0, 0, 2, 0] = +inf every row of that head meets it.
+TEST(AttentionCpu, InfScoreMakesItsRowsNaN) {
+  Rng rng;
+  Small a(1, 2, 1, 3, 4, 8, 8, rng);
+  for (std::int64_t h = 0; h < 2; ++h) {
+    for (std::int64_t i = 0; i < 3; ++i) a.q_at(0, h, i, 0) = 1.f;
+  }
+  a.k_at(0, 0, 2, 0) = INFINITY;
+  a.run();
+  for (std::int64_t h = 0; h < 2; ++h) {
+    for (std::int64_t i = 0; i < 3; ++i) EXPECT_TRUE(a.nan_row(0, h, i)) << h << ", " << i;
+  }
+}
+
+// A NaN in one query row makes that row NaN and no other.
+TEST(AttentionCpu, NanQueryRowStaysInItsRow) {
+  Rng rng;
+  Small a(2, 2, 2, 4, 6, 8, 8, rng);
+  a.q_at(1, 0, 2, 3) = NAN;
+  a.run();
+  for (std::int64_t n = 0; n < 2; ++n) {
+    for (std::int64_t h = 0; h < 2; ++h) {
+      for (std::int64_t i = 0; i < 4; ++i) {
+        const bool hit = n == 1 && h == 0 && i == 2;
+        EXPECT_TRUE(hit ? a.nan_row(n, h, i) : a.finite_row(n, h, i)) << n << h << i;
+      }
+    }
+  }
+}
+
+// A mask row of -inf hides every key: zeros and lse -inf. A NaN mask entry makes its row NaN.
+TEST(AttentionCpu, MaskRowsAllHiddenAndNan) {
+  Rng rng;
+  Small a(1, 1, 1, 4, 5, 8, 8, rng);
+  std::vector<float> mask(4 * 5, 0.f);
+  for (std::int64_t j = 0; j < 5; ++j) mask[std::size_t(1 * 5 + j)] = -INFINITY;
+  mask[std::size_t(2 * 5 + 3)] = NAN;
+  mask[std::size_t(3 * 5 + 0)] = -INFINITY;  // one key hidden: still a finite row
+  AttentionOptions o;
+  o.mask = TensorView(mask.data(), DType::f32, {4, 5});
+  a.run(o);
+  EXPECT_TRUE(a.finite_row(0, 0, 0));
+  EXPECT_TRUE(a.zero_row(0, 0, 1));
+  EXPECT_TRUE(a.nan_row(0, 0, 2));
+  EXPECT_TRUE(a.finite_row(0, 0, 3));
+}
+
+// causal with Lq = 9 > Lk = 7, aligned bottom right: query i sees keys j <= i - 2, so rows 0 and
+// 1 see none (zeros, lse -inf); kv_len = 0 hides every key of its batch.
+TEST(AttentionCpu, RowsThatSeeNoKeyAreZeros) {
+  Rng rng;
+  Small a(2, 2, 1, 9, 7, 8, 16, rng);
+  AttentionOptions o;
+  o.causal = true;
+  a.run(o);
+  for (std::int64_t n = 0; n < 2; ++n) {
+    for (std::int64_t h = 0; h < 2; ++h) {
+      for (std::int64_t i = 0; i < 9; ++i) {
+        EXPECT_TRUE(i < 2 ? a.zero_row(n, h, i) : a.finite_row(n, h, i)) << n << h << i;
+      }
+    }
+  }
+  const std::int64_t lens[2] = {0, 7};
+  AttentionOptions with_len;
+  with_len.kv_len = TensorView(const_cast<std::int64_t*>(lens), DType::i64, {2});
+  a.run(with_len);
+  for (std::int64_t h = 0; h < 2; ++h) {
+    for (std::int64_t i = 0; i < 9; ++i) {
+      EXPECT_TRUE(a.zero_row(0, h, i)) << h << i;
+      EXPECT_TRUE(a.finite_row(1, h, i)) << h << i;
+    }
+  }
+}
+
+// Empty problems: Lq, N, heads or Dv = 0 return without error and write nothing; Dv = 0 with an
+// lse to write is an error naming v (the lse is computed from the values' pass); Lk = 0 gives
+// zeros and lse -inf (every key hidden).
+TEST(AttentionCpu, EmptyProblems) {
+  Rng rng;
+  for (const Small& shape : {Small(1, 2, 2, 0, 5, 8, 8, rng), Small(0, 2, 2, 3, 5, 8, 8, rng),
+                             Small(1, 0, 0, 3, 5, 8, 8, rng)}) {
+    Small a = shape;
+    EXPECT_NO_THROW(a.run());
+    EXPECT_TRUE(a.out.empty() && a.lse.empty());
+  }
+  Small no_values(1, 2, 2, 3, 5, 8, 0, rng);
+  EXPECT_NO_THROW(no_values.run({}, false));
+  expect_error("kiln::attention", [&] { no_values.run(); }, ErrorCode::invalid_argument, {"v"});
+  Small no_keys(2, 2, 1, 3, 0, 8, 8, rng);
+  no_keys.run();
+  for (std::int64_t n = 0; n < 2; ++n) {
+    for (std::int64_t h = 0; h < 2; ++h) {
+      for (std::int64_t i = 0; i < 3; ++i) EXPECT_TRUE(no_keys.zero_row(n, h, i)) << n << h << i;
+    }
+  }
+}
+
 // The launcher's plans: decode splits the keys until the GPU is full, large prefill does not, and
 // the JIT key names every specialization (what KILN_JIT_LOG prints).
 constexpr int kH200Smem = 228 * 1024;  // shared memory of an sm_90 SM
@@ -674,6 +909,16 @@ struct Args {
     options.*option = value;
     attention(q(), k(), v(), out(), options);
   }
+  // The valid call with Lk = 4 keys and kv_len = {first, second} of type I.
+  template <typename I>
+  void with_lengths(I first, I second) {
+    const TensorView lens = other_({2}, std::is_same_v<I, std::int32_t> ? DType::i32 : DType::i64);
+    static_cast<I*>(lens.data())[0] = first;
+    static_cast<I*>(lens.data())[1] = second;
+    AttentionOptions options;
+    options.kv_len = lens;
+    attention(q(), k_({2, 2, 4, 16}, DType::bf16), v_({2, 2, 4, 8}, DType::bf16), out(), options);
+  }
 };
 
 TEST(AttentionArgs, Work) {
@@ -718,6 +963,15 @@ void errors(ErrorTable<Args>& t) {
   t.add("OutOverlapsQ", invalid, {"out", "overlaps", "q"}, [](Args& a) {
     attention(a.q(), a.k(), a.v(), a.q_({2, 4, 3, 8}, DType::bf16));
   });
+  // On CPU the lengths are read on the host: outside [0, Lk] is an error (CUDA clamps).
+  t.add("KvLenAboveLkI32", invalid, {"kv_len[1] = 5, expected 0 <= kv_len <= Lk = 4"},
+        [](Args& a) { a.with_lengths<std::int32_t>(2, 5); });
+  t.add("KvLenAboveLkI64", invalid, {"kv_len[1] = 5, expected 0 <= kv_len <= Lk = 4"},
+        [](Args& a) { a.with_lengths<std::int64_t>(2, 5); });
+  t.add("KvLenNegativeI32", invalid, {"kv_len[0] = -1, expected 0 <= kv_len <= Lk = 4"},
+        [](Args& a) { a.with_lengths<std::int32_t>(-1, 3); });
+  t.add("KvLenNegativeI64", invalid, {"kv_len[1] = -1, expected 0 <= kv_len <= Lk = 4"},
+        [](Args& a) { a.with_lengths<std::int64_t>(4, -1); });
 }
 
 KILN_ERRORS(Args, "AttentionErrors", "kiln::attention", errors);

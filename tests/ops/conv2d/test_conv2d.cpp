@@ -492,9 +492,30 @@ void errors(ErrorTable<Args>& t) {
     const TensorView out = a.out_({2, 3, 6, 5}, DType::f32, {}, Device::cuda(0));
     conv2d(a.x(), a.w(), std::nullopt, out, Args::pad1());
   });
+  // An input with no channel or no pixel has no defined convolution (torch raises too).
+  t.add("NoChannels", invalid, {"x", "[2, 0, 6, 5]", "C, H and W >= 1"}, [](Args& a) {
+    conv2d(a.x_({2, 0, 6, 5}), a.w_({3, 0, 3, 3}), std::nullopt, a.out(), Args::pad1());
+  });
+  t.add("NoRows", invalid, {"x", "[2, 4, 0, 5]", "C, H and W >= 1"}, [](Args& a) {
+    conv2d(a.x_({2, 4, 0, 5}), a.w(), std::nullopt, a.out_({2, 3, 0, 5}), Args::pad1());
+  });
+  t.add("NoColumns", invalid, {"x", "[2, 4, 6, 0]", "C, H and W >= 1"}, [](Args& a) {
+    conv2d(a.x_({2, 4, 6, 0}), a.w(), std::nullopt, a.out_({2, 3, 6, 0}), Args::pad1());
+  });
 }
 
 KILN_ERRORS(Args, "Conv2dErrors", "kiln::conv2d", errors);
+
+// N = 0 or OC = 0: an empty result, nothing written (the out views have torch's odd strides of
+// empty tensors; the arrays behind them keep their bytes).
+TEST(Conv2dArgs, EmptyBatchOrNoOutputChannelsWriteNothing) {
+  Args a;
+  conv2d(a.x_({0, 4, 6, 5}), a.w(), a.b_({3}), a.out_({0, 3, 6, 5}, DType::f32, {1, 1, 1, 1}),
+         Args::pad1());
+  conv2d(a.x(), a.w_({0, 4, 3, 3}), a.b_({0}), a.out_({2, 0, 6, 5}, DType::f32, {30, 30, 5, 1}),
+         Args::pad1());
+  EXPECT_TRUE(a.untouched());
+}
 
 // The CUDA path's own limit: kernels up to 7x7 (the CPU backend takes any size).
 KILN_CUDA_TEST(Conv2dCudaErrors, KernelLargerThan7x7, true) {
