@@ -17,7 +17,7 @@ prefill sweep runs on sm_80 to sm_89.
 
   python3 dev/attention/tiles.py            # decode KV 32768: 3 tiles x both loads (~20 s)
   python3 dev/attention/tiles.py --full     # every case; the v1, decode v2 and v4 sweeps
-  python3 dev/attention/tiles.py --cases "decode KV131072" --tiles default 1,4,64,2 --loads tma
+  python3 dev/attention/tiles.py --cases "decode B1 KV131072" --tiles default 1,4,64,2 --loads tma
 """
 
 import os
@@ -27,20 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 
+from kiln.bench.suites.attention import GPU_CASES  # noqa: E402
+
 NAME = "dev_attention_tiles"
-# (name, N, Hq, Hkv, Lq, Lk, D, causal): kiln bench attention's cases.
-CASES = [
-    ("flux L1536", 1, 24, 24, 1536, 1536, 128, False),
-    ("flux L4608", 1, 24, 24, 4608, 4608, 128, False),
-    ("flux L13056", 1, 24, 24, 13056, 13056, 128, False),
-    ("llm causal L8192", 1, 32, 32, 8192, 8192, 128, True),
-    ("prefill D64", 4, 16, 16, 4096, 4096, 64, False),
-    ("decode KV4096", 1, 32, 32, 1, 4096, 128, False),
-    ("decode KV32768", 1, 32, 32, 1, 32768, 128, False),
-    ("decode KV131072", 1, 32, 32, 1, 131072, 128, False),
-    ("decode B8 KV8192", 8, 32, 32, 1, 8192, 128, False),
-    ("decode GQA KV32768", 1, 32, 8, 1, 32768, 128, False),
-]
+# (name, N, Hq, Hkv, Lq, Lk, D, causal): kiln bench attention's cases, the plain decode ones named
+# by batch and keys ("flux 1024²", "decode B1 KV32768", "decode GQA 32:8", ...).
+CASES = [(f"decode B{n} KV{lk}" if label == "decode" else label, n, hq, hkv, lq, lk, d, causal)
+         for label, n, hq, hkv, lq, lk, d, causal in GPU_CASES]
 # The tiles of NOTES' sweeps: v1 prefill; decode v2 (cp.async) and v4 (TMA), 33 splits included.
 PREFILL_TILES = ["default", "4,1,64,2", "4,1,64,3", "4,1,32,2", "4,1,32,3", "8,1,64,2",
                  "8,1,32,2", "8,1,32,3", "4,1,128,2", "2,1,64,3"]
@@ -54,7 +47,7 @@ BOUND = 2.0**-6
 
 def main(argv=None) -> int:
     p = harness.parser(__doc__)
-    p.add_argument("--cases", nargs="+", metavar="CASE", default=["decode KV32768"],
+    p.add_argument("--cases", nargs="+", metavar="CASE", default=["decode B1 KV32768"],
                    help="cases by name: " + ", ".join(c[0] for c in CASES))
     p.add_argument("--tiles", nargs="+", default=["default", "1,4,64,2", "1,4,128,3"],
                    help="KILN_ATTENTION_TILE values, or 'default'")

@@ -120,13 +120,6 @@ void add_common_options(Args& args) {
   args.option("json", "", "JSON output path (default $OUT/<harness>.json when OUT is set)");
 }
 
-bool no_cuda_device(const char* harness) {
-  if (cuda_device_count() > 0) return false;
-  std::printf("%s: no CUDA device (%s): nothing to time\n", harness,
-              cuda_unavailable_reason().c_str());
-  return true;
-}
-
 Rng::Rng(const char* harness)
     : engine_(std::random_device{}() ^ (std::uint64_t(std::random_device{}()) << 32)) {
   const std::uint64_t seed = engine_();
@@ -291,19 +284,45 @@ void Results::write_json(const std::string& path, int device) const {
   std::printf("wrote %s\n", path.c_str());
 }
 
-std::string json_path(const Args& args, const std::string& file) {
-  if (args.has("json")) return args.get("json");
-  const char* out = std::getenv("OUT");
-  return out != nullptr && *out != '\0' ? std::string(out) + "/" + file : std::string();
+int run_harness(const char* harness, Args& args, int argc, char** argv,
+                const std::function<void()>& prepare,
+                const std::function<void(Rng& rng, Results& results)>& run) {
+  try {
+    if (!args.parse(argc, argv)) return 0;
+    prepare();
+    if (cuda_device_count() == 0) {
+      std::printf("%s: no CUDA device (%s): nothing to time\n", harness,
+                  cuda_unavailable_reason().c_str());
+      return 0;
+    }
+    std::printf("%s on %s\n", harness, device_description(0).c_str());
+    std::string command;
+    for (int i = 0; i < argc; ++i) {
+      if (i > 0) command += ' ';
+      command += argv[i];
+    }
+    Rng rng(harness);
+    Results results(harness, command);
+    run(rng, results);
+    std::string path = args.get("json");
+    const char* out = std::getenv("OUT");
+    if (path.empty() && out != nullptr && *out != '\0') {
+      path = out;
+      path += '/';
+      path += harness;
+      path += ".json";
+    }
+    results.write_json(path, 0);
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s: %s\n", harness, error.what());
+    return 1;
+  }
+  return 0;
 }
 
-std::string command_line(int argc, char** argv) {
-  std::string line;
-  for (int i = 0; i < argc; ++i) {
-    if (i > 0) line += ' ';
-    line += argv[i];
-  }
-  return line;
+void not_run(const std::string& what, const std::exception& error) {
+  const std::string text = error.what();
+  std::printf("%s: not run: %s\n", what.c_str(), text.substr(0, text.find('\n')).c_str());
 }
 
 std::string fixed(double value, int digits) {

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <map>
 #include <random>
@@ -48,10 +49,6 @@ class Args {
 
 // The options every C++ harness takes: --warmup, --reps, --json.
 void add_common_options(Args& args);
-
-// Prints "<harness>: no CUDA device (<reason>): nothing to time" and returns true when there is
-// no usable CUDA device; the harness then exits with status 0.
-bool no_cuda_device(const char* harness);
 
 // A seeded generator whose seed is fresh each run and printed.
 class Rng {
@@ -124,11 +121,17 @@ class Results {
   std::vector<std::map<std::string, std::string>> rows_;
 };
 
-// The JSON path from --json, else $OUT/<file> when OUT is set, else "".
-std::string json_path(const Args& args, const std::string& file);
+// A harness's main around its two parts: `prepare` reads the parsed options (so that a bad option
+// fails with or without a GPU), `run` times, adding rows to `results`. --help prints the usage and
+// exits 0; without a CUDA device it prints so and exits 0; the JSON goes to --json, else to
+// $OUT/<harness>.json when OUT is set; an exception prints "<harness>: <what>" and exits 1.
+int run_harness(const char* harness, Args& args, int argc, char** argv,
+                const std::function<void()>& prepare,
+                const std::function<void(Rng& rng, Results& results)>& run);
 
-// The command line as run, for the JSON output.
-std::string command_line(int argc, char** argv);
+// Prints "<what>: not run: <the error's first line>" for a configuration the kernel refused (a tile
+// outside its limits: a compile error or a launch error).
+void not_run(const std::string& what, const std::exception& error);
 
 // "%.4f"-style formatting without iostreams.
 std::string fixed(double value, int digits);

@@ -222,9 +222,7 @@ void run_shape(const Shape& s, bool nhwc, const std::vector<cd::TileConfig>& til
                    nullptr);
       });
     } catch (const kiln::Error& error) {  // a tile outside the kernel's limits
-      const std::string what = error.what();
-      std::printf("%s %s %s: not run: %s\n", s.name, layout.c_str(), config.c_str(),
-                  what.substr(0, what.find('\n')).c_str());
+      not_run(std::string(s.name) + " " + layout + " " + config, error);
     }
   }
 }
@@ -245,17 +243,18 @@ int main(int argc, char** argv) {
   args.option("tiles", "", "mma.sync tiles BMxBNxBK:WARPS_MxWARPS_N:STAGES besides choose_tile's");
   args.flag("full", "every decoder shape and the v1 tile sweep's seven tiles");
   add_common_options(args);
-  try {
-    if (!args.parse(argc, argv)) return 0;
+  std::vector<const Shape*> shapes;
+  std::vector<cd::TileConfig> tiles;
+  std::vector<std::string> layouts, paths;
+  const auto prepare = [&] {
     std::vector<std::string> shape_names = args.list("shapes");
-    std::vector<std::string> tiles = args.list("tiles");
+    std::vector<std::string> tile_texts = args.list("tiles");
     if (args.has("full")) {
       shape_names.clear();
       for (const Shape& s : kShapes) shape_names.push_back(s.name);
-      tiles = {"128x128x32:2x2:4", "128x128x32:2x2:3", "128x128x64:2x2:3", "128x256x32:2x4:4",
-               "256x128x32:4x2:4", "64x128x32:1x2:4",  "128x64x32:2x2:4"};
+      tile_texts = {"128x128x32:2x2:4", "128x128x32:2x2:3", "128x128x64:2x2:3", "128x256x32:2x4:4",
+                    "256x128x32:4x2:4", "64x128x32:1x2:4",  "128x64x32:2x2:4"};
     }
-    std::vector<const Shape*> shapes;
     for (const std::string& name : shape_names) {
       const Shape* found = nullptr;
       for (const Shape& s : kShapes) {
@@ -264,26 +263,18 @@ int main(int argc, char** argv) {
       if (found == nullptr) throw std::invalid_argument("unknown shape '" + name + "'");
       shapes.push_back(found);
     }
-    std::vector<cd::TileConfig> parsed_tiles;
-    for (const std::string& text : tiles) parsed_tiles.push_back(parse_tile(text));
-    const std::vector<std::string> layouts = args.list("layouts");
+    for (const std::string& text : tile_texts) tiles.push_back(parse_tile(text));
+    layouts = args.list("layouts");
     for (const std::string& l : layouts) {
       if (l != "nhwc" && l != "nchw") throw std::invalid_argument("layout '" + l + "'");
     }
-    const std::vector<std::string> paths = args.list("paths");
-    if (no_cuda_device(kHarness)) return 0;
-    std::printf("%s on %s\n", kHarness, device_description(0).c_str());
-    Rng rng(kHarness);
-    Results results(kHarness, command_line(argc, argv));
+    paths = args.list("paths");
+  };
+  return run_harness(kHarness, args, argc, argv, prepare, [&](Rng& rng, Results& results) {
     for (const Shape* s : shapes) {
       for (const std::string& l : layouts) {
-        run_shape(*s, l == "nhwc", parsed_tiles, paths, args, rng, results);
+        run_shape(*s, l == "nhwc", tiles, paths, args, rng, results);
       }
     }
-    results.write_json(json_path(args, "dev_conv2d_paths.json"), 0);
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "%s: %s\n", kHarness, error.what());
-    return 1;
-  }
-  return 0;
+  });
 }

@@ -183,9 +183,7 @@ void run_shape(const Shape& s, const std::vector<md::GemmTile>& tiles, const Arg
       timed([&](int i) { md::launch_gemm_plan(problem(i), md::plan_gemm(problem(i), tile)); },
             config);
     } catch (const kiln::Error& error) {  // a tile outside the kernel's limits
-      const std::string what = error.what();
-      std::printf("%s %s: not run: %s\n", shape.c_str(), config.c_str(),
-                  what.substr(0, what.find('\n')).c_str());
+      not_run(shape + " " + config, error);
     }
   }
 }
@@ -204,30 +202,22 @@ int main(int argc, char** argv) {
               "CTA tiles BMxBN:WARPS_MxWARPS_N:STAGES (the launcher's default is always run)");
   args.flag("full", "NOTES' eleven shapes and six tiles");
   add_common_options(args);
-  try {
-    if (!args.parse(argc, argv)) return 0;
-    std::vector<std::string> shapes = args.list("shapes");
-    std::vector<std::string> tiles = args.list("tiles");
+  std::vector<Shape> shapes;
+  std::vector<md::GemmTile> tiles;
+  const auto prepare = [&] {
+    std::vector<std::string> shape_texts = args.list("shapes");
+    std::vector<std::string> tile_texts = args.list("tiles");
     if (args.has("full")) {
-      shapes = {"4608x3072x9216", "4608x3072x3072", "4608x3072x18432", "4608x9216x3072",
-                "128x4096x4096",  "128x4096x14336", "128x14336x4096",  "512x4096x4096",
-                "512x4096x14336", "2048x4096x4096", "4096x3072x12288"};
-      tiles = {"128x128:2x2:4", "128x128:2x4:4", "128x128:1x4:4",
-               "256x128:4x2:4", "128x256:1x8:4", "64x128:2x4:4"};
+      shape_texts = {"4608x3072x9216", "4608x3072x3072", "4608x3072x18432", "4608x9216x3072",
+                     "128x4096x4096",  "128x4096x14336", "128x14336x4096",  "512x4096x4096",
+                     "512x4096x14336", "2048x4096x4096", "4096x3072x12288"};
+      tile_texts = {"128x128:2x2:4", "128x128:2x4:4", "128x128:1x4:4",
+                    "256x128:4x2:4", "128x256:1x8:4", "64x128:2x4:4"};
     }
-    std::vector<Shape> parsed_shapes;
-    for (const auto& text : shapes) parsed_shapes.push_back(parse_shape(text));
-    std::vector<md::GemmTile> parsed_tiles;
-    for (const auto& text : tiles) parsed_tiles.push_back(parse_tile(text));
-    if (no_cuda_device(kHarness)) return 0;
-    std::printf("%s on %s\n", kHarness, device_description(0).c_str());
-    Rng rng(kHarness);
-    Results results(kHarness, command_line(argc, argv));
-    for (const Shape& s : parsed_shapes) run_shape(s, parsed_tiles, args, rng, results);
-    results.write_json(json_path(args, "dev_matmul_gemm_tiles.json"), 0);
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "%s: %s\n", kHarness, error.what());
-    return 1;
-  }
-  return 0;
+    for (const auto& text : shape_texts) shapes.push_back(parse_shape(text));
+    for (const auto& text : tile_texts) tiles.push_back(parse_tile(text));
+  };
+  return run_harness(kHarness, args, argc, argv, prepare, [&](Rng& rng, Results& results) {
+    for (const Shape& s : shapes) run_shape(s, tiles, args, rng, results);
+  });
 }

@@ -212,32 +212,24 @@ int main(int argc, char** argv) {
               "token counts L (Flux.2 512^2 / 1024^2 / 1792^2: 1536,4608,13056)");
   args.flag("full", "every length and six cases (adds rope f32 and the V path in f32)");
   add_common_options(args);
-  try {
-    if (!args.parse(argc, argv)) return 0;
-    std::vector<int> rows;
+  std::vector<int> rows;
+  std::vector<std::int64_t> lengths;
+  std::vector<Case> cases = {{"rope bf16", DType::bf16, true, false},
+                             {"rope+norm bf16", DType::bf16, true, true},
+                             {"v-path bf16", DType::bf16, false, false},
+                             {"rope+norm f32", DType::f32, true, true}};
+  const auto prepare = [&] {
     for (const std::string& r : args.list("rows")) rows.push_back(std::stoi(r));
-    std::vector<std::int64_t> lengths;
     for (const std::string& l : args.list("lengths")) lengths.push_back(std::stoll(l));
-    std::vector<Case> cases = {{"rope bf16", DType::bf16, true, false},
-                               {"rope+norm bf16", DType::bf16, true, true},
-                               {"v-path bf16", DType::bf16, false, false},
-                               {"rope+norm f32", DType::f32, true, true}};
     if (args.has("full")) {
       lengths = {1536, 4608, 13056};
       cases.push_back({"rope f32", DType::f32, true, false});
       cases.push_back({"v-path f32", DType::f32, false, false});
     }
-    if (no_cuda_device(kHarness)) return 0;
-    std::printf("%s on %s\n", kHarness, device_description(0).c_str());
-    Rng rng(kHarness);
-    Results results(kHarness, command_line(argc, argv));
+  };
+  return run_harness(kHarness, args, argc, argv, prepare, [&](Rng& rng, Results& results) {
     for (const std::int64_t length : lengths) {
       for (const Case& c : cases) run_case(c, length, rows, args, rng, results);
     }
-    results.write_json(json_path(args, "dev_rope_flux_rows_in_flight.json"), 0);
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "%s: %s\n", kHarness, error.what());
-    return 1;
-  }
-  return 0;
+  });
 }
