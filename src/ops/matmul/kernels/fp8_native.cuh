@@ -4,7 +4,7 @@
 //                   operand's row scale, its tensor scale repeated, or 1.
 //   product_epilogue  out = src * a_scale * w_scale + bias[n], rounded once to out's dtype, after
 //                   a cuBLASLt call into f32: CUDA 13.0's cuBLASLt ran outer-vector scaling only
-//                   into bf16 without a bias on Hopper (status 15, NOT_SUPPORTED, for f32 out
+//                   into bf16 without a bias on the H200 (status 15, NOT_SUPPORTED, for f32 out
 //                   and for any bias), and its fp8 bias types are fixed (bf16 for bf16 and f32
 //                   out, f16 for f16 out).
 #pragma once
