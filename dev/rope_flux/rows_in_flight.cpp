@@ -55,7 +55,8 @@ kiln::rope_flux_detail::FusedPlan with_rows(kiln::rope_flux_detail::FusedPlan pl
   return plan;
 }
 
-// Launches the fused kernel of `plan` as launch.cpp's run_fused does (pe [L, D/2, 2, 2]).
+// Launches the fused kernel of `plan` as launch.cpp's run_fused does (pe [L, D/2, 2, 2]): the
+// parameters must follow run_fused's when RopeFluxParams changes.
 void launch_fused(const kiln::rope_flux_detail::FusedPlan& plan, const TensorView& x,
                   const float* pe, const void* weight, void* out) {
   kiln::RopeFluxParams params{};
