@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, run on a machine with a CUDA GPU from a clean tree: build, every test (the GPU
 # set, then the rest), compute-sanitizer memcheck and racecheck on the sanitizer subset, the Python
-# tests, the benchmark suites and the op cases' timings. Logs, JSON and charts go to $OUT (default
-# ./out).
+# tests, the benchmark suites, the op cases' timings and the tuning harnesses of dev/ (their short
+# default runs). Logs, JSON and charts go to $OUT (default ./out), the harnesses' JSON to
+# $OUT/dev.
 #
 #   scripts/gpu_check.sh                  # every stage
-#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python peers bench perf
+#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python peers bench perf dev
 #
 # Uses the machine's python3 (with torch) and needs no network. GoogleTest comes from the system,
 # or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it);
@@ -27,7 +28,7 @@ cd "$root"
 out=${OUT:-$root/out}
 mkdir -p "$out"
 log="$out/gpu_check.log"
-stages=${*:-build tests sanitize python peers bench perf}
+stages=${*:-build tests sanitize python peers bench perf dev}
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
 # Peers the machine lacks (comfy_kitchen, say) can come along as packages in .peers/.
 [ -d .peers ] && export PYTHONPATH="$root/.peers${PYTHONPATH:+:$PYTHONPATH}"
@@ -113,9 +114,14 @@ perf_table() { "$tests" --kiln_perf | tee "$out/kiln_perf.txt"; }
   python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 } >>"$log" 2>&1
 
+gtest_args=()
+[ -d .gtest ] && gtest_args=(-DKILN_GTEST_SOURCE_DIR="$root/.gtest")
+py_install() {
+  python3 -m pip install -q --no-build-isolation --no-deps --no-index \
+    --config-settings=build-dir=build/gpu-python .
+}
+
 if want build; then
-  gtest_args=()
-  [ -d .gtest ] && gtest_args=(-DKILN_GTEST_SOURCE_DIR="$root/.gtest")
   run configure cmake -S . -B "$build" -G Ninja -DKILN_WERROR=ON "${gtest_args[@]}"
   run build cmake --build "$build" -j "$(nproc)"
 fi
@@ -127,8 +133,7 @@ if want sanitize; then
   run sanitizers sanitizers
 fi
 if want python; then
-  run py_install python3 -m pip install -q --no-build-isolation --no-deps --no-index \
-    --config-settings=build-dir=build/gpu-python .
+  run py_install py_install
   run pytest python3 -m pytest tests/python -q -rs
 fi
 if want peers; then
@@ -148,6 +153,22 @@ if want bench; then
 fi
 if want perf; then
   run perf perf_table
+fi
+if want dev; then
+  # Each harness of dev/ (dev/README.md) in its default run, tens of seconds each: the C++ ones
+  # built into the same folder with KILN_BUILD_DEV, the Python ones over the installed kiln.
+  mkdir -p "$out/dev"
+  run dev_config cmake -S . -B "$build" -G Ninja -DKILN_WERROR=ON -DKILN_BUILD_DEV=ON \
+    "${gtest_args[@]}"
+  run dev_build cmake --build "$build" -j "$(nproc)" --target dev_rope_flux_rows_in_flight \
+    dev_conv2d_paths dev_matmul_gemm_tiles
+  (cd /tmp && python3 -c 'import kiln') >/dev/null 2>&1 || run py_install py_install
+  for harness in "$build"/dev/dev_*; do
+    [ -x "$harness" ] && run "$(basename "$harness")" env OUT="$out/dev" "$harness"
+  done
+  for harness in dev/{rope_flux,attention,conv2d,matmul}/*.py; do  # not dev/jit's SASS diff
+    [ -f "$harness" ] && run "$harness" env OUT="$out/dev" python3 "$harness"
+  done
 fi
 
 echo
