@@ -21,8 +21,9 @@ embedders strided views of a batch of 2, and torch's CPU bf16 linear with a bias
 differently from contiguous rows; diffusers' own context parallelism shows the same.) After
 handle.remove() the model runs diffusers' own context parallelism (native SDPA backend, Ulysses
 cases): its output is checked too. Each case also counts the blocks whose attention ran across
-ranks (all of them), so that no case passes by running on one rank's tokens. The errors and
-times are printed (pytest -s); the file takes about 60 s on a loaded 2-core machine.
+ranks (all of them), so that no case passes by running on one rank's tokens. The 2-process spawn
+also runs `kiln bench flux2 --gpus N`'s worker on the tiny config. The errors and times are
+printed (pytest -s); the file takes about 100 s on a loaded 2-core machine.
 
 On GPUs: the same machinery over NCCL with klein 4B's real config at 1024² (CUDA graphs on, so
 the captured collectives replay) on 2 and 4 GPUs, and uneven shares at 1040²; skipped with
@@ -204,7 +205,30 @@ def _attention_case(rank, world, parallel, seed=7):
     return relative_error(got, want)
 
 
-def _worker(rank, world, port, backend, folder, cases, attention_cases):
+def _bench_worker(rank, world, port, folder):
+    """`kiln bench flux2 --gpus N`'s worker, as torchrun would start it (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR / PORT), over gloo on the tiny Flux.2 config at 64² (16 image + 512
+    text tokens), Ulysses only (diffusers has no CPU attention backend returning the LSE its
+    ring needs), kiln with bf16 weights; rank 0's output goes to a file."""
+    import contextlib
+
+    from kiln.bench.suites import flux2
+    from kiln.diffusers import configs
+
+    from diffusers_models import TINY_VAE
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    settings = {"resolutions": [64], "warmup": 0, "reps": 1, "modes": ["ulysses"],
+                "kiln": {"weights": "bf16"},  # fp8 on CPU's reference GEMMs costs seconds
+                "transformer_config": tiny_config("flux2", HEADS),
+                "vae_config": {**configs.FLUX2_VAE, **TINY_VAE}}
+    with open(os.path.join(folder, f"bench-rank{rank}.txt"), "w") as out:
+        with contextlib.redirect_stdout(out):
+            flux2.parallel_worker(settings)
+
+
+def _worker(rank, world, port, backend, folder, cases, attention_cases, bench_port=None):
     torch.set_num_threads(1)  # the processes share the machine's cores
     _init(rank, world, port, backend)
     try:
@@ -222,6 +246,8 @@ def _worker(rank, world, port, backend, folder, cases, attention_cases):
             torch.save(error, os.path.join(folder, f"{name}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    if bench_port is not None:
+        _bench_worker(rank, world, bench_port, folder)
 
 
 # ---- one process: the models, inputs and references ----------------------------------------------
@@ -255,9 +281,10 @@ def _spawned(setup, world):
         cases = [c for c in CASES if c["world"] == world]
         attention = [(name, p) for name, (w, p) in zip(ATTENTION_IDS, ATTENTION_CASES)
                      if w == world]
+        bench_port = _free_port() if world == 2 else None  # the bench worker runs in 2 processes
         start = time.perf_counter()
         mp.spawn(_worker, args=(world, _free_port(), "gloo", str(setup["folder"]), cases,
-                                attention), nprocs=world)
+                                attention, bench_port), nprocs=world)
         runs[world] = time.perf_counter() - start
         print(f"\n{world} processes (gloo): {len(cases)} model cases and {len(attention)} "
               f"attention cases in {runs[world]:.1f} s (process starts included)")
@@ -298,6 +325,44 @@ def test_uneven_shares_attention(setup, case):
     errors = [torch.load(setup["folder"] / f"{name}-rank{r}.pt") for r in range(world)]
     print(f"\n{name}: per-rank relative error vs one attention {[f'{e:.1e}' for e in errors]}")
     assert max(errors) <= 2 ** -8
+
+
+def test_bench_parallel_worker_on_cpu(setup):
+    """`kiln bench flux2 --gpus 2`'s worker and report end to end on 2 CPU processes (torchrun
+    itself and the GPU timings aside): rank 0's result line parses, the report has a measurement
+    per mode and resolution, and the error check passes (kiln under Ulysses against kiln on one
+    process, within kiln's own difference from diffusers bf16)."""
+    from kiln.bench.core import Bench
+    from kiln.bench.suites import flux2
+
+    _spawned(setup, 2)
+    result = flux2.parse_worker_output((setup["folder"] / "bench-rank0.txt").read_text())
+    assert result is not None and result["world"] == 2
+    assert set(result["steps"]) == {"diffusers 1 64", "kiln 1 64", "diffusers ulysses 2 64",
+                                    "kiln ulysses 2 64"}
+    bench = Bench(0, 1, 0, None)
+    bench.start_suite("flux2")
+    flux2._report_parallel(bench, {2: result}, [64])
+    assert [m.case for m in bench.measurements] == ["step ulysses 2 GPUs"]
+    assert bench.checks and all(c.passed for c in bench.checks)
+    print(f"\nbench worker on CPU: errors {result['errors']}")
+
+
+def test_bench_parallel_says_no_gpu(capsys):
+    from kiln.bench import main
+
+    if HAS_CUDA:
+        pytest.skip("a CUDA device is present: the suite would run")
+    assert main(["flux2", "--gpus", "4", "--no-chart", "--json", "/dev/null"]) == 0
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_gpu_counts():
+    """--gpus N measures 2, 4, ... up to N and what the machine has."""
+    from kiln.bench.suites.flux2 import gpu_counts
+
+    assert gpu_counts(4, 8) == [2, 4] and gpu_counts(8, 8) == [2, 4, 8]
+    assert gpu_counts(4, 2) == [2] and gpu_counts(4, 1) == [] and gpu_counts(3, 4) == [2]
 
 
 # ---- one process: the pieces ---------------------------------------------------------------------
