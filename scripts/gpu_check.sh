@@ -2,11 +2,13 @@
 # The GPU check, run on a machine with a CUDA GPU from a clean tree: build, every test (the GPU
 # set, then the rest), compute-sanitizer memcheck and racecheck on the sanitizer subset, the Python
 # tests, the benchmark suites, the op cases' timings and the tuning harnesses of dev/ (their short
-# default runs). Logs, JSON and charts go to $OUT (default ./out), the harnesses' JSON to
-# $OUT/dev.
+# default runs); with more than one GPU also the multi-GPU stage (NCCL tests of kiln.diffusers
+# under diffusers' context parallelism, `kiln bench flux2 --gpus N`). Logs, JSON and charts go
+# to $OUT (default ./out), the harnesses' JSON to $OUT/dev.
 #
 #   scripts/gpu_check.sh                  # every stage
-#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python peers bench perf dev
+#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python peers bench
+#                                         # perf dev multigpu
 #
 # Uses the machine's python3 (with torch) and needs no network. GoogleTest comes from the system,
 # or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it);
@@ -28,8 +30,12 @@ cd "$root"
 out=${OUT:-$root/out}
 mkdir -p "$out"
 log="$out/gpu_check.log"
-stages=${*:-build tests sanitize python peers bench perf dev}
+stages=${*:-build tests sanitize python peers bench perf dev multigpu}
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
+# NVLink multicast off in NCCL, PyTorch and NVSHMEM, for every process started from here: a
+# program using it can take a shared multi-GPU host's GPUs out of service.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
 # Peers the machine lacks (comfy_kitchen, say) can come along as packages in .peers/.
 [ -d .peers ] && export PYTHONPATH="$root/.peers${PYTHONPATH:+:$PYTHONPATH}"
 # ComfyUI's snapshot and the wheels its imports need (scripts/prepare_comfyui.sh) in .comfyui/:
@@ -132,9 +138,14 @@ fi
 if want sanitize; then
   run sanitizers sanitizers
 fi
-if want python; then
+if want python || { want multigpu && ((gpus > 1)); }; then
   run py_install py_install
-  run pytest python3 -m pytest tests/python -q -rs
+fi
+if want python; then
+  py_filter=()
+  # The multigpu stage runs the NCCL tests (with one GPU they report skipped here).
+  want multigpu && ((gpus > 1)) && py_filter=(-k "not nccl")
+  run pytest python3 -m pytest tests/python -q -rs "${py_filter[@]}"
 fi
 if want peers; then
   if [ -d .peers/llama.cpp/src ]; then
@@ -170,9 +181,17 @@ if want dev; then
     [ -f "$harness" ] && run "$harness" env OUT="$out/dev" python3 "$harness"
   done
 fi
+if want multigpu; then
+  if ((gpus > 1)); then
+    run pytest_nccl python3 -m pytest tests/python/test_diffusers_parallel.py -q -rs -s -k nccl
+    run bench_gpus python3 -m kiln.bench flux2 --gpus "$gpus" --json "$out/bench_flux2_gpus.json"
+  else
+    summary+=("$(printf '%-12s skipped (%d GPU: needs 2 or more)' multigpu "$gpus")")
+  fi
+fi
 
 echo
-echo "GPU check on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1):"
+echo "GPU check on $gpus x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1):"
 printf '  %s\n' "${summary[@]}"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]} (log: $log)"

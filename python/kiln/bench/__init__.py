@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
     parser.add_argument("--device", type=int, default=0, help="CUDA device index")
     parser.add_argument("--filter", help="run only the cases whose name contains this text")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="GPUs for suites that spread over several (flux2: sequence "
+                        "parallelism on 2, 4, ... up to this many)")
     parser.add_argument(
         "--json",
         type=Path,
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print("kiln bench: --json must contain {suite} when several suites run", file=sys.stderr)
         return 2
     bench = Bench(args.warmup, args.reps, args.device, args.filter)
+    bench.gpus = args.gpus
     status = 0
     for name in names:
         suite = load_suite(name)

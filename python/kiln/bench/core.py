@@ -50,6 +50,7 @@ class Bench:
             self.torch is None or self.torch.cuda.is_available()
         )
         self.device_index = device_index
+        self.gpus = 1  # GPUs a suite may spread over (kiln bench --gpus)
         if self.cuda and self.torch is not None:
             self.device = self.torch.device("cuda", device_index)
             self.timer = CudaTimer(self.torch, self.device, warmup, reps)
