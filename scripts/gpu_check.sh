@@ -131,8 +131,11 @@ if want build; then
   run configure cmake -S . -B "$build" -G Ninja -DKILN_WERROR=ON "${gtest_args[@]}"
   run build cmake --build "$build" -j "$(nproc)"
 fi
+# The CPU cases are CI's (scripts/test.sh); here only on request (the "cpu" stage).
 if want tests; then
   run gpu_tests sharded_tests cuda
+fi
+if want cpu; then
   run cpu_tests sharded_tests cpu
 fi
 if want sanitize; then
@@ -142,10 +145,8 @@ if want python || { want multigpu && ((gpus > 1)); }; then
   run py_install py_install
 fi
 if want python; then
-  py_filter=()
-  # The multigpu stage runs the NCCL tests (with one GPU they report skipped here).
-  want multigpu && ((gpus > 1)) && py_filter=(-k "not nccl")
-  run pytest python3 -m pytest tests/python -q -rs "${py_filter[@]}"
+  # The tests that use a GPU (CUDA parametrizations, GPU-only tests); CI runs the rest.
+  run pytest python3 -m pytest tests/python -q -rs -k "(cuda or gpu or GPU) and not nccl"
 fi
 if want peers; then
   if [ -d .peers/llama.cpp/src ]; then
