@@ -81,3 +81,17 @@ def test_bench_rope_on_cpu(tmp_path):
 def test_bench_requires_suite_placeholder_for_several(tmp_path):
     result = kiln_cmd("bench", "--json", str(tmp_path / "x.json"), cache_dir=tmp_path, check=False)
     assert result.returncode == 2 and "{suite}" in result.stderr
+
+
+def test_bench_default_list_filter_and_all():
+    """A suite's default list runs by default; --filter picks among every case; --all runs all."""
+    from kiln.bench import Bench
+
+    bench = Bench(1, 1, 0, None)
+    assert bench.wants("swiglu fp8 llama-8b M4", True)
+    assert not bench.wants("swiglu fp8 llama-8b M4", False)
+    bench.all_cases = True
+    assert bench.wants("swiglu fp8 llama-8b M4", False)
+    picked = Bench(1, 1, 0, "M4")
+    assert picked.wants("swiglu fp8 llama-8b M4", False)
+    assert not picked.wants("swiglu fp8 llama-8b M1", True)
