@@ -83,6 +83,31 @@ def test_bench_requires_suite_placeholder_for_several(tmp_path):
     assert result.returncode == 2 and "{suite}" in result.stderr
 
 
+# Each op suite's CPU path: kiln's CPU reference against eager torch at small sizes, every peer
+# checked against kiln's output before timing (a disagreement fails the command).
+OP_SUITES = {
+    "norm": ["layer_norm+adaln bf16", "layer_norm+adaln fp8", "rms_norm bf16->bf16",
+             "rms_norm f32->bf16", "group_norm+silu nhwc", "group_norm+silu nchw"],
+    "activation": ["swiglu bf16", "swiglu fp8", "gelu_tanh bf16", "gelu_tanh fp8"],
+}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without a CUDA device")
+@pytest.mark.parametrize("suite", sorted(OP_SUITES))
+def test_bench_op_suite_on_cpu(tmp_path, suite):
+    result = kiln_cmd("bench", suite, "--reps", "2", "--warmup", "1", "--no-chart",
+                      cache_dir=tmp_path / "cache", out_dir=tmp_path)
+    assert "no CUDA device: CPU backends at small sizes" in result.stderr
+    record = json.loads((tmp_path / f"bench_{suite}.json").read_text())
+    assert record["suite"] == suite and record["gpu"] == "none"
+    cases = {m["case"] for m in record["measurements"]}
+    assert cases == set(OP_SUITES[suite])
+    for m in record["measurements"]:
+        assert m["kiln_ms"] > 0 and m["peers_ms"]["eager"] > 0
+        assert m["peers_ms"]["bytes floor"] > 0
+        assert "torch.compile" not in m["peers_ms"]  # compiled peers run on a GPU only
+
+
 def test_bench_default_list_filter_and_all():
     """A suite's default list runs by default; --filter picks among every case; --all runs all."""
     from kiln.bench import Bench
