@@ -72,7 +72,9 @@ def test_bench_rope_on_cpu(tmp_path):
     record = json.loads((tmp_path / "bench_rope.json").read_text())
     assert record["suite"] == "rope" and record["kiln"] == kiln.__version__
     assert record["copy_GBps"] > 0
-    assert len(record["measurements"]) == 6
+    cases = [m["case"] for m in record["measurements"]]
+    assert len(cases) == 10, cases  # 6 Flux cases, decode and prefill of two LLMs
+    assert sum(c.startswith("llm ") for c in cases) == 4
     for m in record["measurements"]:
         assert m["kiln_ms"] > 0 and m["peers_ms"]["eager"] > 0
     assert "op / shape" in result.stdout
