@@ -161,7 +161,14 @@ if want bench; then
     echo "==== bench: no .comfyui/ here, so kiln bench comfyui measures nothing (run" \
          "scripts/prepare_comfyui.sh where pip reaches PyPI and carry .comfyui)" | tee -a "$log"
   fi
-  run bench python3 -m kiln.bench
+  # One process a suite, each its own line (and time) in the summary; KILN_BENCH_SUITES names a
+  # subset ("norm activation matmul"), so that the stage can be split over 10-minute commands.
+  all_suites=$(python3 -c 'from kiln.bench import suite_names; print(*suite_names())' 2>/dev/null)
+  suites=${KILN_BENCH_SUITES:-$all_suites}
+  [ -n "$suites" ] || run bench python3 -c 'import kiln.bench'  # fails, the error in the log
+  for suite in $suites; do
+    run "bench_$suite" python3 -m kiln.bench "$suite"
+  done
 fi
 if want perf; then
   run perf perf_table

@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default $OUT/bench_{suite}.json, else ./bench_{suite}.json; the chart goes beside it",
     )
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    parser.add_argument(
+        "--all", action="store_true",
+        help="run every case of the suite, not only its default list (--filter picks among all)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     bench = Bench(args.warmup, args.reps, args.device, args.filter)
     bench.gpus = args.gpus
     status = 0
+    bench.all_cases = args.all
     for name in names:
         suite = load_suite(name)
         bench.start_suite(name)

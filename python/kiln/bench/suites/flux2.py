@@ -60,6 +60,7 @@ import time
 
 from ... import _C, reset_workspace_peak, workspace_peak_bytes
 from ..core import Measurement
+from ..peers import quantize_rows
 
 NAME = "flux2"
 DESCRIPTION = ("Flux.2 klein 4B step / 4-step image / VAE decode: kiln.diffusers vs diffusers "
@@ -298,10 +299,8 @@ class _ScaledMmLinear:
 
     def __init__(self, torch, linear):
         self.torch = torch
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
-        self.w = (w / scale).to(torch.float8_e4m3fn)  # [N, K]
-        self.w_scale = scale.t().contiguous()  # [1, N]
+        self.w, scale = quantize_rows(torch, linear.weight.detach().float())  # [N, K], [N]
+        self.w_scale = scale.reshape(1, -1)  # [1, N]
         self.bias = linear.bias
 
     def __call__(self, x):
@@ -309,9 +308,8 @@ class _ScaledMmLinear:
         rows = x.reshape(-1, x.shape[-1]).float()
         m = rows.shape[0]
         rows = torch.nn.functional.pad(rows, (0, 0, 0, -m % 16))  # M a multiple of 16
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
-        q = (rows / scale).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(q, self.w.t(), scale_a=scale, scale_b=self.w_scale,
+        q, scale = quantize_rows(torch, rows)
+        y = torch._scaled_mm(q, self.w.t(), scale_a=scale.reshape(-1, 1), scale_b=self.w_scale,
                              bias=self.bias, out_dtype=x.dtype)
         return y[:m].reshape(*x.shape[:-1], y.shape[-1])
 
