@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, run on a machine with a CUDA GPU from a clean tree: build, every test (the GPU
 # set, then the rest), compute-sanitizer memcheck and racecheck on the sanitizer subset, the Python
-# tests, the benchmark suites and the op cases' timings. Logs, JSON and charts go to $OUT (default
-# ./out).
+# tests, the benchmark suites, the op cases' timings and the tuning harnesses of dev/ (their short
+# default runs); with more than one GPU also the multi-GPU stage (NCCL tests of kiln.diffusers
+# under diffusers' context parallelism, `kiln bench flux2 --gpus N`). Logs, JSON and charts go
+# to $OUT (default ./out), the harnesses' JSON to $OUT/dev.
 #
 #   scripts/gpu_check.sh                  # every stage
-#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python peers bench perf
+#   scripts/gpu_check.sh tests bench      # some stages: build tests sanitize python peers bench
+#                                         # perf dev multigpu
 #
 # Uses the machine's python3 (with torch) and needs no network. GoogleTest comes from the system,
 # or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it);
@@ -27,8 +30,12 @@ cd "$root"
 out=${OUT:-$root/out}
 mkdir -p "$out"
 log="$out/gpu_check.log"
-stages=${*:-build tests sanitize python peers bench perf}
+stages=${*:-build tests sanitize python peers bench perf dev multigpu}
 export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
+# NVLink multicast off in NCCL, PyTorch and NVSHMEM, for every process started from here: a
+# program using it can take a shared multi-GPU host's GPUs out of service.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
 # Peers the machine lacks (comfy_kitchen, say) can come along as packages in .peers/.
 [ -d .peers ] && export PYTHONPATH="$root/.peers${PYTHONPATH:+:$PYTHONPATH}"
 # ComfyUI's snapshot and the wheels its imports need (scripts/prepare_comfyui.sh) in .comfyui/:
@@ -113,23 +120,33 @@ perf_table() { "$tests" --kiln_perf | tee "$out/kiln_perf.txt"; }
   python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 } >>"$log" 2>&1
 
+gtest_args=()
+[ -d .gtest ] && gtest_args=(-DKILN_GTEST_SOURCE_DIR="$root/.gtest")
+py_install() {
+  python3 -m pip install -q --no-build-isolation --no-deps --no-index \
+    --config-settings=build-dir=build/gpu-python .
+}
+
 if want build; then
-  gtest_args=()
-  [ -d .gtest ] && gtest_args=(-DKILN_GTEST_SOURCE_DIR="$root/.gtest")
   run configure cmake -S . -B "$build" -G Ninja -DKILN_WERROR=ON "${gtest_args[@]}"
   run build cmake --build "$build" -j "$(nproc)"
 fi
+# The CPU cases are CI's (scripts/test.sh); here only on request (the "cpu" stage).
 if want tests; then
   run gpu_tests sharded_tests cuda
+fi
+if want cpu; then
   run cpu_tests sharded_tests cpu
 fi
 if want sanitize; then
   run sanitizers sanitizers
 fi
+if want python || { want multigpu && ((gpus > 1)); }; then
+  run py_install py_install
+fi
 if want python; then
-  run py_install python3 -m pip install -q --no-build-isolation --no-deps --no-index \
-    --config-settings=build-dir=build/gpu-python .
-  run pytest python3 -m pytest tests/python -q -rs
+  # The tests that use a GPU (CUDA parametrizations, GPU-only tests); CI runs the rest.
+  run pytest python3 -m pytest tests/python -q -rs -k "(cuda or gpu or GPU) and not nccl"
 fi
 if want peers; then
   if [ -d .peers/llama.cpp/src ]; then
@@ -144,14 +161,45 @@ if want bench; then
     echo "==== bench: no .comfyui/ here, so kiln bench comfyui measures nothing (run" \
          "scripts/prepare_comfyui.sh where pip reaches PyPI and carry .comfyui)" | tee -a "$log"
   fi
-  run bench python3 -m kiln.bench
+  # One process a suite, each its own line (and time) in the summary; KILN_BENCH_SUITES names a
+  # subset ("norm activation matmul"), so that the stage can be split over 10-minute commands.
+  all_suites=$(python3 -c 'from kiln.bench import suite_names; print(*suite_names())' 2>/dev/null)
+  suites=${KILN_BENCH_SUITES:-$all_suites}
+  [ -n "$suites" ] || run bench python3 -c 'import kiln.bench'  # fails, the error in the log
+  for suite in $suites; do
+    run "bench_$suite" python3 -m kiln.bench "$suite"
+  done
 fi
 if want perf; then
   run perf perf_table
 fi
+if want dev; then
+  # Each harness of dev/ (dev/README.md) in its default run, tens of seconds each: the C++ ones
+  # built into the same folder with KILN_BUILD_DEV, the Python ones over the installed kiln.
+  mkdir -p "$out/dev"
+  run dev_config cmake -S . -B "$build" -G Ninja -DKILN_WERROR=ON -DKILN_BUILD_DEV=ON \
+    "${gtest_args[@]}"
+  run dev_build cmake --build "$build" -j "$(nproc)" --target dev_rope_flux_rows_in_flight \
+    dev_conv2d_paths dev_matmul_gemm_tiles
+  (cd /tmp && python3 -c 'import kiln') >/dev/null 2>&1 || run py_install py_install
+  for harness in "$build"/dev/dev_*; do
+    [ -x "$harness" ] && run "$(basename "$harness")" env OUT="$out/dev" "$harness"
+  done
+  for harness in dev/{rope_flux,attention,conv2d,matmul}/*.py; do  # not dev/jit's SASS diff
+    [ -f "$harness" ] && run "$harness" env OUT="$out/dev" python3 "$harness"
+  done
+fi
+if want multigpu; then
+  if ((gpus > 1)); then
+    run pytest_nccl python3 -m pytest tests/python/test_diffusers_parallel.py -q -rs -s -k nccl
+    run bench_gpus python3 -m kiln.bench flux2 --gpus "$gpus" --json "$out/bench_flux2_gpus.json"
+  else
+    summary+=("$(printf '%-12s skipped (%d GPU: needs 2 or more)' multigpu "$gpus")")
+  fi
+fi
 
 echo
-echo "GPU check on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1):"
+echo "GPU check on $gpus x $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1):"
 printf '  %s\n' "${summary[@]}"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]} (log: $log)"

@@ -5,8 +5,10 @@ ComfyUI's Flux blocks (comfy/ldm/flux/layers.py) call `attention(q, k, v, pe, ma
 transformer_options)` of comfy/ldm/flux/math.py with q, k, v [B, H, L, D] (strided views of the
 packed QKV projection, q and k already QK-normed by the block) and pe f32 [B|1, 1, L, D/2, 2, 2];
 it rotates q and k in f32 torch ops (a chain of temporaries), then calls optimized_attention
-(skip_reshape), which returns [B, L, H * D]. This ComfyUI has no hook ahead of that RoPE, so
-install() rebinds the name the blocks call, comfy.ldm.flux.layers.attention, to flux_attention:
+(skip_reshape), which returns [B, L, H * D]. The blocks kiln runs (blocks.py) do their QK-norm,
+RoPE and attention themselves; for the blocks that run on ComfyUI (a call kiln's block declines,
+another node's block replacement, models built from Flux's blocks) install() rebinds the name
+the blocks call, comfy.ldm.flux.layers.attention, to flux_attention:
 the same contract, run as two kiln.rope_flux calls (each reads q or k once through its
 [B, L, H, D] view and writes [B, H, L, D] in v's dtype, math in f32) and kiln.attention. Anything
 kiln does not take goes to the original function, logged once per reason: attention turned off,
@@ -19,7 +21,8 @@ ComfyUI versions that route RoPE through comfy-kitchen (comfy_kitchen.apply_rope
 rope through kiln.comfy_kitchen instead, where that rebinding is not there.
 
 install() also registers kiln's attention as "kiln" with ComfyUI's
-register_attention_function, for nodes and versions that choose attention by name.
+register_attention_function, for nodes and versions that choose attention by name. sdpa() is
+kiln's attention in ComfyUI's convention, which the blocks call too.
 """
 
 import torch
@@ -66,15 +69,22 @@ def _flux_attention(original, flux_math):
     return flux_attention
 
 
-def _pe_problem(pe, q) -> str | None:
+def pe_problem(pe, batch: int, length: int, head_dim: int) -> str | None:
+    """Why kiln.rope_flux does not read Flux's pe for `length` tokens of `batch` (None: it
+    does)."""
     if pe is None:
         return None
-    b, _, length, d = q.shape
-    want = (length, d // 2, 2, 2)
-    if (pe.dtype != torch.float32 or pe.dim() != 6 or pe.shape[0] not in (1, b)
+    want = (length, head_dim // 2, 2, 2)
+    if (pe.dtype != torch.float32 or pe.dim() != 6 or pe.shape[0] not in (1, batch)
             or pe.shape[1] != 1 or tuple(pe.shape[2:]) != want):
-        return (f"pe {pe.dtype} {list(pe.shape)}, expected f32 [B|1, 1, {length}, {d // 2}, 2, 2]")
+        return (f"pe {pe.dtype} {list(pe.shape)}, expected f32 [B|1, 1, {length}, "
+                f"{head_dim // 2}, 2, 2]")
     return None
+
+
+def rope_table(pe):
+    """kiln.rope_flux's pe from Flux's [B|1, 1, L, D/2, 2, 2]: [L, ...] or [B, L, ...]."""
+    return pe[0, 0] if pe.shape[0] == 1 else pe[:, 0]
 
 
 def _flux_on_kiln(q, k, v, pe, mask, transformer_options, flux_math):
@@ -87,14 +97,15 @@ def _flux_on_kiln(q, k, v, pe, mask, transformer_options, flux_math):
     if q.shape[3] % 2:
         parts.declined(PART, f"odd head dim {q.shape[3]}")
         return None
-    problem = _pe_problem(pe, q) or parts.device_problem(q, k, v)
+    problem = (pe_problem(pe, q.shape[0], q.shape[2], q.shape[3])
+               or parts.device_problem(q, k, v))
     if problem:
         parts.declined(PART, problem)
         return None
     heads = q.shape[1]
     try:
         if pe is not None:
-            table = pe[0, 0] if pe.shape[0] == 1 else pe[:, 0]  # [L, D/2, 2, 2] or [B, L, ...]
+            table = rope_table(pe)
             q = kiln.rope_flux(q.transpose(1, 2), table, out_dtype=v.dtype)  # [B, H, L, D]
             k = kiln.rope_flux(k.transpose(1, 2), table, out_dtype=v.dtype)
     except (kiln.InvalidArgumentError, kiln.UnsupportedError) as error:
@@ -106,8 +117,8 @@ def _flux_on_kiln(q, k, v, pe, mask, transformer_options, flux_math):
         parts.took(PART, "Flux RoPE (kiln.rope_flux); attention by ComfyUI's optimized_attention")
         return flux_math.optimized_attention(q, k, v, heads, skip_reshape=True, mask=mask,
                                              transformer_options=transformer_options)
-    parts.took(PART, f"Flux RoPE (kiln.rope_flux) + kiln.attention, {v.dtype} "
-               f"{list(q.shape)} on {q.device.type}")
+    parts.took(PART, f"Flux RoPE (kiln.rope_flux) + kiln.attention, {v.dtype} on "
+               f"{q.device.type}")
     return out
 
 

@@ -6,9 +6,9 @@ from . import vae as vae_hooks
 
 class Kiln:
     DESCRIPTION = (
-        "Turns kiln's parts on or off for this model and VAE: Flux RoPE + attention, fp8 "
-        "linears with per-token activation scales, the VAE decoder's convolutions. Without this "
-        "node every part is on (KILN_COMFY_PARTS sets the default)."
+        "Turns kiln's parts on or off for this model and VAE: Flux blocks (QK RMSNorm + RoPE, "
+        "attention, AdaLN norms, GEMM epilogues), linears with fp8 weights, the VAE decoder's "
+        "convolutions. Without this node every part is on (KILN_COMFY_PARTS sets the default)."
     )
     CATEGORY = "advanced/kiln"
     FUNCTION = "apply"
@@ -19,10 +19,12 @@ class Kiln:
         return {
             "required": {
                 "model": ("MODEL",),
-                "attention": ("BOOLEAN", {"default": True,
-                                          "tooltip": "Flux RoPE + attention on kiln"}),
-                "fp8_linear": ("BOOLEAN", {"default": True,
-                                           "tooltip": "fp8 linears on kiln, per-token scales"}),
+                "attention": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Flux blocks on kiln: QK RMSNorm + RoPE, attention, AdaLN norms, GEMM "
+                    "epilogues")}),
+                "fp8_linear": ("BOOLEAN", {"default": True, "tooltip": (
+                    "linears with fp8 weights on kiln, never dequantized: fp8 x fp8 with "
+                    "per-token scales (sm_89+), fp8 weights decoded in registers (sm_80/86)")}),
                 "vae_conv2d": ("BOOLEAN", {"default": True,
                                            "tooltip": "VAE decoder convolutions on kiln"}),
             },

@@ -1,26 +1,39 @@
-"""Which of kiln's parts run, on which devices, and the log of what kiln took or left to ComfyUI.
+"""Which of kiln's parts run, on which devices, the log of what kiln took or left to ComfyUI,
+and the class hook the parts share (call_after_init).
 
-Parts: "attention" (Flux's RoPE + attention), "fp8_linear" (fp8 linears with per-token
-activation scales), "vae_conv2d" (the VAE decoder's convolutions). Each is on by default
-(KILN_COMFY_PARTS lists those on); the Kiln node turns them on or off for one model through a
-ComfyUI wrapper around its diffusion model, which sets them for the duration of the call.
+Parts: "attention" (Flux's blocks: QK RMSNorm + RoPE + attention, and the AdaLN norms and
+GEMM epilogues around them; Flux's attention function where a block runs on ComfyUI),
+"fp8_linear" (linears with fp8 weights), "vae_conv2d" (the VAE decoder's convolutions). Each is
+on by default (KILN_COMFY_PARTS lists those on); the Kiln node turns them on or off for one model
+through a ComfyUI wrapper around its diffusion model, which sets them for the duration of the
+call.
 
-A call kiln takes is logged once per part ("kiln: attention on kiln (...)"), a call left to
-ComfyUI once per part and reason ("kiln: attention -> ComfyUI (...)"), both on the
+fp8 linears take their activations in fp8 (per-token scales, fp8 x fp8 on tensor cores) or as
+they come (bf16 x fp8 weights decoded in registers): fp8_activations(device) says which,
+KILN_COMFY_FP8_ACTIVATIONS=auto|fp8|bf16 sets it (auto: fp8 where the GPU has fp8 tensor cores,
+sm_89 and up, and on CPU; bf16 on sm_80 to sm_87).
+
+A call kiln takes is logged once per part and way ("kiln: attention on kiln (...)"), a call
+left to ComfyUI once per part and reason ("kiln: attention -> ComfyUI (...)"), both on the
 "kiln.comfyui" logger at INFO; counts() tells how many calls went each way.
 """
 
 import collections
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import threading
+
+import torch
 
 from kiln.comfy_kitchen import device_problem as kiln_device_problem
 
 PARTS = ("attention", "fp8_linear", "vae_conv2d")
 DEVICE_TYPES = ("cuda", "cpu")
+FP8_ACTIVATIONS = ("auto", "fp8", "bf16")
+FP8_TENSOR_CORES = (8, 9)  # sm_89 (Ada) and newer multiply fp8 x fp8 on tensor cores
 
 log = logging.getLogger("kiln.comfyui")
 
@@ -34,10 +47,18 @@ def _names(variable: str, default: str, allowed) -> frozenset:
     return names
 
 
+def _choice(variable: str, allowed) -> str:
+    value = os.environ.get(variable, allowed[0]).strip()
+    if value not in allowed:
+        raise ValueError(f"kiln: {variable} is {value!r}, expected one of {', '.join(allowed)}")
+    return value
+
+
 _settings = {
     "parts": _names("KILN_COMFY_PARTS", ",".join(PARTS), PARTS),
     # kiln's CPU code is its reference (exact, slow): ComfyUI keeps CPU work unless asked.
     "devices": _names("KILN_COMFY_DEVICES", "cuda", DEVICE_TYPES),
+    "fp8_activations": _choice("KILN_COMFY_FP8_ACTIVATIONS", FP8_ACTIVATIONS),
 }
 _override = contextvars.ContextVar("kiln_comfyui_parts", default=None)
 _lock = threading.Lock()
@@ -45,8 +66,9 @@ _logged: set = set()
 _counts: collections.Counter = collections.Counter()
 
 
-def configure(parts=None, devices=None) -> None:
-    """Sets the parts on by default and the device types kiln takes work on."""
+def configure(parts=None, devices=None, fp8_activations=None) -> None:
+    """Sets the parts on by default, the device types kiln takes work on and how fp8 linears
+    take their activations ("auto", "fp8", "bf16")."""
     if parts is not None:
         unknown = set(parts) - set(PARTS)
         if unknown:
@@ -58,10 +80,33 @@ def configure(parts=None, devices=None) -> None:
             raise ValueError(f"kiln: unknown device types {sorted(unknown)}, expected some of "
                              f"{DEVICE_TYPES}")
         _settings["devices"] = frozenset(devices)
+    if fp8_activations is not None:
+        if fp8_activations not in FP8_ACTIVATIONS:
+            raise ValueError(f"kiln: fp8_activations is {fp8_activations!r}, expected one of "
+                             f"{FP8_ACTIVATIONS}")
+        _settings["fp8_activations"] = fp8_activations
 
 
 def settings() -> dict:
-    return {"parts": sorted(_settings["parts"]), "devices": sorted(_settings["devices"])}
+    return {"parts": sorted(_settings["parts"]), "devices": sorted(_settings["devices"]),
+            "fp8_activations": _settings["fp8_activations"]}
+
+
+@functools.cache
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_activations(device: torch.device) -> bool:
+    """Whether fp8 linears on `device` quantize their activations to fp8 (per token) for an fp8
+    x fp8 matmul, or read them as they are against the fp8 weights."""
+    mode = _settings["fp8_activations"]
+    if mode != "auto":
+        return mode == "fp8"
+    if device.type != "cuda":
+        return True  # kiln's CPU reference: the fp8 x fp8 math of sm_89 and up
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= FP8_TENSOR_CORES
 
 
 def enabled(part: str) -> bool:
@@ -110,8 +155,9 @@ def _once(key, message: str, *args) -> None:
 
 
 def took(part: str, detail: str) -> None:
+    """A call of `part` run on kiln, the way `detail` says (logged once per part and detail)."""
     _counts[(part, "kiln")] += 1
-    _once((part, "kiln"), "kiln: %s on kiln (%s)", part, detail)
+    _once((part, "kiln", detail), "kiln: %s on kiln (%s)", part, detail)
 
 
 def declined(part: str, reason: str) -> None:
@@ -126,3 +172,18 @@ def counts() -> dict:
 
 def reset_counts() -> None:
     _counts.clear()
+
+
+def call_after_init(cls, add) -> None:
+    """Wraps cls.__init__ (a ComfyUI class) so that add(instance) runs after it; once."""
+    original = cls.__init__
+    if hasattr(original, "kiln_original"):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        add(self)
+
+    __init__.kiln_original = original
+    cls.__init__ = __init__

@@ -13,7 +13,6 @@ that has kiln's patches on or off.
 """
 
 import copy
-import functools
 
 import torch
 
@@ -33,18 +32,8 @@ def install(sd, ops) -> list[str]:
     name = "comfy.sd.VAE (decoder convolutions as object patches)"
     if vae_class is None or not hasattr(ops, "cast_bias_weight"):
         return []
-    if hasattr(vae_class.__init__, "kiln_original"):
-        return [name]
-    original = vae_class.__init__
     _comfy["ops"] = ops
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        add_patches(self)
-
-    __init__.kiln_original = original
-    vae_class.__init__ = __init__
+    parts.call_after_init(vae_class, add_patches)
     return [name]
 
 

@@ -36,7 +36,7 @@ int sm_count(const char* op, int device);
 // Device memory for the work queued on `stream` before its destruction: cudaMallocFromPoolAsync
 // and cudaFreeAsync on kiln's own pool on `device`, which keeps up to 64 MiB mapped between
 // calls. (The default pool hands memory back at every synchronization: a 32 MiB cuBLASLt
-// workspace mapped again each call cost ~40 us of host time on an H200.)
+// workspace mapped again each call cost host time on every call; matmul NOTES.md.)
 class StreamScratch {
  public:
   StreamScratch(const char* op, int device, std::size_t bytes, Stream stream);

@@ -195,7 +195,9 @@ def test_bench_rope_on_cpu(tmp_path):
     record = json.loads((tmp_path / "bench_rope.json").read_text())
     assert record["suite"] == "rope" and record["kiln"] == kiln.__version__
     assert record["copy_GBps"] > 0
-    assert len(record["measurements"]) == 6
+    cases = [m["case"] for m in record["measurements"]]
+    assert len(cases) == 10, cases  # 6 Flux cases, decode and prefill of two LLMs
+    assert sum(c.startswith("llm ") for c in cases) == 4
     for m in record["measurements"]:
         assert m["kiln_ms"] > 0 and m["peers_ms"]["eager"] > 0
     assert "op / shape" in result.stdout
@@ -233,7 +235,8 @@ def test_bench_without_torch(tmp_path):
     script = ("import sys; sys.modules['torch'] = None; import kiln.cli; "
               "sys.exit(kiln.cli.main(sys.argv[1:]))")
     env = kiln_env(tmp_path / "cache", tmp_path)
-    for suite, checks in (("rope", 1), ("attention", 1), ("conv2d", 1), ("matmul", 4)):
+    for suite, checks in (("rope", 1), ("attention", 1), ("conv2d", 1), ("norm", 3),
+                          ("activation", 2), ("matmul", 4)):
         result = subprocess.run([sys.executable, "-c", script, "bench", suite, "--no-chart"],
                                 env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
@@ -246,3 +249,42 @@ def test_bench_without_torch(tmp_path):
 def test_bench_requires_suite_placeholder_for_several(tmp_path):
     result = kiln_cmd("bench", "--json", str(tmp_path / "x.json"), cache_dir=tmp_path, check=False)
     assert result.returncode == 2 and "{suite}" in result.stderr
+
+
+# Each op suite's CPU path: kiln's CPU reference against eager torch at small sizes, every peer
+# checked against kiln's output before timing (a disagreement fails the command).
+OP_SUITES = {
+    "norm": ["layer_norm+adaln bf16", "layer_norm+adaln fp8", "rms_norm bf16->bf16",
+             "rms_norm f32->bf16", "group_norm+silu nhwc", "group_norm+silu nchw"],
+    "activation": ["swiglu bf16", "swiglu fp8", "gelu_tanh bf16", "gelu_tanh fp8"],
+}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without a CUDA device")
+@pytest.mark.parametrize("suite", sorted(OP_SUITES))
+def test_bench_op_suite_on_cpu(tmp_path, suite):
+    result = kiln_cmd("bench", suite, "--reps", "2", "--warmup", "1", "--no-chart",
+                      cache_dir=tmp_path / "cache", out_dir=tmp_path)
+    assert "no CUDA device: CPU backends at small sizes" in result.stderr
+    record = json.loads((tmp_path / f"bench_{suite}.json").read_text())
+    assert record["suite"] == suite and record["gpu"] == "none"
+    cases = {m["case"] for m in record["measurements"]}
+    assert cases == set(OP_SUITES[suite])
+    for m in record["measurements"]:
+        assert m["kiln_ms"] > 0 and m["peers_ms"]["eager"] > 0
+        assert m["peers_ms"]["bytes floor"] > 0
+        assert "torch.compile" not in m["peers_ms"]  # compiled peers run on a GPU only
+
+
+def test_bench_default_list_filter_and_all():
+    """A suite's default list runs by default; --filter picks among every case; --all runs all."""
+    from kiln.bench import Bench
+
+    bench = Bench(1, 1, 0, None)
+    assert bench.wants("swiglu fp8 llama-8b M4", True)
+    assert not bench.wants("swiglu fp8 llama-8b M4", False)
+    bench.all_cases = True
+    assert bench.wants("swiglu fp8 llama-8b M4", False)
+    picked = Bench(1, 1, 0, "M4")
+    assert picked.wants("swiglu fp8 llama-8b M4", False)
+    assert not picked.wants("swiglu fp8 llama-8b M1", True)

@@ -3,7 +3,8 @@
 Models are built from their real configs (kiln.diffusers.configs) with reduced depth and width
 and random bf16-representable weights (configs.random_weights), saved with save_pretrained and
 loaded back with from_pretrained once per session (the real loading code runs), in f32 (the
-reference: diffusers' eager forward) and in bf16 (diffusers' bf16 forward and kiln's). On CPU,
+reference: diffusers' eager forward) and in bf16 (diffusers' bf16 forward and kiln's); the tiny
+configs and inputs live in diffusers_models.py (shared with test_diffusers_parallel.py). On CPU,
 kiln's ops run their f64-accumulating references, so the tiny configs keep the suite short.
 
 Accuracy (the issue's targets): relative error ||y - y_f32|| / ||y_f32|| of the transformer's
@@ -28,30 +29,23 @@ from conftest import CUDA_REASON, HAS_CUDA
 diffusers = pytest.importorskip("diffusers")
 
 import kiln.diffusers  # noqa: E402
+from diffusers_models import (  # noqa: E402
+    BATCH,
+    FAMILIES,
+    LATENT,
+    TEXT_TOKENS,
+    TINY_FLUX1,
+    TINY_FLUX2,
+    TINY_VAE,
+    forward,
+    in_dtype,
+    relative_error,
+    saved,
+    transformer_inputs,
+)
 from kiln.diffusers import configs  # noqa: E402
 
 FP8_MAX = 448.0
-BATCH = 2  # two batch elements with different timesteps: per-batch gates and modulations
-TEXT_TOKENS = 12
-LATENT = 6  # latent grid of the transformer inputs (tokens = LATENT^2)
-
-# Tiny variants: the real configs with fewer, narrower blocks (2 heads of the real 128).
-TINY_FLUX2 = {**configs.FLUX2_KLEIN_4B, "num_layers": 2, "num_single_layers": 2,
-              "num_attention_heads": 2, "joint_attention_dim": 192}
-TINY_FLUX1 = {**configs.FLUX1_DEV, "num_layers": 2, "num_single_layers": 2,
-              "num_attention_heads": 2, "joint_attention_dim": 192, "pooled_projection_dim": 64}
-TINY_VAE = {"block_out_channels": (32, 64), "down_block_types": ("DownEncoderBlock2D",) * 2,
-            "up_block_types": ("UpDecoderBlock2D",) * 2}
-FAMILIES = ["flux2", "flux1"]
-
-
-def relative_error(got, want) -> float:
-    want = want.double()
-    norm = want.norm().item()
-    assert norm > 0, "reference is all zeros: the comparison would pass vacuously"
-    got = got.double()
-    assert torch.isfinite(got).all(), "output holds NaN or inf"
-    return ((got - want).norm() / norm).item()
 
 
 def psnr(got, want) -> float:
@@ -66,11 +60,7 @@ def psnr(got, want) -> float:
 
 def _saved(tmp_path_factory, name, cls, config, seed):
     """Saves a randomly initialized `cls(**config)` and loads it back in f32 and bf16."""
-    folder = tmp_path_factory.mktemp(name)
-    configs.random_weights(cls(**config), seed).save_pretrained(folder)
-    f32 = cls.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    bf16 = cls.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
-    return {"f32": f32, "bf16": bf16, "folder": folder, "cls": cls}
+    return saved(tmp_path_factory.mktemp(name), cls, config, seed)
 
 
 @pytest.fixture(scope="module")
@@ -91,46 +81,6 @@ def vaes_saved(tmp_path_factory):
         "flux1": _saved(tmp_path_factory, "vae1", diffusers.AutoencoderKL,
                         {**configs.FLUX1_VAE, **TINY_VAE}, 4),
     }
-
-
-def transformer_inputs(family, model, dtype, device="cpu", latent=LATENT, text=TEXT_TOKENS,
-                       batch=BATCH):
-    """Keyword arguments of a transformer forward as the pipelines build them (fresh random
-    latents and text embeddings, one timestep per batch element, position ids)."""
-    config = model.config
-    tokens = latent * latent
-    hidden = torch.randn(batch, tokens, config.in_channels, device=device).to(dtype)
-    context = torch.randn(batch, text, config.joint_attention_dim, device=device).to(dtype)
-    # Timesteps and guidance whose x1000 the bf16 models hold exactly (diffusers rounds them to
-    # the model's dtype before the sinusoidal embedding): the errors measured are the blocks'.
-    timestep = torch.tensor([0.5, 0.25, 0.125, 0.375][:batch], device=device)
-    rows, cols = torch.meshgrid(torch.arange(latent), torch.arange(latent), indexing="ij")
-    if family == "flux2":
-        zeros = torch.zeros(tokens)
-        img_ids = torch.stack([zeros, rows.flatten(), cols.flatten(), zeros], -1)
-        txt_ids = torch.zeros(text, 4)
-        txt_ids[:, 3] = torch.arange(text)
-        extra = {}
-    else:
-        img_ids = torch.stack([torch.zeros(tokens), rows.flatten(), cols.flatten()], -1)
-        txt_ids = torch.zeros(text, 3)
-        extra = {"pooled_projections": torch.randn(batch, config.pooled_projection_dim,
-                                                   device=device).to(dtype),
-                 "guidance": torch.full((batch,), 4.0, device=device)}
-    return {"hidden_states": hidden, "encoder_hidden_states": context, "timestep": timestep,
-            "img_ids": img_ids.to(device), "txt_ids": txt_ids.to(device), "return_dict": False,
-            **extra}
-
-
-def in_dtype(inputs, dtype):
-    """The same inputs with the activations (not ids or timesteps) in `dtype`."""
-    cast = ("hidden_states", "encoder_hidden_states", "pooled_projections")
-    return {k: v.to(dtype) if k in cast else v for k, v in inputs.items()}
-
-
-@torch.no_grad()
-def forward(model, inputs):
-    return model(**inputs)[0]
 
 
 # ---- the torchao-style fp8 recipe, in torch ops --------------------------------------------------

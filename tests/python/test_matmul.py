@@ -759,9 +759,16 @@ def test_bench_matmul_on_cpu(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "bench_matmul.json").read_text())
-    cases = [(m["format"], m["m"]) for m in record["measurements"]]
-    assert ("fp8 w", 1) in cases and ("q8_0 w", 8) in cases and ("fp8 x fp8", 512) in cases
+    cases = [(m["format"], m["m"], m.get("epilogue")) for m in record["measurements"]]
+    assert ("fp8 w", 1, None) in cases and ("q8_0 w", 8, None) in cases
+    assert ("fp8 x fp8", 512, None) in cases
+    # kiln.matmul's gate / residual epilogue against kiln without it + the epilogue in torch
+    assert ("fp8 x fp8", 48, "+gate+residual") in cases
+    assert ("q8_0 w", 1, "+residual") in cases and ("bf16 w", 1, "+residual") in cases
     assert [c["passed"] for c in record["checks"]] == [True]  # no case failed
     for m in record["measurements"]:
         assert m["kiln_ms"] > 0 and m["auto_path"] == "reference"
-        assert m["peers_ms"]["bf16 matmul"] > 0 and m["peers_ms"]["dequant+matmul"] > 0
+        if "epilogue" in m:
+            assert m["peers_ms"]["kiln + torch epilogue"] > 0
+        else:
+            assert m["peers_ms"]["bf16 matmul"] > 0 and m["peers_ms"]["dequant+matmul"] > 0

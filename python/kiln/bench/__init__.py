@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=_count(0),
                         help="CUDA device index (default 0); refused without a GPU")
     parser.add_argument("--filter", help="run only the cases whose name contains this text")
+    parser.add_argument("--gpus", type=_count(1), default=1,
+                        help="GPUs for suites that spread over several (flux2: sequence "
+                        "parallelism on 2, 4, ... up to this many)")
     parser.add_argument(
         "--json",
         type=Path,
@@ -51,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default $OUT/bench_{suite}.json, else ./out/bench_{suite}.json; the chart goes beside it",
     )
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    parser.add_argument(
+        "--all", action="store_true",
+        help="run every case of the suite, not only its default list (--filter picks among all)"
+    )
 
 
 def _count(least: int):
@@ -108,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
     bench = Bench(args.warmup, args.reps, args.device or 0, args.filter)
     if not bench.cuda:
         print(_no_gpu_banner(names, bench.torch is not None), file=sys.stderr, flush=True)
+    bench.gpus = args.gpus
     status = 0
+    bench.all_cases = args.all
     for name in names:
         suite = load_suite(name)
         bench.start_suite(name)

@@ -45,11 +45,13 @@ class Bench:
         self.warmup = warmup
         self.reps = reps
         self.case_filter = case_filter
+        self.all_cases = False  # every case, not only the suite's default list (kiln bench --all)
         self.torch = _import_torch()
         self.cuda = _C.cuda_device_count() > 0 and (
             self.torch is None or self.torch.cuda.is_available()
         )
         self.device_index = device_index
+        self.gpus = 1  # GPUs a suite may spread over (kiln bench --gpus)
         if self.cuda and self.torch is not None:
             self.device = self.torch.device("cuda", device_index)
             self.timer = CudaTimer(self.torch, self.device, warmup, reps)
@@ -72,8 +74,20 @@ class Bench:
         self.log_lines.append(message)
         print(f"[{self.suite}] {message}", file=sys.stderr, flush=True)
 
-    def wants(self, case: str) -> bool:
-        return self.case_filter is None or self.case_filter in case
+    def wants(self, case: str, default: bool = True) -> bool:
+        """Whether to run `case`: with --filter, every case whose name contains the text;
+        otherwise the suite's default list (`default`), or every case with --all."""
+        if self.case_filter is not None:
+            return self.case_filter in case
+        return default or self.all_cases
+
+    def sizes(self, gpu, cpu):
+        """A suite's sizes: `gpu` on a GPU; else says so and gives `cpu`, the small sizes its
+        CPU path (kiln's CPU reference against torch, no GPU figure) runs."""
+        if self.cuda:
+            return gpu
+        self.log("no CUDA device: CPU backends at small sizes")
+        return cpu
 
     def require_torch(self):
         if self.torch is None:

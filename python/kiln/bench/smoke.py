@@ -11,7 +11,8 @@ import secrets
 
 import numpy as np
 
-from .. import attention, conv2d, dequantize, matmul, quantize_fp8, quantize_q8_0, rope_flux
+from .. import (attention, conv2d, dequantize, gelu_tanh, glu, group_norm, layer_norm, matmul,
+               quantize_fp8, quantize_q8_0, rms_norm, rope_flux)
 
 
 def _error(got, want) -> float:
@@ -71,7 +72,44 @@ def _matmul(rng) -> list:
     ]
 
 
-CHECKS = {"rope": _rope, "attention": _attention, "conv2d": _conv2d, "matmul": _matmul}
+def _norm(rng) -> list:
+    x = rng.standard_normal((2, 7, 96)).astype(np.float32)
+    weight, bias = rng.standard_normal(96).astype(np.float32), rng.standard_normal(96)
+    shift, scale = rng.standard_normal((2, 96)), rng.standard_normal((2, 96))
+    x64 = x.astype(np.float64)
+    rms = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * weight
+    centered = x64 - x64.mean(-1, keepdims=True)
+    ln = centered / np.sqrt((centered ** 2).mean(-1, keepdims=True) + 1e-6) * weight + bias
+    ada = ln * (1 + scale[:, None]) + shift[:, None]
+    f32 = np.float32
+    img = rng.standard_normal((2, 8, 5, 3)).astype(np.float32)
+    grouped = img.astype(np.float64).reshape(2, 4, -1)
+    grouped = (grouped - grouped.mean(-1, keepdims=True)) / np.sqrt(grouped.var(-1, keepdims=True)
+                                                                     + 1e-6)
+    gn = grouped.reshape(img.shape)
+    return [
+        ("rms_norm f32", _error(rms_norm(x, weight), rms), 1e-6),
+        ("layer_norm f32 AdaLN", _error(layer_norm(x, weight, bias.astype(f32),
+                                                   shift=shift.astype(f32),
+                                                   scale=scale.astype(f32)), ada), 1e-6),
+        ("group_norm f32 + SiLU", _error(group_norm(img, 4, silu=True), gn / (1 + np.exp(-gn))),
+         1e-6),
+    ]
+
+
+def _activation(rng) -> list:
+    x = rng.standard_normal((5, 2 * 48)).astype(np.float32)
+    gate, up = x.astype(np.float64)[:, :48], x.astype(np.float64)[:, 48:]
+    x64 = x.astype(np.float64)
+    gelu = 0.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)))
+    return [
+        ("glu silu f32", _error(glu(x), gate / (1 + np.exp(-gate)) * up), 1e-6),
+        ("gelu_tanh f32", _error(gelu_tanh(x), gelu), 1e-6),
+    ]
+
+
+CHECKS = {"rope": _rope, "attention": _attention, "conv2d": _conv2d, "norm": _norm,
+          "activation": _activation, "matmul": _matmul}
 
 
 def run(bench, name: str) -> None:

@@ -109,3 +109,16 @@ def copy_bandwidth(torch, timer, device) -> float:
     dst = torch.empty_like(src)
     timing = timer.time(lambda a, b: b.copy_(a), [(src, dst)])
     return 2 * nbytes / timing.ms / 1e6
+
+
+def time_copy(torch, timer, device, nbytes: int, count: int) -> Timing:
+    """A device-to-device copy moving `nbytes` (half read, half written), rotated over `count`
+    buffer pairs like the inputs of the op it stands beside: what any kernel moving those bytes
+    can reach, ramp-up and tail included."""
+    half = nbytes // 2
+    pairs = [
+        (torch.empty(half, dtype=torch.uint8, device=device).random_(0, 255),
+         torch.empty(half, dtype=torch.uint8, device=device))
+        for _ in range(count)
+    ]
+    return timer.time(lambda src, dst: dst.copy_(src), pairs)

@@ -14,8 +14,9 @@ kiln.diffusers.apply(target, *, weights="fp8", activations="auto", graphs=True,
 target: a diffusers pipeline (its `transformer` and `vae` components), a Flux2Transformer2DModel
    or FluxTransformer2DModel, or an AutoencoderKLFlux2 / AutoencoderKL. Anything else, or a
    known model with a part kiln does not know (a LoRA adapter, a KV-cache or IP-adapter
-   processor, fused QKV projections, accelerate or diffusers hooks, a compiled block), is
-   refused whole with kiln.UnsupportedError naming the part: nothing is changed.
+   processor, fused QKV projections, accelerate hooks or diffusers hooks other than context
+   parallelism's, tensor parallelism, a compiled block), is refused whole with
+   kiln.UnsupportedError naming the part: nothing is changed.
 weights: "fp8": every linear of the transformer is quantized once, here, to fp8 e4m3 with one
    scale per output channel; "bf16": the model's own weights through cuBLAS (F.linear). Both
    run every non-GEMM part of a block on kiln's fused ops.
@@ -46,6 +47,14 @@ ranges, so [attention, MLP] is never concatenated. VAE decoder: kiln.conv2d for 
 convolution, kiln.group_norm with fused SiLU, the mid-block attention through kiln.attention
 (head dims up to 256: the Flux VAEs' single 512-wide head runs on torch SDPA, said in the log).
 The model's own forward (timestep embedding, RoPE tables, patchify) stays diffusers'.
+
+Several GPUs: under diffusers' context parallelism (model.enable_parallelism(config=
+ContextParallelConfig(ulysses_degree=..., ring_degree=...)), before or after apply) diffusers
+splits the tokens over the ranks and gathers the output, and kiln's blocks run the attention
+step across ranks over diffusers' process groups: Ulysses all-to-alls, ring attention with the
+next K/V block in flight, or both; uneven shares (ulysses_anything / ring_anything) too. CUDA
+graphs stay on (the NCCL collectives are captured; every rank captures and replays in step).
+Tensor parallelism is refused. See kiln.diffusers._parallel.
 
 Written against diffusers 0.42.1 (DIFFUSERS_VERSION; another version logs a warning and is
 still checked part by part).

@@ -11,15 +11,19 @@ by Handle.remove():
     of one fused weight;
   - the VAE: the forward of every decoder nn.Conv2d, ResnetBlock2D and the Decoder, and the
     mid-block attention's processor (Attention.set_processor).
+
+diffusers' context-parallel hooks (model.enable_parallelism with a ContextParallelConfig, before
+or after apply) stay outermost: kiln's forwards go beneath them (kiln.diffusers._parallel).
 """
 
+import contextlib
 import inspect
 import logging
 
 import torch
 
 from .._C import InvalidArgumentError, UnsupportedError
-from . import _graphs, _linear, _transformer, _vae
+from . import _graphs, _linear, _parallel, _transformer, _vae
 from ._linear import Mode, Originals
 
 log = logging.getLogger("kiln.diffusers")
@@ -37,15 +41,55 @@ def _qualname(obj) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+# The names diffusers gives the hooks of its context parallelism (hooks/context_parallel.py):
+# the model's input split and proj_out's output gather.
+_CONTEXT_PARALLEL_HOOKS = ("cp_input---", "cp_output---")
+
+
+def _diffusers_hooks(module) -> list:
+    registry = getattr(module, "_diffusers_hook", None)
+    return list(getattr(registry, "hooks", None) or ())
+
+
+def _only_context_parallel_hooks(module) -> bool:
+    hooks = _diffusers_hooks(module)
+    return bool(hooks) and all(name.startswith(_CONTEXT_PARALLEL_HOOKS) for name in hooks)
+
+
+@contextlib.contextmanager
+def _beneath_hooks(module):
+    """A change of module.forward made beneath diffusers' hooks: each hook wraps the forward it
+    found (an instance attribute), so the module's hooks are taken off (newest first, through
+    its HookRegistry), the change made, and the same hooks registered again in their order."""
+    registry = getattr(module, "_diffusers_hook", None)
+    names = _diffusers_hooks(module)
+    hooks = [registry.hooks[name] for name in names]
+    for name in reversed(names):
+        registry.remove_hook(name, recurse=False)
+    try:
+        yield
+    finally:
+        for name, hook in zip(names, hooks):
+            registry.register_hook(hook, name)
+
+
 class _Swaps:
-    """Instance attributes set over a module's own (forward, usually), undone in reverse."""
+    """Instance attributes set over a module's own (forward, usually), undone in reverse. A
+    forward goes beneath the module's diffusers hooks (context parallelism's) and is taken out
+    from beneath them, whether they came before apply or after."""
 
     def __init__(self):
         self._undo = []
 
     def forward(self, module, forward) -> None:
-        module.forward = forward
-        self._undo.append(lambda: module.__dict__.pop("forward", None))
+        with _beneath_hooks(module):
+            module.forward = forward
+
+        def undo():
+            with _beneath_hooks(module):
+                module.__dict__.pop("forward", None)
+
+        self._undo.append(undo)
 
     def processor(self, attn, processor) -> None:
         old = attn.processor
@@ -69,17 +113,24 @@ def _check_free(name: str, module) -> None:
     if getattr(module, "_hf_hook", None) is not None:
         _refuse(f"{name} has accelerate hooks (CPU offload or device_map dispatch), which kiln "
                 "does not run under; load it onto one device without them")
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is not None and getattr(registry, "hooks", None):
-        _refuse(f"{name} has diffusers hooks ({', '.join(sorted(registry.hooks))}): caching, "
-                "group offloading or layerwise casting; disable them first")
+    parallel = getattr(module, "_parallel_config", None)
+    if parallel is not None and parallel.tensor_parallel_config is not None:
+        _refuse(f"{name} has tensor parallelism on (a TensorParallelConfig): kiln's blocks hold "
+                "whole weights and run diffusers' context parallelism only")
+    for sub_name, sub in module.named_modules():
+        where = f"{name}.{sub_name}" if sub_name else name
+        hooks = _diffusers_hooks(sub)
+        if hooks and not _only_context_parallel_hooks(sub):
+            _refuse(f"{where} has diffusers hooks ({', '.join(sorted(hooks))}): caching, group "
+                    "offloading or layerwise casting; disable them first (context "
+                    "parallelism's are the ones kiln runs under)")
+        replaced = "forward" in sub.__dict__ and not hooks
+        if replaced or getattr(sub, "_compiled_call_impl", None) is not None:
+            _refuse(f"{name}.{sub_name or '(root)'} has its forward replaced or compiled "
+                    "already (torch.compile, compile_repeated_blocks, another patch)")
     if getattr(module, "_hf_peft_config_loaded", False):
         _refuse(f"{name} has PEFT (LoRA) adapters loaded; fuse_lora() and unload_lora_weights() "
                 "first")
-    for sub_name, sub in module.named_modules():
-        if "forward" in sub.__dict__ or getattr(sub, "_compiled_call_impl", None) is not None:
-            _refuse(f"{name}.{sub_name or '(root)'} has its forward replaced or compiled "
-                    "already (torch.compile, compile_repeated_blocks, another patch)")
 
 
 def _check_device(name: str, module) -> torch.device:
@@ -176,11 +227,13 @@ class _TransformerPatch:
         self.originals = Originals()
         self.kiln_linears = []
         self.runner = None
+        self.parallel = _parallel.ContextParallel(model)
 
     def install(self, handle) -> str:
         model, mode = self.model, self.mode
         rotary = _transformer.RotaryTable()
-        link = dict(mode=mode, rotary=rotary, originals=self.originals, offload=self.offload)
+        link = dict(mode=mode, rotary=rotary, originals=self.originals, offload=self.offload,
+                    parallel=self.parallel)
         blocks = []
         for kind, modules in (("double", model.transformer_blocks),
                               ("single", model.single_transformer_blocks)):
@@ -202,9 +255,10 @@ class _TransformerPatch:
         self.swaps.forward(model.norm_out, _transformer.NormOut(model.norm_out).forward)
         original = type(model).forward.__get__(model)
         if self.graphs:
-            self.runner = _graphs.GraphedForward(original, type(model).__name__)
+            self.runner = _graphs.GraphedForward(original, type(model).__name__,
+                                                 ranks=self.parallel)
         forward = self.runner if self.runner is not None else original
-        checked = _checked_forward(model, original, forward)
+        checked = _checked_forward(model, original, forward, self.parallel)
         self.swaps.forward(model, checked)
         self.swaps.mark(model, handle)
         held = sum(lin.nbytes for b in blocks for lin in _linears_of(b)) + sum(
@@ -231,9 +285,10 @@ def _linears_of(block):
             yield from (v for v in value if isinstance(v, (_linear.Linear, _linear.SplitLinear)))
 
 
-def _checked_forward(model, original, forward):
+def _checked_forward(model, original, forward, parallel):
     """The model's forward behind a check of the arguments kiln's blocks cannot serve (Flux.2's
-    reference-image KV cache)."""
+    reference-image KV cache), with the context-parallel layout of the call set for the blocks
+    (kiln.diffusers._parallel: diffusers' split hook, if any, has run before)."""
     signature = inspect.signature(original)
     name = type(model).__name__
 
@@ -244,7 +299,11 @@ def _checked_forward(model, original, forward):
                 f"kiln.diffusers: {name} called with a reference-image KV cache (kv_cache_mode="
                 f"{bound.get('kv_cache_mode')!r}); kiln runs plain forwards: call "
                 "handle.remove() first")
-        return forward(*args, **kwargs)
+        parallel.begin(bound["hidden_states"], bound["encoder_hidden_states"])
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            parallel.end()
 
     return checked
 

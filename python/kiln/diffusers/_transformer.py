@@ -150,11 +150,14 @@ def _clip_f16(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Block:
-    """What every kiln block holds: the mode, the shared pe table and the attention geometry."""
+    """What every kiln block holds: the mode, the shared pe table, the attention geometry and the
+    model's context-parallel state (kiln.diffusers._parallel.ContextParallel: one joint attention
+    on one GPU, Ulysses / ring attention across ranks under diffusers' context parallelism)."""
 
-    def __init__(self, attn, mode: Mode, rotary: RotaryTable):
+    def __init__(self, attn, mode: Mode, rotary: RotaryTable, parallel):
         self.mode = mode
         self.rotary = rotary
+        self.parallel = parallel
         self.heads = attn.heads
         self.head_dim = attn.head_dim
         self.inner = attn.heads * attn.head_dim
@@ -183,9 +186,9 @@ class DoubleBlock(_Block):
     streams with their own weights and one joint attention."""
 
     def __init__(self, block, mode: Mode, rotary: RotaryTable, originals: Originals,
-                 offload: bool, flux2: bool):
+                 offload: bool, parallel, flux2: bool):
         attn = block.attn
-        super().__init__(attn, mode, rotary)
+        super().__init__(attn, mode, rotary, parallel)
         dtype = attn.to_q.weight.dtype
         link = dict(mode=mode, originals=originals, offload=offload)
         self.qkv_img = _linear.fused([attn.to_q, attn.to_k, attn.to_v], **link)
@@ -232,9 +235,9 @@ class DoubleBlock(_Block):
             c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp) = self._mods(mods)
         x_txt = self.layer_norm(ehs, c_shift, c_scale, self.eps_msa[1])
         x_img = self.layer_norm(hs, shift, scale, self.eps_msa[0])
-        attn = joint_attention([(self.qkv_txt(x_txt), *self.norms_txt),
-                                (self.qkv_img(x_img), *self.norms_img)],
-                               self.heads, self.head_dim, self.rotary(image_rotary_emb))
+        attn = self.parallel.attention([(self.qkv_txt(x_txt), *self.norms_txt),
+                                        (self.qkv_img(x_img), *self.norms_img)],
+                                       self.heads, self.head_dim, self.rotary(image_rotary_emb))
         attn = self.attention_output(attn)
         hs = self.out_img(token_rows(attn, l_txt, l_txt + l_img), gate=gate, residual=hs)
         ehs = self.out_txt(token_rows(attn, 0, l_txt), gate=c_gate, residual=ehs)
@@ -245,8 +248,8 @@ class DoubleBlock(_Block):
 
 
 class Flux2DoubleBlock(DoubleBlock):
-    def __init__(self, block, mode, rotary, originals, offload):
-        super().__init__(block, mode, rotary, originals, offload, flux2=True)
+    def __init__(self, block, mode, rotary, originals, offload, parallel):
+        super().__init__(block, mode, rotary, originals, offload, parallel, flux2=True)
 
     def forward(self, hidden_states, encoder_hidden_states, temb_mod_img, temb_mod_txt,
                 image_rotary_emb=None, joint_attention_kwargs=None):
@@ -257,8 +260,8 @@ class Flux2DoubleBlock(DoubleBlock):
 
 
 class FluxDoubleBlock(DoubleBlock):
-    def __init__(self, block, mode, rotary, originals, offload):
-        super().__init__(block, mode, rotary, originals, offload, flux2=False)
+    def __init__(self, block, mode, rotary, originals, offload, parallel):
+        super().__init__(block, mode, rotary, originals, offload, parallel, flux2=False)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                 joint_attention_kwargs=None):
@@ -273,9 +276,9 @@ class SingleBlock(_Block):
     MLP's input, attention and the activation side by side, the output projection split over
     their column ranges."""
 
-    def __init__(self, block, mode, rotary, originals, offload, flux2: bool):
+    def __init__(self, block, mode, rotary, originals, offload, parallel, flux2: bool):
         attn = block.attn
-        super().__init__(attn, mode, rotary)
+        super().__init__(attn, mode, rotary, parallel)
         dtype = attn.norm_q.weight.dtype if attn.norm_q.weight is not None else torch.bfloat16
         link = dict(mode=mode, originals=originals, offload=offload)
         self.norms = (QkNorm(attn.norm_q, self.head_dim, dtype),
@@ -303,15 +306,15 @@ class SingleBlock(_Block):
         shift, scale, gate = modulation(mod, 3)
         projected = self.qkv_mlp(self.layer_norm(joint, shift, scale, self.eps))
         qkv, mlp_in = projected[..., :3 * self.inner], projected[..., 3 * self.inner:]
-        attn = joint_attention([(qkv, *self.norms)], self.heads, self.head_dim,
-                               self.rotary(image_rotary_emb))
+        attn = self.parallel.attention([(qkv, *self.norms)], self.heads, self.head_dim,
+                                       self.rotary(image_rotary_emb))
         mlp = self.activation(mlp_in, self.kind)
         return _clip_f16(self.out(self.attention_output(attn), mlp, gate=gate, residual=joint))
 
 
 class Flux2SingleBlock(SingleBlock):
-    def __init__(self, block, mode, rotary, originals, offload):
-        super().__init__(block, mode, rotary, originals, offload, flux2=True)
+    def __init__(self, block, mode, rotary, originals, offload, parallel):
+        super().__init__(block, mode, rotary, originals, offload, parallel, flux2=True)
 
     def forward(self, hidden_states, encoder_hidden_states, temb_mod, image_rotary_emb=None,
                 joint_attention_kwargs=None, split_hidden_states=False, text_seq_len=None):
@@ -326,8 +329,8 @@ class Flux2SingleBlock(SingleBlock):
 
 
 class FluxSingleBlock(SingleBlock):
-    def __init__(self, block, mode, rotary, originals, offload):
-        super().__init__(block, mode, rotary, originals, offload, flux2=False)
+    def __init__(self, block, mode, rotary, originals, offload, parallel):
+        super().__init__(block, mode, rotary, originals, offload, parallel, flux2=False)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                 joint_attention_kwargs=None):

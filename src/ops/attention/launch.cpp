@@ -410,17 +410,18 @@ Plan make_plan(DType q, DType kv, DType out, int head_dim, int head_dim_v, int g
   plan.mask = mask;
   plan.kv_len = kv_len;
   plan.softcap = softcap;
-  // Measured on an H200 (NOTES.md, v1 sweep), bf16: prefill D128 L4608 207 TFLOP/s with 8 warps
-  // of rows against 182 with 4 (K/V tiles shared by 128 rows); D64 162 against 158 with 2 stages
-  // instead of 3. Head dims above 128 keep 32-key tiles (registers).
+  // Prefill tiles: the fastest of the v1 sweep (NOTES.md; dev/attention/tiles.py reruns it), 8
+  // warps of rows for 64 < D <= 128 (K/V tiles shared by 128 rows) and 2 stages everywhere (the
+  // ring's shared memory, not latency, limited blocks per SM). Head dims above 128 keep 32-key
+  // tiles (registers).
   const int widest = std::max(head_dim, head_dim_v);
   if (lq * group <= 16) {
     // Decode: one row tile; 4 warps split each KV tile. cp.async: 32 keys a warp (16 above
     // D 128, for registers) and the ring as deep as one block's shared memory allows, up to 4
-    // tiles. H200, B1 H32 D128 KV 131072 (NOTES.md, Decode v2): 4.13 TB/s with 3 x 128 keys
-    // against 3.11 with 5 x 64 (the same bytes in flight) and 4.10 with two blocks of 2 x 64 an
-    // SM. TMA (NOTES.md, Decode v4): 2 x 64 keys, 16 a warp, 4.34 TB/s against 4.11-4.18 with
-    // 3 x 128, 6 x 64 or 3 x 64 (above D 128: the cp.async rule's tiles, not measured).
+    // tiles: the fastest of the decode v2 sweep, well ahead of 64-key tiles with the same bytes
+    // in flight. TMA: 2 x 64 keys, 16 a warp, the fastest of the decode v4 sweep (ahead of
+    // 3 x 128, 6 x 64 and 3 x 64; above D 128 the cp.async rule's tiles, not measured). NOTES.md
+    // "decode v2", "decode v4"; dev/attention/tiles.py reruns both sweeps.
     plan.warps_m = 1, plan.warps_n = 4, plan.block_n = widest <= 128 ? 128 : 64;
     plan.tma = has_tma && head_dim % 64 == 0 && head_dim_v % 64 == 0;
     plan.stages = 2;

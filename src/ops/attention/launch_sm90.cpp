@@ -26,8 +26,9 @@ constexpr int kBlockM = 128;               // query rows per block
 constexpr int kBlockN = 128;               // keys per tile
 constexpr std::uint32_t kBlockRows = 128;  // rows of every TMA box (= kBlockM = kBlockN)
 constexpr int kThreads = 384;
-// K/V ring depth. Measured on an H200 (B1 H24 L4608 D128 bf16): 2 stages 458 TFLOP/s, 3 stages
-// 590; D = 64 (B4 H16 L4096): 341 and 400.
+// K/V ring depth: with 2 slots, a slot freed only after its PV, the producer could not run ahead
+// and the consumers waited on loads; 3 slots gave the overlap its speed (NOTES.md "sm_90a
+// prefill", v2 -> v3).
 constexpr int kStages = 3;
 
 int smem_bytes(int d) {

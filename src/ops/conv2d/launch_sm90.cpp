@@ -22,9 +22,9 @@ constexpr int kBlockM = 128;
 constexpr int kBlockK = 64;
 constexpr int kThreads = 384;
 
-// Ring depth by output channels per tile (sm90_block_n). Measured on an H200 (bf16, 3x3): 256
-// channels with 3 stages is best where OC allows (512 @ 256^2: 704 TFLOP/s, 689 with 4 stages, 625
-// at 128 channels); OC = 128 takes 128 with 4 stages (128 @ 1024^2: 538, 523 with 6).
+// Ring depth by output channels per tile (sm90_block_n): 256 channels with 3 stages is the best
+// measured where OC allows (ahead of 4 stages and of 128 channels); OC = 128 takes 128 channels
+// with 4 stages (ahead of 6). NOTES.md, "sm_90a implicit GEMM".
 int stages(int bn) { return bn == 256 ? 3 : 4; }
 
 int smem_bytes(int bn) {

@@ -1,9 +1,9 @@
 // fp8 x fp8 on sm_89+ tensor cores through cuBLASLt.
 //
 // Why cuBLASLt and not our own wgmma kernel: its Hopper fp8 kernels (TMA, wgmma, warp-specialized
-// persistent tiles) are what torch._scaled_mm runs, so they are the peer itself (1461 TFLOP/s at
-// 8192^3 on the H200, ANCHORS.md); a kiln wgmma kernel reaching parity is weeks of work, not the
-// two hours this path had. Per-row scales use cuBLASLt's outer-vector scale mode (CUDA 12.9+),
+// persistent tiles) are what torch._scaled_mm runs, so they are the peer itself (ANCHORS.md's fp8
+// GEMM figure); kiln has no fp8 x fp8 wgmma kernel of its own that could reach them. Per-row
+// scales use cuBLASLt's outer-vector scale mode (CUDA 12.9+),
 // which takes an f32 vector for both operands, so a tensor (or absent) scale on the other operand
 // is broadcast into a stream-ordered scratch vector first (one tiny kernel, M + N floats).
 // cuBLASLt takes the whole problem where it can: tensor scales with no bias or a bias of its fp8

@@ -92,16 +92,13 @@ std::int64_t w_stride(const MatmulProblem& p) {
   return p.w_row_bytes;
 }
 
-// Tile table, measured on an H200 (NOTES.md "GEMM tiles", e4m3fn weight, bf16 a and out):
-//   M <= 32                      32 x 128, 4 warps of 32 x 32 (0.055 ms at K 4096, N 14336)
-//   128-row tiles < SMs / 2      64 x 128, 8 warps of 32 x 32: at M 128, K 4096, N 4096, 58 TFLOP/s
-//   (or f32 a: three a tiles)    against 40 for 128 x 128 (32 CTAs on 132 SMs)
-//   otherwise                    128 x 128, 8 warps of 64 x 32, 4 stages: 138-169 TFLOP/s from M
-//   128
-//                                to 4608 (512 x 4096 x 4096: 159, against 127 for 64 x 128).
-// 128 x 256 with 8 warps of 128 x 32 measured up to 20% faster on the largest shapes (Flux.2
-// 4608 x 3072 x 18432: 201 against 169) but is not in the test suite's reach yet, so it is not
-// chosen.
+// Tile table, from the tile sweep (NOTES.md "GEMM tiles"; dev/matmul/gemm_tiles.cpp reruns it):
+//   M <= 32                      32 x 128, 4 warps of 32 x 32
+//   128-row tiles < SMs / 2      64 x 128, 8 warps of 32 x 32: more CTAs, faster than 128 x 128
+//   (or f32 a: three a tiles)    where 128-row tiles would leave most SMs idle
+//   otherwise                    128 x 128, 8 warps of 64 x 32, 4 stages
+// 128 x 256 with 8 warps of 128 x 32 measured faster on the largest shapes but is not in the test
+// suite's reach yet, so it is not chosen.
 GemmTile default_tile(std::int64_t m, std::int64_t n, int sms, bool f32_a) {
   if (m <= 32) return {32, 128, 1, 4, 4};
   const std::int64_t tiles = ((m + 127) / 128) * ((n + 127) / 128);

@@ -28,8 +28,7 @@ std::int64_t w_stride(const MatmulProblem& p) {
 }
 
 // Ring depth by tokens per unit (a slot of 40, 24 or 16 KB): 5 at 256 tokens (200 KB; 4 measured
-// 6% slower at 4608 x 9216 x 3072), 8 below (192 KB at 128 tokens; 6 measured 7% slower at
-// 128 x 4096 x 14336 and 512 x 4096 x 4096, H200).
+// slower), 8 below (192 KB at 128 tokens; 6 measured slower). NOTES.md, "Hopper GEMM".
 int stages_for(int bt) { return bt == 256 ? 5 : 8; }
 
 std::size_t smem_bytes(const GemmSm90Plan& plan) {

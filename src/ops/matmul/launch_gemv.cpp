@@ -24,9 +24,9 @@ constexpr int kUnroll = 2;     // chunks of each row in flight (gemv.cuh's U)
 constexpr int kQ8Step = 1024;  // K covered by one q8_0 stage of 32 blocks
 constexpr int kMmaRows = 16;   // weight rows of one tensor-core block (the mma's M)
 constexpr int kMmaK = 128;     // granule of a warp's K slice (block128's chunk, 2-4 segments)
-// Where the CUDA-core kernel stays (NOTES.md, "GEMV v2", 1 x 4096 x 14336): q8_0 at M <= 4, its
-// 16-byte staged loads against the tensor-core kernel's 4-byte ones (0.0242 ms against 0.0388);
-// f16 / bf16 weights at M <= 2, one integer op a value to decode (0.0308 against 0.0343).
+// Where the CUDA-core kernel stays, measured faster there (NOTES.md, "GEMV v2"): q8_0 at M <= 4,
+// its 16-byte staged loads against the tensor-core kernel's 4-byte ones; f16 / bf16 weights at
+// M <= 2, one integer op a value to decode.
 constexpr std::int64_t kQ8CudaCoreUpToM = 4;
 constexpr std::int64_t k16BitCudaCoreUpToM = 2;
 
@@ -94,9 +94,8 @@ GemvPlan plan_gemv(const MatmulProblem& p) {
   if (plan.mma) {
     // A block per 16 rows, its warps along K, each warp with U segments of both its rows in
     // flight (fp8 / 16-bit: 4 segments, 8 KiB a warp; q8_0: 2, of 14 loads each). 4 warps where
-    // the tiles give many blocks an SM, else 8: fp8 from 4 blocks an SM (N >= 8448 on 132 SMs;
-    // NOTES.md "GEMV v2": 4 x 4 at 1 x 3072 x 9216 0.0147 ms against 8 x 4 0.0154; 8 x 4 at
-    // 1 x 4096 x 4096 0.0107 against 4 x 4 0.0133), q8_0 and 16-bit from 6 (as measured). Fewer
+    // the tiles give many blocks an SM, else 8: fp8 from 4 blocks an SM (N >= 8448 on 132 SMs),
+    // q8_0 and 16-bit from 6, as the warps x segments sweep found (NOTES.md "GEMV v2"). Fewer
     // than 8 warps an SM in all (small N): split K over grid y too.
     const std::int64_t tiles = ceil_div(p.n, kMmaRows);
     plan.segments = p.w_format == WeightFormat::q8_0 ? 2 : 4;

@@ -1,11 +1,10 @@
 // matmul internals: host fp8/Q8_0 codecs, the CPU reference, the problem description every CUDA
 // path receives, and the entry points each path's file implements.
 //
-//   Q: launch.cpp (validation, dispatch), launch_quantize.cpp, gemv (launch_gemv.cpp),
-//      reference.cpp.
-//   G: launch_gemm.cpp (launch_gemm), fp8_native.cpp (launch_fp8_native, fp8_native_supported),
-//      select.cpp (select_path_cuda and its measured thresholds), prepare.cpp
-//      (prepared_weight_bytes, prepare_weight: the public functions).
+//   launch.cpp (validation, dispatch), launch_quantize.cpp, launch_gemv.cpp (gemv),
+//   reference.cpp, launch_gemm.cpp (launch_gemm), fp8_native.cpp (launch_fp8_native,
+//   fp8_native_supported), select.cpp (select_path_cuda and its measured thresholds),
+//   prepare.cpp (prepared_weight_bytes, prepare_weight: the public functions).
 #pragma once
 
 #include <cstddef>
@@ -130,7 +129,7 @@ GateResidual gate_residual_of(const MatmulProblem& problem);
 
 // ---- path entry points --------------------------------------------------------------------------
 
-// The fused small-M kernel (Q, launch_gemv.cpp): M <= kGemvMaxM, row-major weights, any format;
+// The fused small-M kernel (launch_gemv.cpp): M <= kGemvMaxM, row-major weights, any format;
 // a f32/f16/bf16, or fp8 with an fp8 weight.
 inline constexpr std::int64_t kGemvMaxM = 16;
 void launch_gemv(const MatmulProblem& problem);
@@ -141,7 +140,7 @@ std::string gemv_unsupported(const MatmulProblem& problem);
 // + bias (launch_gemv.cpp); splits = 0 writes out = bias (or 0).
 void launch_split_epilogue(const MatmulProblem& problem, const float* partial, std::int64_t splits);
 
-// The tensor-core GEMM (G, launch_gemm.cpp): any M, row-major or gemm_packed weights.
+// The tensor-core GEMM (launch_gemm.cpp): any M, row-major or gemm_packed weights.
 void launch_gemm(const MatmulProblem& problem);
 // Why the GEMM cannot run this problem ("" when it can).
 std::string gemm_unsupported(const MatmulProblem& problem);
@@ -151,12 +150,12 @@ std::string gemm_unsupported(const MatmulProblem& problem);
 // problem's tensor / row scales are still to be applied (false when cuBLASLt applied them).
 void launch_product_epilogue(const MatmulProblem& problem, const float* product, bool scales);
 
-// fp8 x fp8 on sm_90 (G, fp8_native.cpp).
+// fp8 x fp8 on sm_90 (fp8_native.cpp).
 void launch_fp8_native(const MatmulProblem& problem);
 // Why fp8_native cannot run this problem ("" when it can): arch, dtypes, alignment.
 std::string fp8_native_unsupported(const MatmulProblem& problem);
 
-// What `automatic` picks on a CUDA device of `arch` (G, select.cpp, thresholds measured on the
+// What `automatic` picks on a CUDA device of `arch` (select.cpp, thresholds measured on the
 // GPU). Never returns automatic or reference; must pick a path whose *_unsupported() is "" for
 // every problem with these parameters and aligned pointers.
 MatmulPath select_path_cuda(std::int64_t m, std::int64_t n, std::int64_t k, WeightFormat format,

@@ -11,10 +11,9 @@
 namespace kiln::rope_heads {
 
 namespace {
-// Rows in flight per block. Measured on an H200 for rope_flux (H = 24, D = 128, one block per
-// token, bf16 out), 4 rows (6 heads a thread) is within 2% of the best of 2, 4, 8, 12 and 24
-// rows for every case and the best with the norm: at L = 4608, bf16 rope + norm 0.0198 ms
-// (0.0197 at 8 rows, 0.0262 at 24), f32 rope + norm 0.0258 (0.0273 at 8, 0.0388 at 24).
+// Rows in flight per block: 4 (6 heads a thread at H = 24) is within 2% of the best of 2, 4, 8,
+// 12 and 24 rows on every Flux case of rope_flux and the best with the norm (rope_flux NOTES.md
+// "Rows in flight"; dev/rope_flux/rows_in_flight.cpp reruns the sweep).
 constexpr int kRowsInFlight = 4;
 }  // namespace
 

@@ -17,7 +17,7 @@ The decoder total sums count x time over the shapes for kiln and for cuDNN, per 
 """
 
 from ... import conv2d, reset_workspace_peak, workspace_peak_bytes
-from ..core import Measurement
+from ..core import Measurement, relative_error
 from ..timing import rotation_count
 
 NAME = "conv2d"
@@ -41,14 +41,6 @@ GPU_SHAPES = [
 CPU_SHAPES = [("small", 16, 16, 16, 3, 1)]
 # Both sides round an f32 accumulation to bf16, in different orders: a few bf16 ulps apart.
 BF16_BOUND = 2.0**-6
-
-
-def relative_error(torch, got, want) -> float:
-    want64 = want.double()
-    norm = want64.norm().item()
-    if not norm > 0:
-        raise AssertionError("kiln bench conv2d: reference output is all zeros")
-    return ((got.double() - want64).norm() / norm).item()
 
 
 def im2col_gemm(torch, x, w, b, padding):
@@ -82,9 +74,7 @@ def peak_extra_bytes(torch, device, fn, args, own_workspace: bool = False) -> in
 
 def run(bench) -> None:
     torch = bench.require_torch()
-    shapes = GPU_SHAPES if bench.cuda else CPU_SHAPES
-    if not bench.cuda:
-        bench.log("no CUDA device: CPU backends at small sizes")
+    shapes = bench.sizes(GPU_SHAPES, CPU_SHAPES)
     bench.copy_gbps()
     totals = {}
     rows = []
@@ -151,7 +141,7 @@ def _run_case(bench, torch, case, fmt, c, oc, hw, k, flop):
                 contenders[name] = None
                 torch.cuda.empty_cache()
                 continue
-            err = relative_error(torch, out, reference)
+            err = relative_error(torch, out, reference, "kiln bench conv2d")
             if err > BF16_BOUND:
                 raise AssertionError(
                     f"kiln bench conv2d: {name} disagrees with kiln on {case}: relative error "

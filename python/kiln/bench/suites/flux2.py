@@ -31,6 +31,21 @@ JIT disk cache is measured at 1024² in fresh processes (KILN_CACHE_DIR emptied 
 Checks (a failure fails the run): kiln fp8's error <= 1.5x the fp8 recipe's, kiln bf16's <= 1.0x
 diffusers bf16's. The issue's speed and memory targets are logged against the measurement, met
 or missed, without failing the run.
+
+`kiln bench flux2 --gpus N` (N >= 2) measures sequence parallelism instead: the transformer step
+at 1024² and 2048² (4096 and 16384 image tokens + 512 text) on 1 GPU and on 2, 4, ... up to N
+GPUs, one torchrun-style launch of W processes (python -m torch.distributed.run, NCCL, one GPU
+each) per GPU count W. In each launch every rank first times kiln fp8 and diffusers bf16 (SDPA)
+on its own GPU (the one-GPU baselines of the same run; rank 0's are reported), then, per mode
+(Ulysses W, ring W) on a freshly built model: diffusers' own context parallelism
+(enable_parallelism; Ulysses on the native SDPA backend, ring on SDPA's cuDNN backend, which
+returns the LSE the ring needs), then kiln.diffusers.apply on top (kiln fp8, CUDA graphs).
+Reported: step ms, speedup and scaling efficiency (t1 / (W tW)) against kiln on one GPU, ratio
+to diffusers' context parallelism at the same GPU count, and the output's relative error against
+kiln on one GPU (checked: below kiln fp8's own difference from diffusers bf16). The issue's
+targets (2048²: >= 1.85x on 2 GPUs, >= 3.4x on 4 against kiln on one; >= 1.2x diffusers' context
+parallelism with SDPA) are logged met or missed. With fewer GPUs than asked for, it says so and
+measures only the counts the machine has; with one GPU or none, nothing.
 """
 
 import gc
@@ -45,6 +60,7 @@ import time
 
 from ... import _C, reset_workspace_peak, workspace_peak_bytes
 from ..core import Measurement
+from ..peers import quantize_rows
 
 NAME = "flux2"
 DESCRIPTION = ("Flux.2 klein 4B step / 4-step image / VAE decode: kiln.diffusers vs diffusers "
@@ -67,6 +83,16 @@ TARGETS = {
 PEAK_MEMORY_RATIO = 0.6
 FIRST_CALL_COLD_S = 10.0
 FIRST_CALL_WARM_S = 2.0
+# Sequence parallelism (--gpus N): resolutions, modes (ContextParallelConfig arguments for W GPUs
+# and the diffusers backend of its own context parallelism), targets of the issue.
+PARALLEL_RESOLUTIONS = (1024, 2048)
+PARALLEL_MODES = {"ulysses": ("ulysses_degree", "native"), "ring": ("ring_degree", "_native_cudnn")}
+PARALLEL_SPEEDUP_TARGETS = {2: 1.85, 4: 3.4}  # 2048² step against kiln on one GPU
+PARALLEL_VS_DIFFUSERS = 1.2  # against diffusers' context parallelism at the same GPU count
+PARALLEL_MARK = "kiln-flux2-parallel:"  # rank 0's result line in a launch's stdout
+# NVLink multicast stays off in every launched process (the shared multi-GPU hosts need it).
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1"}
 KILN_MODES = {"kiln fp8": dict(weights="fp8", activations="fp8"),
               "kiln fp8 (gemm)": dict(weights="fp8", activations="bf16"),
               "kiln bf16": dict(weights="bf16")}
@@ -273,10 +299,8 @@ class _ScaledMmLinear:
 
     def __init__(self, torch, linear):
         self.torch = torch
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
-        self.w = (w / scale).to(torch.float8_e4m3fn)  # [N, K]
-        self.w_scale = scale.t().contiguous()  # [1, N]
+        self.w, scale = quantize_rows(torch, linear.weight.detach().float())  # [N, K], [N]
+        self.w_scale = scale.reshape(1, -1)  # [1, N]
         self.bias = linear.bias
 
     def __call__(self, x):
@@ -284,9 +308,8 @@ class _ScaledMmLinear:
         rows = x.reshape(-1, x.shape[-1]).float()
         m = rows.shape[0]
         rows = torch.nn.functional.pad(rows, (0, 0, 0, -m % 16))  # M a multiple of 16
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
-        q = (rows / scale).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(q, self.w.t(), scale_a=scale, scale_b=self.w_scale,
+        q, scale = quantize_rows(torch, rows)
+        y = torch._scaled_mm(q, self.w.t(), scale_a=scale.reshape(-1, 1), scale_b=self.w_scale,
                              bias=self.bias, out_dtype=x.dtype)
         return y[:m].reshape(*x.shape[:-1], y.shape[-1])
 
@@ -342,16 +365,28 @@ def _first_calls(bench) -> dict:
 # ---- the suite -----------------------------------------------------------------------------------
 
 
-def run(bench) -> None:
+def _torch_and_diffusers(bench, needs: str):
+    """(torch, diffusers), or None after saying why nothing is measured (`needs`: what the run
+    needs a GPU for)."""
     if not bench.cuda:
-        bench.log(f"no CUDA device ({_C.cuda_unavailable_reason()}): the flux2 suite runs a 4B "
-                  "model on the GPU only; nothing measured")
-        return
+        bench.log(f"no CUDA device ({_C.cuda_unavailable_reason()}): {needs}; nothing measured")
+        return None
     torch = bench.require_torch()
     diffusers, why = _import_diffusers()
     if diffusers is None:
         bench.log(f"{why}: nothing measured")
+        return None
+    return torch, diffusers
+
+
+def run(bench) -> None:
+    if bench.gpus > 1:
+        run_parallel(bench)
         return
+    found = _torch_and_diffusers(bench, "the flux2 suite runs a 4B model on the GPU only")
+    if found is None:
+        return
+    torch, diffusers = found
     import kiln.diffusers
 
     resolutions = [r for r in RESOLUTIONS if bench.wants(f"{r}²")]
@@ -511,10 +546,216 @@ def _log_summary(bench, results, resolutions, config, first):
                         errors[("kiln bf16", f"step {r}²")] / plain, "x", 1.0 + 1e-9)
 
 
+# ---- sequence parallelism: --gpus N --------------------------------------------------------------
+
+
+def gpu_counts(asked: int, present: int) -> list:
+    """The GPU counts measured: 2, 4, 8 ... up to what was asked for and the machine has."""
+    counts, w = [], 2
+    while w <= min(asked, present):
+        counts.append(w)
+        w *= 2
+    return counts
+
+
+def run_parallel(bench) -> None:
+    """kiln bench flux2 --gpus N: one launch of W processes per GPU count W (see the module)."""
+    found = _torch_and_diffusers(bench, f"--gpus {bench.gpus} measures sequence parallelism "
+                                 "over several GPUs")
+    if found is None:
+        return
+    torch, diffusers = found
+    present = torch.cuda.device_count()
+    counts = gpu_counts(bench.gpus, present)
+    if present < bench.gpus:
+        bench.log(f"asked for {bench.gpus} GPUs, this machine has {present}: "
+                  + (f"measuring {', '.join(map(str, counts))} GPUs only" if counts
+                     else "sequence parallelism needs 2 or more; nothing measured"))
+    resolutions = [r for r in PARALLEL_RESOLUTIONS if bench.wants(f"{r}²")]
+    if not counts or not resolutions:
+        return
+    settings = {"resolutions": resolutions, "warmup": min(bench.warmup, MAX_WARMUP),
+                "reps": min(bench.reps, MAX_REPS)}
+    bench.log(f"diffusers {diffusers.__version__}, torch {torch.__version__}; klein 4B random "
+              f"weights on {present} x {torch.cuda.get_device_name()}; "
+              f"{settings['warmup']} warm-up and {settings['reps']} timed steps per case")
+    launches = {}
+    for world in counts:
+        result = _launch(bench, world, settings)
+        if result is not None:
+            launches[world] = result
+    _report_parallel(bench, launches, resolutions)
+
+
+def _launch(bench, world: int, settings: dict):
+    """Runs parallel_worker in `world` processes (torchrun); returns rank 0's results or None."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={world}", "-m", "kiln.bench.suites.flux2", "--parallel-worker",
+               json.dumps(settings)]
+    env = {**os.environ, **NCCL_ENV}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    except subprocess.TimeoutExpired:
+        bench.log(f"{world} GPUs: the launch ran past an hour; nothing measured for it")
+        return None
+    result = parse_worker_output(done.stdout)
+    if done.returncode != 0 or result is None:
+        bench.log(f"{world} GPUs: the launch failed (exit {done.returncode}): "
+                  f"{(done.stderr or done.stdout)[-3000:]}")
+        return None
+    bench.log(f"{world} GPUs: launch done in {time.perf_counter() - start:.0f} s")
+    return result
+
+
+def parse_worker_output(stdout: str):
+    """Rank 0's result line of a launch's stdout, or None."""
+    lines = [line for line in stdout.splitlines() if line.startswith(PARALLEL_MARK)]
+    return json.loads(lines[-1][len(PARALLEL_MARK):]) if lines else None
+
+
+def parallel_worker(settings: dict) -> None:
+    """One rank of a launch (torchrun's RANK / WORLD_SIZE / LOCAL_RANK): the one-GPU baselines on
+    this rank's GPU, then every mode under diffusers' context parallelism, diffusers' attention
+    first and kiln's after; rank 0 prints the results as one line. Without CUDA it runs on the
+    CPU over gloo (the tests' small configs: settings "transformer_config", "vae_config",
+    "modes", and "kiln" for apply's arguments)."""
+    import torch
+    import torch.distributed as dist
+
+    import kiln.diffusers
+    from kiln.diffusers._graphs import settled
+
+    diffusers, _ = _import_diffusers()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("cpu:gloo")
+    world = dist.get_world_size()
+    warmup, reps = settings["warmup"], settings["reps"]
+    modes = settings.get("modes", list(PARALLEL_MODES))
+    kiln_args = settings.get("kiln", {})  # kiln.diffusers.apply's defaults: fp8, CUDA graphs
+    results = {"world": world, "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+               "modes": modes, "steps": {}, "errors": {}}
+
+    def model():
+        transformer, vae = build_models(torch, diffusers, device, torch.bfloat16,
+                                        settings.get("transformer_config"),
+                                        settings.get("vae_config"))
+        return transformer, make_pipeline(diffusers, transformer, vae)
+
+    def step_ms(fn):
+        if cuda:
+            return wall_ms(torch, fn, warmup, reps)
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(samples)
+
+    def time_step(name, transformer, inputs, resolution):
+        dist.barrier()
+        out = settled(transformer(**inputs)[0])
+        results["steps"][f"{name} {resolution}"] = step_ms(
+            lambda: settled(transformer(**inputs)))
+        return out
+
+    def release():
+        if cuda:
+            allocated(torch, device)
+
+    with torch.no_grad():
+        transformer, pipe = model()
+        cases = {r: step_inputs(torch, pipe, r, device) for r in settings["resolutions"]}
+        plain = {r: time_step("diffusers 1", transformer, inputs, r)
+                 for r, inputs in cases.items()}
+        with kiln.diffusers.apply(transformer, **kiln_args):
+            one = {r: time_step("kiln 1", transformer, inputs, r) for r, inputs in cases.items()}
+        for r in cases:
+            results["errors"][f"kiln 1 {r}"] = relative_error(torch, one[r], plain[r])
+        del transformer, pipe, plain
+        release()
+        for mode in modes:
+            degree, backend = PARALLEL_MODES[mode]
+            transformer, pipe = model()
+            transformer.set_attention_backend(backend)
+            transformer.enable_parallelism(
+                config=diffusers.ContextParallelConfig(**{degree: world}))
+            for r, inputs in cases.items():
+                time_step(f"diffusers {mode} {world}", transformer, inputs, r)
+            with kiln.diffusers.apply(transformer, **kiln_args):
+                for r, inputs in cases.items():
+                    out = time_step(f"kiln {mode} {world}", transformer, inputs, r)
+                    results["errors"][f"kiln {mode} {world} {r}"] = relative_error(torch, out,
+                                                                                   one[r])
+            del transformer, pipe, out
+            release()
+    if dist.get_rank() == 0:
+        print(PARALLEL_MARK + json.dumps(results), flush=True)
+    dist.destroy_process_group()
+
+
+def _report_parallel(bench, launches: dict, resolutions) -> None:
+    """Measurements per resolution, mode and GPU count (peers: diffusers' context parallelism at
+    that count, kiln and diffusers on one GPU), scaling, errors, and the issue's targets."""
+    from ...diffusers import configs
+
+    config = configs.FLUX2_KLEIN_4B
+    bench.log("resolution | GPUs | mode | kiln ms | diffusers CP (SDPA) ms | kiln 1 GPU ms | "
+              "speedup | scaling efficiency | vs diffusers CP | error vs kiln 1 GPU")
+    best = {}  # (resolution, world) -> (kiln ms, diffusers CP ms) of the faster kiln mode
+    for world, result in sorted(launches.items()):
+        steps, errors = result["steps"], result["errors"]
+        for r in resolutions:
+            one, plain = steps[f"kiln 1 {r}"], steps[f"diffusers 1 {r}"]
+            for mode in result["modes"]:
+                kiln_ms = steps[f"kiln {mode} {world} {r}"]
+                peer_ms = steps[f"diffusers {mode} {world} {r}"]
+                error = errors[f"kiln {mode} {world} {r}"]
+                image_tokens = (r // 16) ** 2
+                bench.add(Measurement(
+                    case=f"step {mode} {world} GPUs", shape=f"{r}² ({image_tokens} + "
+                    f"{TEXT_TOKENS} tokens)", kiln_ms=kiln_ms, bytes=0,
+                    peers={f"diffusers {mode} {world} GPUs (SDPA)": peer_ms,
+                           "kiln 1 GPU": one, "diffusers 1 GPU": plain},
+                    notes={"gpus": world, "gpu": result["gpu"], "speedup_vs_kiln_1gpu":
+                           one / kiln_ms, "scaling_efficiency": one / (world * kiln_ms),
+                           "relative_error_vs_kiln_1gpu": error,
+                           "tflops_per_gpu": step_flops(config, image_tokens, TEXT_TOKENS)
+                           / kiln_ms / 1e9 / world}))
+                bench.log(f"{r}² | {world} | {mode} | {kiln_ms:.1f} | {peer_ms:.1f} | {one:.1f} | "
+                          f"{one / kiln_ms:.2f}x | {one / (world * kiln_ms):.0%} | "
+                          f"{peer_ms / kiln_ms:.2f}x | {error:.2e}")
+                # Within kiln's own difference from diffusers bf16 on one GPU.
+                bench.check(f"kiln {mode} {world} GPUs {r}² error vs 1 GPU / kiln 1 GPU's vs "
+                            "diffusers bf16", error / errors[f"kiln 1 {r}"], "x", 1.0)
+                if (r, world) not in best or kiln_ms < best[(r, world)][0]:
+                    best[(r, world)] = (kiln_ms, peer_ms, mode, one)
+    for (r, world), (kiln_ms, peer_ms, mode, one) in sorted(best.items()):
+        if r != 2048:
+            continue
+        want = PARALLEL_SPEEDUP_TARGETS.get(world)
+        if want is not None:
+            got = one / kiln_ms
+            bench.log(f"target 2048² step on {world} GPUs vs kiln on one ({mode}): {got:.2f}x "
+                      f"(>= {want}x: {'met' if got >= want else 'MISSED'})")
+        got = peer_ms / kiln_ms
+        bench.log(f"target 2048² step on {world} GPUs vs diffusers' context parallelism with "
+                  f"SDPA ({mode}): {got:.2f}x (>= {PARALLEL_VS_DIFFUSERS}x: "
+                  f"{'met' if got >= PARALLEL_VS_DIFFUSERS else 'MISSED'})")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--first-call":
         print(json.dumps(first_call_process(int(sys.argv[2]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--parallel-worker":
+        parallel_worker(json.loads(sys.argv[2]))
     else:
-        print("usage: python -m kiln.bench.suites.flux2 --first-call RESOLUTION "
-              "(run by `kiln bench flux2`)", file=sys.stderr)
+        print("usage: python -m kiln.bench.suites.flux2 --first-call RESOLUTION | "
+              "--parallel-worker SETTINGS (run by `kiln bench flux2`)", file=sys.stderr)
         sys.exit(2)

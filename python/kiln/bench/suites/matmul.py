@@ -10,6 +10,26 @@ Cases:
   fp8 x fp8    e4m3fn activations and weight, per-tensor scales (ComfyUI's fp8 recipe); M <= 16
                (what kiln.torch.patch() routes to kiln on fp8 GPUs) and M >= 512
 
+Epilogue cases (kiln.matmul's gate= / residual=: out = residual + gate * (a . w^T), one rounding):
+  fp8 x fp8 +gate+residual   Flux.2 klein's linears that add into the residual stream under an
+               AdaLN gate (Flux2TransformerBlock: attn.to_out, K x N = 3072 x 3072; ff.linear_out,
+               9216 x 3072) at 1024², M = 4608 (all tokens; a double block runs its image
+               stream's 4096 and its text stream's 512 apart, a single block's out projection is
+               12288 x 3072): e4m3fn activations with one scale per token (as kiln's fused norm /
+               activation quantize writes them), e4m3fn weight with one scale per output channel,
+               gate [1, N] a chunk of the modulation output (a strided view), residual and out
+               bf16 [1, M, N]
+  q8_0 w +residual, bf16 w +residual   an LLM layer's output projection adding into kiln.llm's
+               f32 residual stream at decode: 1 x 4096 x 4096, bf16 activations, f32 residual and
+               out
+  Peers: kiln + torch epilogue (kiln.matmul without gate / residual, then the epilogue in torch:
+  residual + gate * y as diffusers writes it, or + residual); for fp8 x fp8
+  torch._scaled_mm + epilogue (row-wise scales, bf16 out: torchao's dynamic fp8 recipe with the
+  activations already quantized) and torch.compile of that function (the GEMM is cuBLASLt's, the
+  epilogue one fused kernel: what torchao + compile runs); for the GEMV bf16 matmul + add (cuBLAS
+  on the bf16 weight, or Q8_0's dequantized copy) and the bytes floor (weight, a, residual and
+  out at this GPU's copy bandwidth).
+
 Peers, timed in the same run on the same inputs after their output was checked against kiln's:
   bf16 matmul          torch.matmul on a bf16 copy of the dequantized weight (cuBLAS)
   torch._scaled_mm     cuBLASLt fp8 x fp8 (row-wise scales in the weight-only cases, with the
@@ -33,7 +53,8 @@ name also says which path kiln's `auto` chose (kiln.select_path).
 import importlib.metadata
 
 from ... import matmul, prepare_weight, quantize_fp8, quantize_q8_0, select_path
-from ..core import Measurement
+from ..cases import check_peers, compiled, record, time_contenders
+from ..core import relative_error
 from ..timing import rotation_count
 
 NAME = "matmul"
@@ -51,6 +72,14 @@ FLUX_SHAPES = [
     ("flux 1024²", 4608, 3072, 18432), ("flux 1024²", 4608, 9216, 3072),
 ]
 CPU_SHAPES = [("cpu", 1, 256, 384), ("cpu", 8, 256, 384), ("cpu", 512, 256, 256)]
+# Epilogue cases: (label, M, K, N, weight formats).
+EPILOGUE_SHAPES = [
+    ("flux.2 1024² attn out", 4608, 3072, 3072, ("fp8 x fp8",)),
+    ("flux.2 1024² mlp out", 4608, 9216, 3072, ("fp8 x fp8",)),
+    ("llm", 1, 4096, 4096, ("q8_0 w", "bf16 w")),
+]
+CPU_EPILOGUE_SHAPES = [("cpu", 48, 256, 128, ("fp8 x fp8",)),
+                       ("cpu", 1, 256, 384, ("q8_0 w", "bf16 w"))]
 GEMV_MAX_M = 16  # weight-stream regime: figures in GB/s of weight bytes
 Q8_0_MAX_M = 8
 FP8_FP8_MIN_M = 512
@@ -67,21 +96,10 @@ def _version(distribution: str) -> str:
         return "(version unknown: no package metadata)"
 
 
-def relative_error(torch, got, want) -> float:
-    want64 = want.double()
-    norm = want64.norm().item()
-    if not norm > 0:
-        raise AssertionError("kiln bench matmul: reference output is all zeros")
-    return ((got.double() - want64).norm() / norm).item()
-
-
 def run(bench) -> None:
     torch = bench.require_torch()
-    if bench.cuda:
-        shapes = LLM_SHAPES + FLUX_SHAPES
-    else:
-        bench.log("no CUDA device: CPU backends at small sizes")
-        shapes = CPU_SHAPES
+    shapes, epilogue_shapes = bench.sizes((LLM_SHAPES + FLUX_SHAPES, EPILOGUE_SHAPES),
+                                          (CPU_SHAPES, CPU_EPILOGUE_SHAPES))
     bench.copy_gbps()
     ck = None
     if bench.cuda:
@@ -107,6 +125,19 @@ def run(bench) -> None:
             try:
                 summary.append(_run_case(bench, torch, case, shape, m, k, n, ck))
             except (AssertionError, RuntimeError) as error:  # a wrong or failing kiln case
+                bench.log(f"FAILED {case} {shape}: {error}")
+                failed.append(f"{case} {shape}")
+                if bench.cuda:
+                    torch.cuda.empty_cache()
+    for label, m, k, n, formats in epilogue_shapes:
+        shape = f"{label} {m}x{k}x{n}"
+        for fmt in formats:
+            case = f"{fmt} {'+gate+residual' if fmt == 'fp8 x fp8' else '+residual'}"
+            if not bench.wants(f"{case} {shape}"):
+                continue
+            try:
+                summary.append(_run_epilogue_case(bench, torch, case, fmt, shape, m, k, n))
+            except (AssertionError, RuntimeError) as error:
                 bench.log(f"FAILED {case} {shape}: {error}")
                 failed.append(f"{case} {shape}")
                 if bench.cuda:
@@ -220,39 +251,111 @@ def _run_case(bench, torch, case, shape, m, k, n, ck) -> str:
             del contenders[name]
             continue
         fp8_peer = name.startswith("torch._scaled_mm") or name == "comfy_kitchen"
-        err = relative_error(torch, out[:m], kiln_fp8_a if fp8_peer else kiln_bf16_a)
-        if err > CHECK_BOUND:
+        err = relative_error(torch, out[:m], kiln_fp8_a if fp8_peer else kiln_bf16_a,
+                             "kiln bench matmul")
+        if not err <= CHECK_BOUND:
             raise AssertionError(
                 f"kiln bench matmul: {name} disagrees with kiln on {case} {shape}: relative "
                 f"error {err:.2e} > {CHECK_BOUND:.0e}"
             )
     del kiln_bf16_a, kiln_fp8_a
 
-    timings = {name: bench.timer.time(fn, sets) for name, fn in contenders.items()}
-    kiln = timings.pop("kiln")
-    tflops = 2 * m * n * k / kiln.ms / 1e9
     weight_stream = m <= GEMV_MAX_M
     moved = w_full_bytes if weight_stream else w_full_bytes + a_bytes + out_bytes
-    figure = (f"{w_full_bytes / kiln.ms / 1e6:.4g} GB/s of weights" if weight_stream
+    return _record(bench, torch, case, shape, contenders, sets, path, m, k, n, w_full_bytes,
+                   moved, notes={"format": case})
+
+
+def _record(bench, torch, case, shape, contenders, sets, path, m, k, n, weight_bytes, moved,
+            floor_bytes=None, notes=None) -> str:
+    """Times the contenders over `sets`, records kiln's figure (GB/s of weights at M <= 16, else
+    TFLOP/s) in the case name with the path `auto` chose, frees the sets; returns the summary
+    line."""
+    timings = time_contenders(bench, contenders, sets)
+    kiln = timings["kiln"]
+    tflops = 2 * m * n * k / kiln.ms / 1e9
+    weight_stream = m <= GEMV_MAX_M
+    figure = (f"{weight_bytes / kiln.ms / 1e6:.4g} GB/s of weights" if weight_stream
               else f"{tflops:.4g} TFLOP/s")
-    label = f"{case} [auto={path}] {figure}"
-    peers = {name: t.ms for name, t in timings.items()}
-    bench.add(Measurement(
-        case=label,
-        shape=shape,
-        kiln_ms=kiln.ms,
-        bytes=moved,
-        peers=peers,
-        host_us={"kiln": kiln.host_us, **{name: t.host_us for name, t in timings.items()}},
-        notes={"rotation_sets": count, "auto_path": path, "tflops": tflops,
-               "weight_GBps": w_full_bytes / kiln.ms / 1e6, "m": m, "k": k, "n": n,
-               "format": case},
-    ))
-    del sets
+    measurement = record(
+        bench, f"{case} [auto={path}] {figure}", shape, timings, moved, floor_bytes,
+        notes={"rotation_sets": len(sets), "auto_path": path, "tflops": tflops,
+               "weight_GBps": weight_bytes / kiln.ms / 1e6, "m": m, "k": k, "n": n,
+               **(notes or {})})
+    sets.clear()
     if bench.cuda:
         torch.cuda.empty_cache()
-    ratios = ", ".join(f"{name} {ms / kiln.ms:.2f}x" for name, ms in peers.items())
+    ratios = ", ".join(f"{name} {ms / kiln.ms:.2f}x" for name, ms in measurement.peers.items())
     return f"{case:10} {shape:28} kiln {kiln.ms:.4f} ms {figure}; auto={path}; {ratios}"
+
+
+def gate_residual(y, gate, residual):
+    """The epilogue in torch, as diffusers' Flux2 blocks write it after a linear: residual +
+    gate * y, gate [B, N] broadcast over the tokens; or residual + y without a gate."""
+    return residual + (y if gate is None else gate[:, None] * y)
+
+
+def _run_epilogue_case(bench, torch, case, fmt, shape, m, k, n) -> str:
+    device = bench.device
+    fp8_fp8 = fmt == "fp8 x fp8"
+    a_bytes = m * k + 4 * m if fp8_fp8 else m * k * 2  # fp8 codes + scales, or bf16
+    res_bytes = m * n * (2 if fp8_fp8 else 4)  # residual and out: bf16 (Flux), f32 (kiln.llm)
+    w_bytes = n * k * 2 if fmt == "bf16 w" else _weight_bytes("fp8 w" if fp8_fp8 else fmt, n, k)
+    moved = a_bytes + w_bytes + 2 * res_bytes + (n * 2 if fp8_fp8 else 0)  # + the gate
+    count = rotation_count(moved + n * k * 2) if bench.cuda else 2
+    out_dtype = torch.bfloat16 if fp8_fp8 else torch.float32
+
+    def make_set():
+        """(a, a_scale, w, w_scale, w as bf16, gate, residual): Flux's fp8 operands with a gate
+        chunk [1, N] and a [1, M, N] residual, or an LLM's bf16 row with an f32 residual."""
+        if fp8_fp8:
+            w, w_scale, w_bf16 = _weights(torch, "fp8 w", n, k, device)
+            a, a_scale = quantize_fp8(torch.randn(m, k, device=device), "e4m3fn", "row")
+            mod = torch.randn(1, 3 * n, device=device, dtype=torch.bfloat16)
+            gate = mod.reshape(1, 3, n)[:, 2]  # [1, N], row stride 3N: the AdaLN gate chunk
+            residual = torch.randn(1, m, n, device=device, dtype=torch.bfloat16)
+            return a.view(1, m, k), a_scale, w, w_scale, w_bf16, gate, residual
+        if fmt == "q8_0 w":
+            w, w_scale, w_bf16 = _weights(torch, fmt, n, k, device)
+        else:
+            w = w_bf16 = (torch.randn(n, k, device=device) / k**0.5).to(torch.bfloat16)
+            w_scale = None
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        residual = torch.randn(m, n, device=device)
+        return a, None, w, w_scale, w_bf16, None, residual
+
+    def kiln_op(a, a_scale, w, w_scale, w_bf16, gate, residual):
+        return matmul(a, w, a_scale=a_scale, w_scale=w_scale, gate=gate, residual=residual,
+                      out_dtype=out_dtype)
+
+    def kiln_then_epilogue(a, a_scale, w, w_scale, w_bf16, gate, residual):
+        y = matmul(a, w, a_scale=a_scale, w_scale=w_scale, out_dtype=out_dtype)
+        return gate_residual(y, gate, residual)
+
+    def scaled_mm_epilogue(a, a_scale, w, w_scale, w_bf16, gate, residual):
+        y = torch._scaled_mm(a.reshape(m, k), w.t(), scale_a=a_scale.reshape(-1, 1),
+                             scale_b=w_scale.reshape(1, -1), out_dtype=torch.bfloat16)
+        return gate_residual(y.view(residual.shape), gate, residual)
+
+    def bf16_matmul_add(a, a_scale, w, w_scale, w_bf16, gate, residual):
+        return residual + torch.matmul(a, w_bf16.t())
+
+    sets = [make_set() for _ in range(count)]
+    contenders = {"kiln": kiln_op, "kiln + torch epilogue": kiln_then_epilogue}
+    if fp8_fp8:
+        peer = "torch._scaled_mm + epilogue"
+        contenders[peer] = scaled_mm_epilogue
+        if bench.cuda:
+            contenders[f"torch.compile({peer})"] = compiled(bench, scaled_mm_epilogue)
+    else:
+        contenders["bf16 matmul + add"] = bf16_matmul_add
+    path = select_path(m, sets[0][2], a_dtype=torch.float8_e4m3fn if fp8_fp8 else torch.bfloat16)
+    check_peers(bench, contenders, sets[0], CHECK_BOUND, f"kiln bench matmul: {case} {shape}")
+
+    return _record(bench, torch, case, shape, contenders, sets, path, m, k, n, w_bytes,
+                   w_bytes if m <= GEMV_MAX_M else moved,
+                   floor_bytes=moved if m <= GEMV_MAX_M else None,
+                   notes={"format": fmt, "epilogue": case[len(fmt) + 1:]})
 
 
 def _comfy_kitchen_linear(torch, ck, sets):

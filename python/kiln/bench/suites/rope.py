@@ -1,6 +1,7 @@
-"""Flux RoPE + permute (+ QK RMSNorm): kiln against what Flux users run today.
+"""RoPE: kiln.rope_flux (Flux RoPE + permute, + QK RMSNorm) and kiln.rope (an LLM layer's q/k/v
+rotation + KV-cache write) against what Flux and LLM users run today.
 
-Shapes: Flux.2 klein at 512², 1024², 1792² (L = 1536, 4608, 13056 tokens), H = 24, D = 128,
+Flux shapes: Flux.2 klein at 512², 1024², 1792² (L = 1536, 4608, 13056 tokens), H = 24, D = 128,
 N = 1. x is the Q slice of a packed [N, L, 3, H, D] QKV, a strided view, as Flux produces it; the
 output is contiguous bf16 [N, H, L, D], as attention takes it. Cases: x bf16 or f32; rotation
 alone, with the fused RMSNorm, and the V path (pe None: permute and cast only).
@@ -16,17 +17,37 @@ Peers, timed in the same run on the same inputs after their output was checked a
   copy           a device-to-device copy moving the same bytes (half read, half written): what
                  any kernel of this size can reach, ramp-up and tail included
   bytes floor    bytes the op must move / this GPU's copy bandwidth on a 2 GiB copy
+
+LLM cases ("llm decode" / "llm prefill"): one attention layer's rope as kiln.llm runs it, three
+kiln.rope calls on the Q, K and V slices of the packed bf16 QKV projection [1, T, Hq + 2 Hkv, D]:
+Q rotated into a contiguous [1, Hq, T, D], K rotated and V copied into bf16 KV caches
+[1, Hkv, S, D] at the tokens' positions (i32 on the device). Llama-3-8B (32 / 8 heads of 128,
+adjacent pairs, theta 5e5) and Qwen3-8B (halves, theta 1e6, per-head RMSNorm of Q and K before
+the rotation, f32 weights); a decode step (T = 1 at position 4096 + i) and a 512-token prefill
+(positions 512 i ..), i the input set (successive sets write successive cache rows). Peers:
+  eager          the PyTorch formula in f32: RMSNorm (Qwen3), the rotation of Meta's llama
+                 reference (adjacent pairs) or of transformers' rotate_half (halves) with cos / sin
+                 [T, D/2] taken from the positions beforehand (in f64, rounded to f32; a model
+                 computes them once per forward for every layer), cast to bf16, Q made contiguous
+                 [1, Hq, T, D], K and V written with index_copy_ as transformers' StaticCache does
+  torch.compile  that function compiled
+  copy, bytes floor  as above (x, positions and norm weights read; q and the cache rows written)
+The caches are filled with NaN before each contender's checked call; Q and the written cache rows
+are compared (BF16_BOUND).
 """
 
 import importlib.metadata
 import math
 
-from ... import rope_flux
-from ..core import Measurement
+from ... import rope, rope_flux
+from ...llm.synthetic import SHAPES as LLM_SHAPES
+from ..cases import compiled, eager_and_compiled, measure, run_case
+from ..core import relative_error
 from ..timing import rotation_count
 
 NAME = "rope"
-DESCRIPTION = "Flux RoPE + permute (+ RMSNorm) vs eager PyTorch, torch.compile, comfy_kitchen"
+DESCRIPTION = ("Flux RoPE + permute (+ RMSNorm), LLM rope + KV-cache write vs eager PyTorch, "
+               "torch.compile, comfy_kitchen")
 
 # (label, L): Flux.2 klein image tokens (H/16)·(W/16) + 512 text tokens.
 GPU_SHAPES = [("512²", 1536), ("1024²", 4608), ("1792²", 13056)]
@@ -37,6 +58,12 @@ BATCH = 1
 EPS = 1e-6
 # (label, rotate, norm)
 VARIANTS = [("rope", True, False), ("rope+norm", True, True), ("v-path", False, False)]
+# LLM cases: kiln.llm.synthetic's shapes (heads, head dim, theta, style, QK-norm), and
+# (phase, T tokens, position of set 0's first token; set i starts T i later).
+LLM_MODELS = ("llama-8b", "qwen3-8b")
+LLM_PHASES = [("decode", 1, 4096), ("prefill", 512, 0)]
+CPU_LLM_MODELS = ("llama-small", "qwen3-small")
+CPU_LLM_PHASES = [("decode", 1, 40), ("prefill", 12, 0)]
 
 
 def eager_chain(x, pe, norm_weight, eps: float):
@@ -70,20 +97,46 @@ def bfl_chain(x, pe, norm_weight, eps: float):
     return out.reshape(*xh.shape).to(torch.bfloat16).contiguous()
 
 
+def llm_rotate(x, cos, sin, style: str):
+    """x f32 [N, T, H, D] rotated by the angles whose cos and sin (f32 [T, D/2]) are given:
+    adjacent pairs (x[2i], x[2i+1]) as Meta's llama reference and llama.cpp's normal rope, or
+    halves (x[i], x[i + D/2]) as transformers' rotate_half (Qwen, neox)."""
+    import torch
+
+    c, s = cos[:, None], sin[:, None]  # [T, 1, D/2]: broadcast over N and H
+    if style == "normal":
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+    a, b = x.chunk(2, -1)
+    return torch.cat([a * c - b * s, a * s + b * c], -1)
+
+
+def llm_chain(heads: int, kv_heads: int, style: str, eps: float):
+    """The PyTorch formula of one LLM layer's rope, as a function of a case's input set:
+    Q (normalized, rotated) as a contiguous [N, Hq, T, D], K (normalized, rotated) and V written
+    into the caches at the positions with index_copy_ (transformers' StaticCache), math in f32."""
+    import torch
+
+    def rotated(x, weight, cos, sin):
+        xf = x.float()
+        if weight is not None:
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight
+        return llm_rotate(xf, cos, sin, style).to(x.dtype).transpose(1, 2)  # [N, H, T, D]
+
+    def chain(qkv, positions, index, cos, sin, q_norm, k_norm, k_cache, v_cache):
+        q = rotated(qkv[:, :, :heads], q_norm, cos, sin).contiguous()
+        k_cache.index_copy_(2, index, rotated(qkv[:, :, heads:heads + kv_heads], k_norm, cos, sin))
+        v_cache.index_copy_(2, index, qkv[:, :, heads + kv_heads:].transpose(1, 2))
+        return q
+
+    return chain
+
+
 def random_pe(torch, length: int, head_dim: int, device):
     """f32 [L, D/2, 2, 2] rotations [[cos, -sin], [sin, cos]] at random angles."""
     angle = torch.rand(length, head_dim // 2, device=device) * (2 * math.pi)
     cos, sin = angle.cos(), angle.sin()
     return torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
-
-
-def relative_error(torch, got, want) -> float:
-    """||got - want|| / ||want|| in f64; fails loudly on a zero reference."""
-    want64 = want.double()
-    norm = want64.norm().item()
-    if not norm > 0:
-        raise AssertionError("kiln bench rope: reference output is all zeros")
-    return ((got.double() - want64).norm() / norm).item()
 
 
 # bf16 output: both sides round an f32 result to bf16, so they differ by at most one bf16 ulp
@@ -108,11 +161,9 @@ def _comfy_kitchen():
 
 def run(bench) -> None:
     torch = bench.require_torch()
-    if bench.cuda:
-        shapes, heads, head_dim = GPU_SHAPES, GPU_HEADS, GPU_HEAD_DIM
-    else:
-        bench.log("no CUDA device: CPU backends at small sizes")
-        shapes, heads, head_dim = CPU_SHAPES, CPU_HEADS, CPU_HEAD_DIM
+    shapes, heads, head_dim, models, phases = bench.sizes(
+        (GPU_SHAPES, GPU_HEADS, GPU_HEAD_DIM, LLM_MODELS, LLM_PHASES),
+        (CPU_SHAPES, CPU_HEADS, CPU_HEAD_DIM, CPU_LLM_MODELS, CPU_LLM_PHASES))
     device = bench.device
     bench.copy_gbps()
 
@@ -143,6 +194,15 @@ def run(bench) -> None:
                 ck_peer = comfy_kitchen_chain if ck is not None and rotate else None
                 _run_case(bench, torch, device, case, shape, length, heads, head_dim, x_dtype,
                           rotate, norm, ck_peer)
+
+    for model in models:
+        for phase, tokens, first in phases:
+            hp = LLM_SHAPES[model]
+            case = f"llm {phase} {model}"
+            shape = (f"T{tokens} at {first} Hq{hp.n_head} Hkv{hp.n_head_kv} D{hp.head_dim} "
+                     f"{hp.style}{' +qk-norm' if hp.qk_norm else ''}")
+            if bench.wants(f"{case} {shape}"):
+                _run_llm_case(bench, torch, case, shape, hp, tokens, first)
 
 
 def _short(dtype) -> str:
@@ -175,10 +235,9 @@ def _run_case(bench, torch, device, case, shape, length, heads, head_dim, x_dtyp
     if rotate:
         contenders["eager BFL"] = bfl_chain
     if bench.cuda:
-        torch.compiler.reset()
-        contenders["torch.compile"] = torch.compile(eager_chain, dynamic=False, fullgraph=True)
+        contenders["torch.compile"] = compiled(bench, eager_chain)
         if rotate:
-            contenders["torch.compile BFL"] = torch.compile(bfl_chain, dynamic=False, fullgraph=True)
+            contenders["torch.compile BFL"] = compiled(bench, bfl_chain)
     if comfy_kitchen_chain:
         contenders["comfy_kitchen"] = comfy_kitchen_chain
 
@@ -197,8 +256,8 @@ def _run_case(bench, torch, device, case, shape, length, heads, head_dim, x_dtyp
                 f"kiln bench rope: {name} gave shape {list(out.shape)} with strides "
                 f"{out.stride()} on {case} {shape}, expected contiguous {list(reference.shape)}"
             )
-        err = relative_error(torch, out, reference)
-        if err > BF16_BOUND:
+        err = relative_error(torch, out, reference, "kiln bench rope")
+        if not err <= BF16_BOUND:
             message = f"{name} disagrees with kiln on {case} {shape}: relative error {err:.2e}"
             if name == "comfy_kitchen":
                 bench.log(f"{message}: peer skipped")
@@ -207,28 +266,61 @@ def _run_case(bench, torch, device, case, shape, length, heads, head_dim, x_dtyp
             raise AssertionError(f"kiln bench rope: {message} > {BF16_BOUND:.2e}")
     del reference
 
-    timings = {name: bench.timer.time(fn, sets) for name, fn in contenders.items()}
-    if bench.cuda:
-        half = moved // 2
-        copies = [
-            (torch.empty(half, dtype=torch.uint8, device=device).random_(0, 255),
-             torch.empty(half, dtype=torch.uint8, device=device))
-            for _ in range(count)
-        ]
-        timings["copy"] = bench.timer.time(lambda src, dst: dst.copy_(src), copies)
-        del copies
-    kiln = timings.pop("kiln")
-    peers = {name: t.ms for name, t in timings.items()}
-    peers["bytes floor"] = moved / bench.copy_gbps() / 1e6
-    bench.add(Measurement(
-        case=case,
-        shape=shape,
-        kiln_ms=kiln.ms,
-        bytes=moved,
-        peers=peers,
-        host_us={"kiln": kiln.host_us, **{name: t.host_us for name, t in timings.items()}},
-        notes={"rotation_sets": count, "x_dtype": _short(x_dtype), "out_dtype": "bf16"},
-    ))
+    measure(bench, case, shape, contenders, sets, moved,
+            notes={"x_dtype": _short(x_dtype), "out_dtype": "bf16"})
     del sets
     if bench.cuda:
         torch.cuda.empty_cache()
+
+
+def _run_llm_case(bench, torch, case, shape, hp, tokens, first):
+    device = bench.device
+    heads, kv_heads, head_dim = hp.n_head, hp.n_head_kv, hp.head_dim
+    # One token's bf16 QKV: read once, and written once (q out, the k and v cache rows).
+    row = (heads + 2 * kv_heads) * head_dim * 2
+    norm_bytes = 2 * head_dim * 4 if hp.qk_norm else 0
+    moved = tokens * (2 * row + 4) + norm_bytes  # + the i32 positions
+    count = rotation_count(tokens * 2 * row) if bench.cuda else 2
+    eps = hp.rms_eps
+
+    def make_sets():
+        """Set i: QKV of tokens at positions first + T i .. first + T i + T - 1, their cos / sin,
+        the caches every set writes into (rows up to first + T count)."""
+        qkv = torch.randn(count, 1, tokens, heads + 2 * kv_heads, head_dim, device=device,
+                          dtype=torch.bfloat16)
+        positions = first + torch.arange(count * tokens, device=device, dtype=torch.int32)
+        positions = positions.reshape(count, 1, tokens)
+        inv_freq = hp.rope_theta ** (-torch.arange(0, head_dim, 2, device=device,
+                                                   dtype=torch.float64) / head_dim)  # [D/2]
+        angle = positions.double()[..., None] * inv_freq  # [count, 1, T, D/2]
+        cos, sin = angle.cos().float(), angle.sin().float()
+        norms = [(1 + 0.1 * torch.randn(head_dim, device=device)) if hp.qk_norm else None
+                 for _ in range(2)]
+        caches = [torch.zeros(1, kv_heads, first + count * tokens, head_dim, device=device,
+                              dtype=torch.bfloat16) for _ in range(2)]
+        # index_copy_'s int64 positions, one tensor a set (aligned as a compiled peer expects)
+        return [(qkv[i], positions[i], positions[i, 0].long(), cos[i, 0], sin[i, 0], *norms,
+                 *caches) for i in range(count)]
+
+    def kiln_op(qkv, positions, index, cos, sin, q_norm, k_norm, k_cache, v_cache):
+        """kiln.llm's three calls (python/kiln/llm/model.py)."""
+        q = rope(qkv[:, :, :heads], positions, theta=hp.rope_theta, style=hp.style,
+                 norm_weight=q_norm, eps=eps)
+        rope(qkv[:, :, heads:heads + kv_heads], positions, theta=hp.rope_theta, style=hp.style,
+             norm_weight=k_norm, eps=eps, cache=k_cache)
+        rope(qkv[:, :, heads + kv_heads:], positions, theta=None, cache=v_cache)
+        return q
+
+    def written_rows(fn, args):
+        """Q and the cache rows the call wrote, the caches poisoned with NaN before it."""
+        index, k_cache, v_cache = args[2], args[7], args[8]
+        k_cache.fill_(float("nan"))
+        v_cache.fill_(float("nan"))
+        q = fn(*args)
+        return q, k_cache.index_select(2, index), v_cache.index_select(2, index)
+
+    contenders = {"kiln": kiln_op,
+                  **eager_and_compiled(bench, llm_chain(heads, kv_heads, hp.style, eps))}
+    run_case(bench, case, shape, make_sets, contenders, moved, BF16_BOUND,
+             notes={"model": hp.arch, "tokens": tokens, "first_position": first},
+             output=written_rows)

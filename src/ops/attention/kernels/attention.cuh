@@ -1,5 +1,5 @@
-// Attention forward, FlashAttention-2 style, on mma.sync m16n8k16 (sm_80 and later; sm_90 runs it
-// too until a wgmma kernel lands).
+// Attention forward, FlashAttention-2 style, on mma.sync m16n8k16 (sm_80 and later): prefill
+// where the sm_90a kernel (prefill_sm90.cuh) does not take the call, and every decode.
 //
 // Computes, for every query row (n, hq, i) and its visible keys j:
 //   s_j = scale * q_i . k_j  (then softcap * tanh(s_j / softcap), then + mask[n, hq, i, j])
@@ -30,8 +30,9 @@
 //
 // Why this shape (figures in ../NOTES.md, every version): mma.sync with 16 rows a warp feeds each
 // ldmatrix'd K/V fragment to one MMA, which caps prefill well below wgmma (prefill_sm90.cuh);
-// decode keeps enough bytes in flight with 128-key tiles, 32 keys a warp, a 3-deep ring and
-// splits in whole waves, and on sm_90a loads whole tiles by TMA from a producer warp.
+// decode keeps enough bytes in flight with 128-key tiles, 32 keys a warp, a ring as deep as
+// shared memory allows and splits in whole waves, and on sm_90a loads whole 64-key tiles by TMA
+// from a producer warp.
 #pragma once
 
 #include "device/mma.cuh"

@@ -2,7 +2,7 @@
 // channels-last (NCHW: a VAE's conv_out, 128 -> 3): a direct convolution on CUDA cores in f32.
 // Such a conv is memory-bound (x is read once, the output is OC / C of its size), while an
 // implicit GEMM re-reads x once per tap through L2 for a GEMM N of 3, and the mma.sync kernel
-// gathers NCHW x a pixel column at a time (5 TFLOP/s on an H200).
+// gathers NCHW x a pixel column at a time.
 //
 // A block of 128 threads computes 512 output pixels of one row (ow0 .. ow0 + 511 of row oh of
 // image n), 4 adjacent pixels a thread, all OC channels. It walks C in chunks of CC channels:
@@ -12,9 +12,9 @@
 // weights with 16-byte broadcasts once per 4 pixels. x is read along its rows (16 bytes a load
 // with VEC, else 2-byte gathers for any strides).
 //
-// Measured on an H200 (conv_out at 1024^2, NCHW): 10 TFLOP/s, 0.80x cuDNN, against the mma.sync
-// kernel's 5; on channels-last x it ran 10 against the mma.sync kernel's 14, which keeps those
-// (NOTES.md, "conv_out: a direct kernel").
+// On NCHW x it measured twice the mma.sync kernel's speed; on channels-last x it was slower than
+// the mma.sync kernel, which keeps those (NOTES.md, "conv_out, a direct kernel";
+// dev/conv2d/paths.cpp times both).
 #pragma once
 
 #include "device/numeric.cuh"

@@ -25,10 +25,9 @@
 // one pixel.
 //
 // Limits: M, K, C, H, W, OC < 2^31 (checked by the launcher); element offsets are 64-bit.
-// Measured (H200, bf16, Flux VAE decoder shapes, `kiln bench conv2d`; NOTES.md has every
-// version): channels-last 255-299 TFLOP/s on the 3x3 convolutions (0.45-0.64x cuDNN), NCHW
-// 130-145. The main loop has no branch: with the next tile's loads behind `if`s and a branch
-// around every cp.async pointer, the same tiles ran 228-253 and 82-88.
+// The main loop has no branch: with the next tile's loads behind `if`s and a branch around every
+// cp.async pointer, the same tiles were slower, NCHW most (NOTES.md has every version, "mma.sync
+// v3" this one; dev/conv2d/paths.cpp times it with any tile).
 #pragma once
 
 #include "device/mma.cuh"

@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(conv2d_sm90::kThreads, 1)
 // x [N, C, H, W] in any strides. A block transposes 64 channels x 64 pixels of one image row
 // (grid: W / 64, H, N x C / 64) through shared memory: reads along the row (VEC: 16-byte loads of
 // 8 pixels, for a unit W stride, 16-byte-aligned rows and W % 8 == 0; else 2-byte loads), writes
-// of 8 channels (16 bytes) of a pixel. Measured on an H200: NOTES.md (NCHW on Hopper).
+// of 8 channels (16 bytes) of a pixel. Its speed: NOTES.md, "NCHW on Hopper".
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(256) conv2d_x_nhwc(const __grid_constant__ Conv2dCopyParams p) {
   __shared__ T tile[64][65];  // [channel][pixel]; the odd pitch spreads channel groups over banks

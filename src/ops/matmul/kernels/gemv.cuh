@@ -6,13 +6,11 @@
 // registers from 16-byte coalesced loads (never through shared memory), up to 8 tokens of a as
 // the B operand (two fragments for M = 9-16), f32 accumulators; the block's warps split K and add
 // their sums through shared memory in warp order. Layout and limits beside the kernel below.
-// Measured on an H200 (NOTES.md, "GEMV v2"; bf16 a and out, e4m3 row-scaled, ms):
-//   1 x 4096 x 14336  0.0215 (64% of copy bandwidth, against 0.0223 for gemv_kernel)
-//   16 x 4096 x 14336 0.0346 (40%, against 0.1237: 3.6x), 16 x 14336 x 4096 0.0313 (3.6x)
 // The weight decode is 5 integer ops and two HFMA2 for 4 values (instead of 12 and 4 FMUL), and
-// the M FMAs a value went to the tensor cores. At M = 1 both kernels take the same time: bytes at
-// ~3.9 TB/s plus a ~6.5 us intercept (a fit over two sizes; cuBLAS bf16 fits the same), so the
-// decode was not the bound there; from M = 4 the CUDA-core kernel's FMAs were.
+// the M FMAs a value went to the tensor cores: from M = 4 it is well ahead of gemv_kernel, whose
+// FMAs were the bound. At M = 1 both kernels take the same time (a fixed intercept plus the bytes
+// at a rate cuBLAS bf16 matches), so the decode is not the bound there. NOTES.md, "GEMV v2";
+// dev/matmul/paths.py times both kernels' paths over M.
 //
 // gemv_kernel (CUDA cores; every a and weight type, any alignment): warp w of block x owns the R
 // weight rows n = (x * WARPS + w) * R + r (rows past N load row N - 1 and are discarded). Its
@@ -30,9 +28,9 @@
 // f16/bf16 K % 8, q8_0 K % 256); otherwise chunks are single elements (q8_0: 2-byte loads into
 // the stage), correct and slow. A_VEC: a chunk of a read with 16-byte loads (aligned rows).
 // It runs f32 and fp8 a, unaligned operands, and where it measured faster than the tensor-core
-// kernel: q8_0 at M <= 4 (1 x 4096 x 14336: 0.0239 ms, 61% of copy, against 0.0388) and 16-bit
-// weights at M <= 2 (bf16 0.0308 ms, 90%, against 0.0343). The bit-trick decode beat a
-// shared-memory table 1.68x at M = 1.
+// kernel: q8_0 at M <= 4 (16-byte staged loads against 4-byte ones) and 16-bit weights at M <= 2
+// (one integer op a value to decode). The bit-trick decode beat a shared-memory table (NOTES.md,
+// "Decoding").
 //
 // Epilogue (both): without split-K the scales, bias, gate and residual (out = residual + gate *
 // (sum * scales + bias), params.cuh's GateResidual) are applied and out written by the kernel;

@@ -13,12 +13,11 @@
 // of x before the first use. The RMSNorm sum of squares is a shuffle reduction over the row's
 // LANES lanes.
 //
-// Measured on an H200, bf16 -> bf16, H = 24, D = 128, L = 13056 (NOTES.md has every version):
-// 0.0463 ms, 88% of copy bandwidth and 94% of the speed of a cudaMemcpy moving the same bytes.
-// It takes all loads in flight at once (branch-free: rows past H load row 0 and are discarded)
-// and 16-byte stores (device/vec.cuh); with branches around the loads and split stores the same
-// layout ran 0.0608 ms. A loop over tokens with the next token's loads in flight, and tiles of
-// tokens walking the heads, were both slower.
+// Why this shape (figures in ../NOTES.md, every version): it runs close to a device copy of the
+// same bytes because it takes all loads in flight at once (branch-free: rows past H load row 0
+// and are discarded) and stores 16 bytes at a time (device/vec.cuh); the same layout with
+// branches around the loads and split stores was far slower (v5). A loop over tokens with the
+// next token's loads in flight (v3), and tiles of tokens walking the heads (v4), were both slower.
 //
 // Limits: D even; out's rows may be strided (a row range of a longer [N, H, L', D] buffer, so that
 // text and image tokens land in one attention input without a concatenation), D contiguous.
