@@ -82,16 +82,17 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 # A subset of the C++ suite in $shards processes at once (gtest sharding); they share the JIT disk
-# cache. sharded_tests SUBSET
+# cache. Each shard's log is kept in $OUT/tests_<subset>_<i>.log as it runs (a command stopped by
+# its time limit still brings them back). sharded_tests SUBSET
 sharded_tests() {
   local pids=() status=0
   for ((i = 0; i < shards; i++)); do
     GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$i "$tests" --gtest_brief=1 \
-      --kiln_select="$1" >"$scratch/shard_$i.log" 2>&1 &
+      --kiln_select="$1" >"$out/tests_$1_$i.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-  cat "$scratch"/shard_*.log
+  cat "$out/tests_$1"_*.log
   return $status
 }
 
