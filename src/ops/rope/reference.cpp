@@ -30,15 +30,22 @@ void reference(const TensorView& x, const TensorView& positions, const TensorVie
   const std::int64_t half = D / 2;
   std::vector<float> row(static_cast<std::size_t>(D));
 
-  for (std::int64_t n = 0; n < N; ++n) {
+  // Every position is checked before the first row is written: an error leaves the cache as it
+  // was.
+  for (std::int64_t n = 0; at_positions && n < N; ++n) {
     for (std::int64_t t = 0; t < T; ++t) {
       const std::int64_t pos = load_position(positions, n, t);
-      if (at_positions && (pos < 0 || pos >= S)) {
+      if (pos < 0 || pos >= S) {
         check::fail("rope_cache", ErrorCode::invalid_argument,
                     "positions[" + std::to_string(n) + ", " + std::to_string(t) +
                         "] = " + std::to_string(pos) + ", expected a row of the cache: [0, " +
                         std::to_string(S) + ")");
       }
+    }
+  }
+  for (std::int64_t n = 0; n < N; ++n) {
+    for (std::int64_t t = 0; t < T; ++t) {
+      const std::int64_t pos = load_position(positions, n, t);
       const std::int64_t s = at_positions ? pos : t;
       for (std::int64_t h = 0; h < H; ++h) {
         // row = x[n, t, h, :]

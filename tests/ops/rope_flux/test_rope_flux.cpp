@@ -1,9 +1,12 @@
 // rope_flux: the CPU reference against a closed form, the CUDA kernels (fused, and the unfused
-// chain KILN_DISABLE selects) against the CPU reference, 64-bit offsets, the JIT cache, and the
+// chain KILN_DISABLE selects) against the CPU reference, out as a row range of a larger buffer
+// (its guard rows untouched) or from token-major memory, 64-bit offsets, the JIT cache, and the
 // argument checks.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,6 +31,16 @@ enum class XLayout {
 
 enum class PeLayout { none, shared, batched, padded /* [L, D/2, 2, 3][..., :2] */ };
 
+// How out is laid out in memory.
+enum class OutLayout {
+  contiguous,    // [N, H, L, D]
+  row_range,     // rows [kFirstRow, kFirstRow + L) of a contiguous [N, H, L + kGuardRows, D]
+  tokens_major,  // [N, L, H, D] memory viewed as [N, H, L, D]
+};
+
+// The row range's place in its buffer: poisoned guard rows before and after it in every (n, h).
+constexpr std::int64_t kFirstRow = 3, kGuardRows = 5;
+
 struct Case {
   std::int64_t N, L, H, D;
   DType x = DType::bf16;
@@ -36,12 +49,15 @@ struct Case {
   bool norm = false;
   XLayout layout = XLayout::contiguous;
   DType weight = DType::bf16;
+  OutLayout out_layout = OutLayout::contiguous;
 
   std::string name() const {
     static const char* layouts[] = {"contiguous", "packed_qkv", "heads_major", "strided_d"};
     static const char* pes[] = {"none", "shared", "batched", "padded"};
+    static const char* outs[] = {"", "_out_row_range", "_out_tokens_major"};
     return cat("N", N, "_L", L, "_H", H, "_D", D, "_", dtype_name(x), "_to_", dtype_name(out),
-               "_pe_", pes[int(pe)], norm ? "_norm" : "", "_", layouts[int(layout)]);
+               "_pe_", pes[int(pe)], norm ? "_norm" : "", "_", layouts[int(layout)],
+               outs[int(out_layout)]);
   }
   bool small() const { return N * L * H * D <= 1'000'000; }
 };
@@ -115,7 +131,20 @@ struct RopeFlux {
       t.input("weight", c.weight, {D});
       t.fill("weight", rng, 0.5f, 1.5f);
     }
-    t.output("out", c.out, {N, H, L, D});
+    switch (c.out_layout) {
+      case OutLayout::contiguous:
+        t.output("out", c.out, {N, H, L, D});
+        break;
+      case OutLayout::row_range: {
+        const std::int64_t rows = L + kGuardRows;
+        t.output("out", c.out, {N, H, L, D}, {H * rows * D, rows * D, D, 1}, kFirstRow * D,
+                 N * H * rows * D);
+        break;
+      }
+      case OutLayout::tokens_major:
+        t.output("out", c.out, {N, H, L, D}, {L * H * D, D, H * D, 1});
+        break;
+    }
   }
 
   static void run(const Case&, const Views& v, Stream stream) {
@@ -160,6 +189,23 @@ struct RopeFlux {
     }
     return {{"out", out, Tolerance::rounding(c.out, 1.0)}};
   }
+
+  // A row range: the buffer's rows outside it (in every (n, h)) keep their poison, byte for byte.
+  static void also(const Case& c, CaseRun& r) {
+    if (c.out_layout != OutLayout::row_range) return;
+    const TensorView out = r.got()["out"];
+    const std::int64_t rows = c.L + kGuardRows, row_bytes = c.D * std::int64_t(dtype_size(c.out));
+    const auto* buffer = static_cast<const std::uint8_t*>(out.data()) - kFirstRow * row_bytes;
+    std::int64_t written = 0;
+    for (std::int64_t nh = 0; nh < c.N * c.H; ++nh) {
+      for (std::int64_t l = 0; l < rows; ++l) {
+        if (l >= kFirstRow && l < kFirstRow + c.L) continue;
+        const std::uint8_t* row = buffer + (nh * rows + l) * row_bytes;
+        written += std::count_if(row, row + row_bytes, [](std::uint8_t b) { return b != kPoison; });
+      }
+    }
+    EXPECT_EQ(written, 0) << "bytes of the guard rows around out's row range were written";
+  }
 };
 
 // The seed's configurations and odd ones, each crossed with the dtype pairs and options.
@@ -194,6 +240,19 @@ std::vector<Case> cases() {
     all.push_back({3, 7, 5, 64, DType::f32, DType::bf16, PeLayout::batched, false, layout});
   }
   all.push_back({2, 65, 24, 128, DType::f32, DType::f32, PeLayout::padded, true});
+  // out as a row range of a larger buffer (the joint attention input) and from token-major
+  // memory: the vector path (bf16, D = 128, norm and pe) and D = 10 in f32 (2-element vectors, and
+  // the scalar path with strided x).
+  for (OutLayout o : {OutLayout::row_range, OutLayout::tokens_major}) {
+    for (std::int64_t N : {1, 3}) {
+      all.push_back({N, 77, 24, 128, DType::bf16, DType::bf16, PeLayout::shared, true,
+                     XLayout::contiguous, DType::bf16, o});
+      all.push_back({N, 9, 3, 10, DType::f32, DType::f32, PeLayout::shared, N == 3,
+                     XLayout::contiguous, DType::f32, o});
+      all.push_back({N, 9, 3, 10, DType::f32, DType::f32, PeLayout::batched, true,
+                     XLayout::strided_d, DType::f32, o});
+    }
+  }
   all.push_back({2, 65, 24, 128, DType::bf16, DType::f16, PeLayout::batched, true,
                  XLayout::packed_qkv, DType::f32});
   return all;
