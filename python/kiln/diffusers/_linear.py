@@ -154,9 +154,13 @@ class SplitLinear:
     single-stream block's output projection over [attention output, MLP output]), run as two
     GEMMs over the two column ranges of its weight, so that the concatenation is never written:
         out = residual + gate * (W_a a + W_m m + bias)
-    fp8: two kiln.matmul calls, the first into an f32 partial (residual + gate * W_a a), the
-    second adding gate * W_m m to it and rounding once. bf16: F.linear then addmm_ into the same
-    output, then one addcmul."""
+    fp8: two kiln.matmul calls, the first into a partial (residual + gate * W_a a), the second
+    adding gate * W_m m to it. The partial has the residual's dtype where the layer has no bias
+    (Flux.2), so that each GEMM's gate and residual fold into cuBLASLt's epilogue (its C has the
+    output's dtype), at the cost of one more bf16 rounding of the sum, far below the fp8
+    operands' error; with a bias (FLUX.1), which per-row scales never fuse, the partial is f32
+    and the sum is rounded once. bf16: F.linear then addmm_ into the same output, then one
+    addcmul."""
 
     def __init__(self, weight: torch.Tensor, bias, split: int, mode: Mode):
         self.mode = mode
@@ -169,7 +173,8 @@ class SplitLinear:
 
     def __call__(self, a, m, *, gate, residual):
         if self.first.weight is None:
-            partial = self.first(a, gate=gate, residual=residual, out_dtype=torch.float32)
+            partial_dtype = residual.dtype if self.first.bias is None else torch.float32
+            partial = self.first(a, gate=gate, residual=residual, out_dtype=partial_dtype)
             return self.second(m, gate=gate, residual=partial, out_dtype=residual.dtype)
         y = F.linear(a, self.first.weight, self.first.bias)
         y.view(-1, y.shape[-1]).addmm_(m.reshape(-1, m.shape[-1]), self.second.weight.t())
