@@ -111,6 +111,27 @@ sanitizers() {
   return $status
 }
 
+# The Python tests that use a GPU (CUDA parametrizations, GPU-only tests); CI runs the rest. The
+# model tests (diffusers, ComfyUI, LLM: models of GiBs) run in one process, the op tests beside
+# them in several (pytest-xdist, where the machine has it); each test has a time limit
+# (pytest-timeout, where present), so that a hang is reported and the stage still ends with its
+# failure reports. Logs: $OUT/pytest_models.log, $OUT/pytest_ops.log.
+python_gpu_tests() {
+  local filter="(cuda or gpu or GPU) and not nccl" models ops=() f parallel=() limit=() status=0
+  models=(tests/python/test_diffusers.py tests/python/test_comfyui.py tests/python/test_llm.py)
+  for f in tests/python/test_*.py; do [[ " ${models[*]} " == *" $f "* ]] || ops+=("$f"); done
+  python3 -c 'import xdist' 2>/dev/null && parallel=(-n 6 --dist loadfile)
+  python3 -c 'import pytest_timeout' 2>/dev/null && limit=(--timeout 1200)
+  python3 -m pytest "${models[@]}" -q -rfEs "${limit[@]}" -k "$filter" \
+    >"$out/pytest_models.log" 2>&1 &
+  local models_pid=$!
+  python3 -m pytest "${ops[@]}" -q -rfEs "${parallel[@]}" "${limit[@]}" -k "$filter" \
+    >"$out/pytest_ops.log" 2>&1 || status=1
+  wait $models_pid || status=1
+  cat "$out/pytest_models.log" "$out/pytest_ops.log"
+  return $status
+}
+
 # Every op case on CUDA timed (median after warm-up, L2 flushed): GB/s and TFLOP/s, one line each.
 perf_table() { "$tests" --kiln_perf | tee "$out/kiln_perf.txt"; }
 
@@ -146,8 +167,7 @@ if want python || { want multigpu && ((gpus > 1)); }; then
   run py_install py_install
 fi
 if want python; then
-  # The tests that use a GPU (CUDA parametrizations, GPU-only tests); CI runs the rest.
-  run pytest python3 -m pytest tests/python -q -rs -k "(cuda or gpu or GPU) and not nccl"
+  run pytest python_gpu_tests
 fi
 if want peers; then
   if [ -d .peers/llama.cpp/src ]; then
