@@ -206,7 +206,7 @@ if want dev; then
   for harness in "$build"/dev/dev_*; do
     [ -x "$harness" ] && run "$(basename "$harness")" env OUT="$out/dev" "$harness"
   done
-  for harness in dev/{rope_flux,attention,conv2d,matmul}/*.py; do  # not dev/jit's SASS diff
+  for harness in dev/{rope_flux,attention,conv2d,matmul,flux2}/*.py; do  # not dev/jit's SASS diff
     [ -f "$harness" ] && run "$harness" env OUT="$out/dev" python3 "$harness"
   done
 fi

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEV = ROOT / "dev"
 # dev/<family>/ holds the harnesses (dev/common the C++ ones' shared code; dev/jit/compare_sass.py
 # compares machine code and times nothing).
-FAMILIES = ("rope_flux", "attention", "conv2d", "matmul")
+FAMILIES = ("rope_flux", "attention", "conv2d", "matmul", "flux2")
 PY_HARNESSES = sorted(p for f in FAMILIES for p in (DEV / f).glob("*.py"))
 CPP_HARNESSES = sorted(p for f in FAMILIES for p in (DEV / f).glob("*.cpp"))
 NO_GPU_ONLY = pytest.mark.skipif(HAS_CUDA, reason="needs a machine without a CUDA device")
@@ -111,3 +111,27 @@ def test_matmul_harness_weights_on_cpu(fmt):
     # The dense copy is the weight rounded once more to bf16.
     assert paths.harness.relative_error(torch, got, want) < 1e-2
     assert paths.parse_shape("4096x14336") == (4096, 14336)
+
+
+def test_flux2_profile_groups_kernels():
+    profile = load(DEV / "flux2" / "step_profile.py")
+    names = {
+        "void kiln::attention_prefill_sm90<128, 128>(...)": "attention",
+        "kiln::rope_flux_kernel": "rope",
+        "kiln::norm_kernel": "norm",
+        "kiln::quantize_fp8_rows": "quantize",
+        "kiln::activation_kernel": "activation",
+        "kiln::conv2d_implicit_gemm_sm90": "conv",
+        "sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x64": "gemm",
+        "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "gemm",
+        "void at::native::elementwise_kernel<128, 2>(...)": "copy / elementwise",
+        "triton_poi_fused_add_mul_0": "copy / elementwise",
+        "something_else": "other",
+    }
+    for name, group in names.items():
+        assert profile.kernel_group(name) == group, name
+    groups, kernels = profile.summarize(
+        [("kiln::norm_kernel", 3000.0, 6), ("nvjet_x", 9000.0, 3), ("mystery", 600.0, 3)], 3)
+    assert groups == pytest.approx({"norm": 1.0, "gemm": 3.0, "other": 0.2})
+    assert [k[0] for k in kernels] == ["nvjet_x", "kiln::norm_kernel", "mystery"]
+    assert kernels[1][1:] == pytest.approx((1.0, 2.0))
