@@ -11,19 +11,19 @@
 #                                         # perf dev multigpu
 #
 # Uses the machine's python3 (with torch) and needs no network. GoogleTest comes from the system,
-# or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it);
-# Python peers the machine lacks can be unpacked into .peers/, and wheels (diffusers, torchao:
-# scripts/fetch_bench_wheels.sh) put into .whl/ are installed into a scratch folder on
-# PYTHONPATH (all three folders are git-ignored).
+# or from a source tree in .gtest/ (copy /usr/src/googletest there on a machine that has it); the
+# Python packages the machine lacks come as wheels in .whl/ (scripts/fetch_bench_wheels.sh:
+# diffusers, torchao, gguf, the build's nanobind; scripts/prepare_comfyui.sh: ComfyUI's), installed
+# into a scratch folder on PYTHONPATH; the ComfyUI snapshot from .comfyui/ (all git-ignored).
 #
 # llama.cpp, the peer of `kiln bench llm`: the "peers" stage builds its CUDA backend, llama-bench
 # and kiln's logits dumper (dev/llm/llama_cpp.sh build cuda, sm_90) when its trimmed source came
 # along in .peers/llama.cpp/src (22 MiB: `dev/llm/llama_cpp.sh fetch` makes it on a machine with
-# network, with .peers/gguf and .peers/yaml, the GGUF reader kiln.llm needs; carry those three
-# folders, not a build). The 8B GGUF models the llm suite times are too large to carry (8.5 GiB
-# each): the suite writes them on this machine with kiln.llm.synthetic into $KILN_LLM_MODEL_DIR
-# (default: the temp folder; two files, about 17 GiB of disk). Each stage fits the 10-minute
-# command limit alone (`scripts/gpu_check.sh peers`, then `bench`), not all of them together.
+# network; carry that folder, not a build). The 8B GGUF models the llm suite times are too large to
+# carry (8.5 GiB each): the suite writes them on this machine with kiln.llm.synthetic into
+# $KILN_LLM_MODEL_DIR (default: the temp folder; two files, about 17 GiB of disk). Each stage fits
+# the 10-minute command limit alone (`scripts/gpu_check.sh peers`, then `bench`), not all of them
+# together.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -36,15 +36,6 @@ export KILN_CACHE_DIR=${KILN_CACHE_DIR:-/tmp/kiln-gpu-check-cache}
 # program using it can take a shared multi-GPU host's GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
-# Peers the machine lacks (comfy_kitchen, say) can come along as packages in .peers/.
-[ -d .peers ] && export PYTHONPATH="$root/.peers${PYTHONPATH:+:$PYTHONPATH}"
-# ComfyUI's snapshot and the wheels its imports need (scripts/prepare_comfyui.sh) in .comfyui/:
-# for tests/python/test_comfyui.py and kiln bench comfyui.
-comfyui_site=$(mktemp -d)
-if [ -d .comfyui/wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --target "$comfyui_site" .comfyui/wheels/*.whl
-  export PYTHONPATH="$comfyui_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
 export PYTHONUNBUFFERED=1
 export PYTHONFAULTHANDLER=1  # a crash in an extension prints the Python stack
 build=build/gpu

@@ -3,16 +3,14 @@
 # copied into the tree). The source is the copy vendored in the llama-cpp-python sdist on PyPI.
 #
 #   dev/llm/llama_cpp.sh fetch          # download the sdist (needs network), unpack and trim
-#                                       # llama.cpp into .peers/llama.cpp/src (git-ignored), and
-#                                       # the gguf package kiln.llm reads files with (and pyyaml,
-#                                       # which it imports) into .peers/, for machines without them
+#                                       # llama.cpp into .peers/llama.cpp/src (git-ignored)
 #   dev/llm/llama_cpp.sh build cpu      # CPU build: kiln's logits dumper (dev/llm/peer/logits.cpp)
 #   dev/llm/llama_cpp.sh build cuda     # CUDA build for sm_90: the dumper and llama-bench
 #
 # Builds go to .peers/llama.cpp/build-{cpu,cuda}; binaries in bin/ there. The GPU machine has no
-# network: carry .peers/llama.cpp/src (the trimmed source, 22 MiB), .peers/gguf and .peers/yaml
-# (2 MiB) with the working tree and run `build cuda` there (scripts/gpu_check.sh does when the
-# source is present; it puts .peers on PYTHONPATH).
+# network: carry .peers/llama.cpp/src (the trimmed source, 22 MiB) with the working tree and run
+# `build cuda` there (scripts/gpu_check.sh's peers stage does when the source is present); the
+# gguf package kiln.llm reads files with travels as a wheel (scripts/fetch_bench_wheels.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 peer=$root/.peers/llama.cpp
@@ -45,8 +43,7 @@ fetch() {
       ! -name ggml-cpu ! -name ggml-cuda -exec rm -rf {} +
   )
   echo "llama-cpp-python $sdist_version, llama.cpp $llama_commit" >"$peer/src/KILN_PEER_VERSION"
-  "$python" -m pip install --quiet --no-deps --upgrade --target "$root/.peers" gguf==0.19.0 pyyaml
-  du -sh "$peer/src" "$root/.peers/gguf" "$root/.peers/yaml"
+  du -sh "$peer/src"
 }
 
 build() {
