@@ -1,8 +1,8 @@
 """comfyui: FLUX.1 in the real ComfyUI at 1024², as shipped against ComfyUI with kiln's node.
 
-Needs a CUDA GPU and the ComfyUI snapshot: scripts/prepare_comfyui.sh puts it, with the wheels
-its imports need beyond the GPU machine's packages, into .comfyui/ (KILN_COMFYUI names the
-snapshot elsewhere). Without either, the suite says so and measures nothing.
+Needs a CUDA GPU and the ComfyUI snapshot: scripts/prepare_comfyui.sh puts it into .comfyui/
+(and the wheels its imports need beyond the GPU machine's packages into .whl/; KILN_COMFYUI names
+the snapshot elsewhere). Without either, the suite says so and measures nothing.
 
 The model is FLUX.1-dev's architecture at full depth (19 double + 38 single blocks, hidden 3072,
 24 heads x 128, guidance embedding) with random weights (see flux_state_dict), loaded through
