@@ -237,8 +237,9 @@ struct Q8Case {
   }
 };
 
-// quantize_q8_0 (a few all-zero blocks: d = 0), then dequantize: blocks and values bit for bit
-// against the CPU.
+// quantize_q8_0 (an all-zero block: d = 0; in the last row a block holding 1e7, whose d overflows
+// f16 and saturates (inf for f16 x), one holding +inf and one NaN), then dequantize: blocks and
+// values bit for bit against the CPU.
 struct QuantizeQ8_0 {
   using Case = Q8Case;
 
@@ -246,6 +247,11 @@ struct QuantizeQ8_0 {
     const TensorView x = t.input("x", c.x, {c.rows, c.cols}, {c.cols + c.x_pad, 1});
     fill_x(x, rng);
     std::memset(x.data(), 0, 32 * dtype_size(c.x));
+    const float specials[] = {1e7f, INFINITY, NAN};
+    const std::int64_t last_row = (c.rows - 1) * (c.cols + c.x_pad);
+    for (std::int64_t i = 0; i < 3 && 32 * (i + 1) + 5 < c.cols; ++i) {
+      numeric::store_float(x.data(), c.x, last_row + 32 * (i + 1) + 5, specials[i]);
+    }
     t.output("q", DType::u8, {c.rows, c.cols / 32 * 34});
     t.output("dequantized", c.out, {c.rows, c.cols});
   }
