@@ -8,7 +8,9 @@ copy / elementwise, other), with the largest kernels named.
 kiln fp8 is profiled with CUDA graphs off (kiln.diffusers.apply(graphs=False)), so that every
 launch is its own profiler event; its wall time per step is also measured with graphs on, the
 time `kiln bench flux2` reports, and the difference between that wall time and the summed kernel
-time is the step's idle GPU time. Before profiling, each contender's step output is compared with
+time is the step's idle GPU time. kiln.diffusers.apply itself runs under cProfile (CUDA
+synchronized at its end): its wall time and the functions that took most of it are printed (the
+bench's "first call with a warm JIT cache" is apply plus the first forward). Before profiling, each contender's step output is compared with
 diffusers bf16's on the same weights and inputs (relative error, printed). The peers: diffusers
 bf16 eager, and with --peers torchao fp8 + compile (torchao's PerRow recipe and
 compile_repeated_blocks, as the bench; its compilation takes minutes).
@@ -19,8 +21,12 @@ compile_repeated_blocks, as the bench; its compilation takes minutes).
   python3 dev/flux2/step_profile.py --full           # every kiln mode and torchao (~5 min)
 """
 
+import cProfile
+import io
+import pstats
 import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,6 +38,7 @@ KILN_MODES = {"fp8": dict(weights="fp8", activations="fp8"),
               "fp8-gemm": dict(weights="fp8", activations="bf16"),
               "bf16": dict(weights="bf16")}
 TOP_KERNELS = 12
+TOP_FUNCTIONS = 12  # of apply's cProfile
 # Kernel name patterns, tried in this order (the first match names the group): attention before
 # GEMM (Hopper attention kernels are named sm90 too), conv before GEMM (implicit GEMM convs).
 GROUPS = [
@@ -124,7 +131,8 @@ def main(argv=None) -> int:
         wall = flux2.wall_ms(torch, step, args.warmup, args.reps)
         profile_contender(run, torch, "diffusers bf16", step, reference, args, wall)
         for mode in args.kiln:
-            handle = kiln.diffusers.apply(pipe, **KILN_MODES[mode])
+            handle = profile_apply(torch.cuda.synchronize, lambda: kiln.diffusers.apply(pipe, **KILN_MODES[mode]),
+                                   f"kiln {mode}")
             step()  # the graph's capture
             wall = flux2.wall_ms(torch, step, args.warmup, args.reps)
             handle.remove()
@@ -139,6 +147,24 @@ def main(argv=None) -> int:
             profile_contender(run, torch, "torchao fp8+compile", step, reference, args, wall)
     run.write()
     return 0
+
+
+def profile_apply(sync, apply, name: str):
+    """apply() under cProfile, sync() (the device's synchronize) before and after: prints its wall time and the
+    TOP_FUNCTIONS functions with the most time of their own; returns what apply() returned."""
+    sync()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    handle = apply()
+    sync()
+    profiler.disable()
+    seconds = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(TOP_FUNCTIONS)
+    print(f"{name}: apply {seconds:.2f} s; its functions by own time:", flush=True)
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip()), flush=True)
+    return handle
 
 
 class _Log:

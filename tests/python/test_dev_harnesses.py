@@ -135,3 +135,17 @@ def test_flux2_profile_groups_kernels():
     assert groups == pytest.approx({"norm": 1.0, "gemm": 3.0, "other": 0.2})
     assert [k[0] for k in kernels] == ["nvjet_x", "kiln::norm_kernel", "mystery"]
     assert kernels[1][1:] == pytest.approx((1.0, 2.0))
+
+
+def test_flux2_profile_apply_prints_its_functions(capsys):
+    profile = load(DEV / "flux2" / "step_profile.py")
+    synced = []
+
+    def apply():
+        return sorted(range(1000), key=lambda i: -i)[0]
+
+    assert profile.profile_apply(lambda: synced.append(1), apply, "kiln fp8") == 999
+    printed = capsys.readouterr().out
+    assert synced == [1, 1]
+    assert printed.startswith("kiln fp8: apply ")
+    assert "tottime" in printed and "<lambda>" in printed
