@@ -98,6 +98,9 @@ def _run_child(settings: dict, folder: Path) -> dict:
                     "scripts/prepare_comfyui.sh)")
     settings = {**settings, "snapshot": str(snapshot), "folder": str(folder)}
     env = {**os.environ, "KILN_COMFY_DEVICES": "cuda,cpu", "PYTHONUNBUFFERED": "1"}
+    if torch.cuda.is_initialized():  # the GPU memory earlier tests of this process left cached
+        gc.collect()
+        torch.cuda.empty_cache()
     done = subprocess.run([sys.executable, __file__, json.dumps(settings)], env=env,
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     if done.returncode != 0:
