@@ -87,18 +87,30 @@ sharded_tests() {
   return $status
 }
 
-# memcheck and racecheck on the sanitizer subset, at once.
+# memcheck and racecheck on the sanitizer subset, at once; beside them the attention cases with
+# the sm_90a prefill's persistent grid capped at 3 blocks (KILN_ATTENTION_PREFILL_BLOCKS: every
+# block walks many work tiles, which no case does on a full grid), plain and under racecheck.
+# Logs: $OUT/memcheck.log, racecheck.log, attention_blocks3.log.
 sanitizers() {
   compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check full \
-    "$tests" --gtest_brief=1 --kiln_select=sanitize >"$scratch/memcheck.log" 2>&1 &
+    "$tests" --gtest_brief=1 --kiln_select=sanitize >"$out/memcheck.log" 2>&1 &
   local memcheck=$!
   compute-sanitizer --tool racecheck --error-exitcode 1 \
-    "$tests" --gtest_brief=1 --kiln_select=sanitize >"$scratch/racecheck.log" 2>&1 &
+    "$tests" --gtest_brief=1 --kiln_select=sanitize >"$out/racecheck.log" 2>&1 &
   local racecheck=$! status=0
+  (
+    export KILN_ATTENTION_PREFILL_BLOCKS=3
+    "$tests" --gtest_brief=1 --kiln_select=cuda --gtest_filter='*Attention*' &&
+      compute-sanitizer --tool racecheck --error-exitcode 1 "$tests" --gtest_brief=1 \
+        --kiln_select=sanitize --gtest_filter='*Attention*'
+  ) >"$out/attention_blocks3.log" 2>&1 &
+  local blocks3=$!
   wait $memcheck || { echo "memcheck FAILED"; status=1; }
   wait $racecheck || { echo "racecheck FAILED"; status=1; }
-  echo "== memcheck"; cat "$scratch/memcheck.log"
-  echo "== racecheck"; cat "$scratch/racecheck.log"
+  wait $blocks3 || { echo "attention with 3 prefill blocks FAILED"; status=1; }
+  echo "== memcheck"; cat "$out/memcheck.log"
+  echo "== racecheck"; cat "$out/racecheck.log"
+  echo "== attention, KILN_ATTENTION_PREFILL_BLOCKS=3"; cat "$out/attention_blocks3.log"
   return $status
 }
 

@@ -151,15 +151,17 @@ def sdpa(q, k, v, heads, mask, skip_reshape, skip_output_reshape):
             mask = mask.unsqueeze(0)
         if mask.dim() == 3:
             mask = mask.unsqueeze(1)
+    flat = out = None
+    if not skip_output_reshape:  # written token-major, [B, L, H * Dv]: no transpose copy
+        b, h, length, dv = *q.shape[:3], v.shape[3]
+        flat = q.new_empty(b, length, h * dv)
+        out = flat.view(b, length, h, dv).transpose(1, 2)
     try:
-        out = kiln.attention(q, k, v, mask=mask)  # [B, H, L, Dv]
+        out = kiln.attention(q, k, v, mask=mask, out=out)  # [B, H, L, Dv]
     except (kiln.InvalidArgumentError, kiln.UnsupportedError) as error:
         parts.declined(PART, f"kiln.attention: {error}")
         return None
-    if skip_output_reshape:
-        return out
-    b, h, length, dv = out.shape
-    return out.transpose(1, 2).reshape(b, length, h * dv)
+    return out if skip_output_reshape else flat
 
 
 def _registered_attention(attention_module):

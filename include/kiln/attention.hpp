@@ -33,7 +33,11 @@ struct AttentionOptions {
 // k:   [N, Hkv, Lk, D], f16/bf16; v: [N, Hkv, Lk, Dv], k's dtype. Hq a multiple of Hkv (GQA, MQA).
 //      Any strides with the last dim contiguous, the others multiples of 8 elements and a
 //      16-byte-aligned start: the slices of a packed QKV, a KV cache with capacity > length.
-// out: [N, Hq, Lq, Dv], contiguous, 16-byte aligned, f32/f16/bf16; must not overlap the inputs.
+// out: [N, Hq, Lq, Dv], f32/f16/bf16; must not overlap the inputs. Dv contiguous, rows (n, h, l)
+//      any strides that do not overlap: a contiguous [N, Hq, Lq, Dv], or a [N, Lq, Hq, Dv] buffer
+//      seen transposed, so that the rows land as the output projection reads them ([N, Lq,
+//      Hq * Dv]) with no transpose copy. On CUDA the other strides multiples of 8 elements and
+//      the start 16-byte aligned, as for q, k and v.
 // D and Dv multiples of 8 up to 256; a call with no out or lse element to write returns at once
 // whatever D and Dv are (N, Hq, Lq or Dv = 0, as torch gives empty results).
 // Non-finite values follow SDPA's math: a NaN score, or a +inf one, makes its row NaN (and its

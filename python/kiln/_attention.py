@@ -23,8 +23,17 @@ def out_shapes(q_shape, v_shape) -> tuple:
     return (n, hq, lq, v_shape[3]), (n, hq, lq)
 
 
+def check_out(q_shape, v_shape, out) -> None:
+    """out must have the [N, Hq, Lq, Dv] shape of the call (its strides are the op's to check)."""
+    shape, _ = out_shapes(q_shape, v_shape)
+    if tuple(out.shape) != shape:
+        raise InvalidArgumentError(
+            f"kiln::attention: out has shape {_args.shape_str(out.shape)}, expected "
+            f"{_args.shape_str(shape)} ([N, Hq, Lq, Dv] from q and v)")
+
+
 def attention(q, k, v, *, causal=False, scale=None, mask=None, kv_len=None, softcap=None,
-              return_lse=False):
+              return_lse=False, out=None):
     """Scaled dot-product attention with F.scaled_dot_product_attention's layout.
 
     q: [N, Hq, Lq, D] f16/bf16, or f32 (rounded to k's dtype in the kernel).
@@ -41,13 +50,21 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kv_len=None, soft
        value outside [0, Lk] is an error, on CUDA (device memory, not read on the host) the
        kernel clamps it to [0, Lk].
     return_lse: also return the f32 [N, Hq, Lq] log-sum-exp of the scaled logits.
+    out: None, or the [N, Hq, Lq, Dv] f32/f16/bf16 array to write (q's framework and device) and
+       return: Dv contiguous, rows any strides that do not overlap, e.g. ``buf.view(N, Lq, Hq,
+       Dv).transpose(1, 2)`` of a [N, Lq, Hq * Dv] buffer, so that the rows land as the output
+       projection reads them with no transpose copy. On CUDA its other strides are multiples of
+       16 bytes and its start 16-byte aligned, as for q, k and v.
 
-    Returns out [N, Hq, Lq, Dv] contiguous, in q's dtype (and lse). NaN and inf flow as in SDPA:
+    Returns out [N, Hq, Lq, Dv], contiguous in q's dtype unless given (and lse). NaN and inf flow as in SDPA:
     a NaN or +inf score makes its row NaN. A row whose scores are all -inf (every key hidden by
     the mask, causal or kv_len) gives zeros and lse -inf, as torch 2.15's SDPA on CPU does (older
     torch and some SDPA backends give NaN). N, Hq, Lq or Dv = 0 give empty results.
     """
-    kind = _args.check_arrays("attention", q=q, k=k, v=v, mask=mask, kv_len=kv_len)
+    kind = _args.check_arrays("attention", q=q, k=k, v=v, mask=mask, kv_len=kv_len, out=out)
+    if out is not None:
+        _args.writable("attention", "out", out)
+        check_out(q.shape, v.shape, out)
     scale = None if scale is None else _args.real("attention", "scale", scale, positive=True)
     softcap = None if softcap is None else _args.real("attention", "softcap", softcap,
                                                       positive=True)
@@ -55,10 +72,11 @@ def attention(q, k, v, *, causal=False, scale=None, mask=None, kv_len=None, soft
         from . import _torch_attention
 
         return _torch_attention.attention(q, k, v, bool(causal), scale, mask, kv_len, softcap,
-                                          bool(return_lse))
+                                          bool(return_lse), out)
 
     out_shape, lse_shape = out_shapes(q.shape, v.shape)
-    out = _args.empty(kind, q, out_shape, q.dtype)
+    if out is None:
+        out = _args.empty(kind, q, out_shape, q.dtype)
     lse = _args.empty(kind, q, lse_shape, np.float32) if return_lse else None
     _C.attention(q, k, v, out, bool(causal), scale, mask, kv_len, softcap, lse,
                  _args.stream(q, kind))

@@ -1,6 +1,9 @@
 #include "core/check.hpp"
 
+#include <algorithm>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace kiln::check {
 
@@ -55,6 +58,31 @@ void contiguous(const char* op, const char* arg, const TensorView& t) {
     fail(op, ErrorCode::invalid_argument,
          std::string(arg) + " must be contiguous, got strides " + shape_str(t.strides()) +
              " for shape " + t.shape_str());
+  }
+}
+
+void distinct_rows(const char* op, const char* arg, const TensorView& t,
+                   const std::string& examples) {
+  if (t.numel() == 0 || t.dim() == 0) return;
+  const int last = t.dim() - 1;
+  const auto fail_rows = [&] {
+    fail(op, ErrorCode::invalid_argument,
+         std::string(arg) + " has shape " + t.shape_str() + " and strides " +
+             shape_str(t.strides()) +
+             ", expected the last dim contiguous (stride 1) and rows that do not overlap, such "
+             "as " +
+             examples);
+  };
+  if (t.size(last) > 1 && t.stride(last) != 1) fail_rows();
+  std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, size) of the row dims
+  for (int d = 0; d < last; ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  std::int64_t span = t.size(last);  // elements covered by one step of the next dim up
+  for (const auto& [stride, size] : dims) {
+    if (stride < span) fail_rows();
+    span = stride * size;
   }
 }
 

@@ -23,6 +23,12 @@ void dims(const char* op, const char* arg, const TensorView& t, int expected);
 void shape(const char* op, const char* arg, const TensorView& t,
            std::span<const std::int64_t> expected, const std::string& why);
 void contiguous(const char* op, const char* arg, const TensorView& t);
+// An output written row by row: the last dim contiguous, the rows (every other dim) any strides
+// such that no two rows share an element (sorted by stride, each dim of more than one row steps
+// past everything the dims below it span). An empty t has no element to place: any strides
+// (torch gives empty tensors odd ones). `examples` names layouts the op's callers use.
+void distinct_rows(const char* op, const char* arg, const TensorView& t,
+                   const std::string& examples);
 void no_overlap(const char* op, const char* out_arg, const TensorView& out, const char* in_arg,
                 const TensorView& in);
 void non_null(const char* op, const char* arg, const TensorView& t);

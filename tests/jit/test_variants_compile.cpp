@@ -34,15 +34,18 @@ const KnownSpill kKnownSpills[] = {
     {"kiln::attention_kernel<T=kiln::bf16, TQ=kiln::bf16, TO=kiln::bf16, D=192, DV=192, "
      "WARPS_M=4, WARPS_N=1, BLOCK_N=32, STAGES=2, G=1, CAUSAL=false, MASK=kiln::kMaskNone, "
      "KV_LEN=kiln::kKvLenNone, SOFTCAP=false, SPLIT=false, TMA=false>",
-     "sm_80", 36, 60},
+     "sm_80", 32, 48},
     {"kiln::attention_kernel<T=kiln::bf16, TQ=kiln::bf16, TO=kiln::bf16, D=192, DV=192, "
      "WARPS_M=4, WARPS_N=1, BLOCK_N=32, STAGES=2, G=1, CAUSAL=false, MASK=kiln::kMaskNone, "
      "KV_LEN=kiln::kKvLenNone, SOFTCAP=false, SPLIT=false, TMA=false>",
      "sm_90a", 28, 44},
+    // 40 / 52 until the strided out of 2026-12-08 (its epilogue's strides moved ptxas's
+    // allocation: +8 bytes of loads here, while the entries of D 192 and the D 64 split decode
+    // lost 4 + 12 and 3 x (8 + 8) bytes).
     {"kiln::attention_kernel<T=kiln::bf16, TQ=kiln::bf16, TO=kiln::bf16, D=256, DV=256, "
      "WARPS_M=4, WARPS_N=1, BLOCK_N=32, STAGES=2, G=1, CAUSAL=false, MASK=kiln::kMaskNone, "
      "KV_LEN=kiln::kKvLenNone, SOFTCAP=false, SPLIT=false, TMA=false>",
-     "sm_80", 40, 52},
+     "sm_80", 40, 60},
     {"kiln::attention_kernel<T=kiln::bf16, TQ=kiln::bf16, TO=kiln::bf16, D=256, DV=256, "
      "WARPS_M=4, WARPS_N=1, BLOCK_N=32, STAGES=2, G=1, CAUSAL=false, MASK=kiln::kMaskNone, "
      "KV_LEN=kiln::kKvLenNone, SOFTCAP=false, SPLIT=false, TMA=false>",
@@ -55,18 +58,6 @@ const KnownSpill kKnownSpills[] = {
      "WARPS_M=4, WARPS_N=1, BLOCK_N=32, STAGES=2, G=2, CAUSAL=true, MASK=kiln::kMaskNone, "
      "KV_LEN=kiln::kKvLenNone, SOFTCAP=true, SPLIT=false, TMA=false>",
      "sm_90a", 52, 64},
-    {"kiln::attention_kernel<T=kiln::bf16, TQ=kiln::bf16, TO=kiln::bf16, D=64, DV=64, "
-     "WARPS_M=1, WARPS_N=4, BLOCK_N=128, STAGES=4, G=1, CAUSAL=false, MASK=kiln::kMaskNone, "
-     "KV_LEN=kiln::kKvLenI32, SOFTCAP=false, SPLIT=true, TMA=false>",
-     "sm_80", 8, 8},
-    {"kiln::attention_kernel<T=kiln::bf16, TQ=kiln::bf16, TO=kiln::bf16, D=64, DV=64, "
-     "WARPS_M=1, WARPS_N=4, BLOCK_N=128, STAGES=4, G=4, CAUSAL=false, MASK=kiln::kMaskNone, "
-     "KV_LEN=kiln::kKvLenI32, SOFTCAP=false, SPLIT=true, TMA=false>",
-     "sm_80", 8, 8},
-    {"kiln::attention_kernel<T=kiln::bf16, TQ=kiln::bf16, TO=kiln::bf16, D=64, DV=64, "
-     "WARPS_M=1, WARPS_N=4, BLOCK_N=128, STAGES=4, G=8, CAUSAL=false, MASK=kiln::kMaskNone, "
-     "KV_LEN=kiln::kKvLenI32, SOFTCAP=false, SPLIT=true, TMA=false>",
-     "sm_80", 8, 8},
     {"kiln::attention_kernel<T=kiln::f16, TQ=kiln::f16, TO=kiln::f16, D=128, DV=128, "
      "WARPS_M=8, WARPS_N=1, BLOCK_N=64, STAGES=2, G=1, CAUSAL=false, MASK=kiln::kMaskF16, "
      "KV_LEN=kiln::kKvLenNone, SOFTCAP=false, SPLIT=false, TMA=false>",

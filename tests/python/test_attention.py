@@ -134,6 +134,70 @@ def test_strided_views_and_f32_q(device):
     check(out, q32, cache_k[:, :, :50], cache_v[:, :, :50])
 
 
+@pytest.mark.parametrize("lq,lk,d", [(1, 300, 128), (70, 70, 64), (129, 200, 128), (33, 50, 96)])
+def test_out_token_major_and_row_range(device, lq, lk, d):
+    """out written as a [N, Lq, Hq, Dv] buffer seen transposed (what the output projection
+    reads) and as a row range of a longer poisoned buffer: the values of the contiguous call,
+    bit for bit, nothing written outside the view, the given out returned; decode (split-KV),
+    the Hopper prefill (D 64 and 128) and the mma.sync prefill (D 96) on CUDA."""
+    n, hq, hkv = 2, 4, 2
+    q = randn(n, hq, lq, d, dtype=torch.bfloat16, device=device)
+    k = randn(n, hkv, lk, d, dtype=torch.bfloat16, device=device)
+    v = randn(n, hkv, lk, d, dtype=torch.bfloat16, device=device)
+    want, want_lse = kiln.attention(q, k, v, causal=lq > 1, return_lse=True)
+    check(want, q, k, v, causal=lq > 1)
+    flat = torch.full((n, lq, hq * d), float("nan"), dtype=torch.bfloat16, device=device)
+    out = flat.view(n, lq, hq, d).transpose(1, 2)
+    got, lse = kiln.attention(q, k, v, causal=lq > 1, return_lse=True, out=out)
+    assert got is out
+    assert torch.equal(flat, want.transpose(1, 2).reshape(n, lq, hq * d))
+    assert torch.equal(lse, want_lse)
+    pad = 3
+    buf = torch.full((n, hq, lq + 2 * pad, d), -7.0, dtype=torch.bfloat16, device=device)
+    kiln.attention(q, k, v, causal=lq > 1, out=buf[:, :, pad:pad + lq])
+    assert torch.equal(buf[:, :, pad:pad + lq], want)
+    assert (buf[:, :, :pad] == -7).all() and (buf[:, :, pad + lq:] == -7).all()
+
+
+def test_out_f32_numpy_and_compile(device):
+    """out's dtype is the output's (f32 here for bf16 inputs); numpy takes out too; the out
+    variant traces under torch.compile."""
+    q = randn(1, 2, 9, 64, dtype=torch.bfloat16, device=device)
+    k = randn(1, 2, 12, 64, dtype=torch.bfloat16, device=device)
+    v = randn(1, 2, 12, 64, dtype=torch.bfloat16, device=device)
+    out = torch.full((1, 9, 2, 64), float("nan"), device=device).transpose(1, 2)
+    check(kiln.attention(q, k, v, out=out), q, k, v)
+
+    def f(q, k, v):
+        flat = q.new_empty(1, 9, 2 * 64)
+        kiln.attention(q, k, v, out=flat.view(1, 9, 2, 64).transpose(1, 2))
+        return flat * 2
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+    if device == "cpu":
+        qn, kn, vn = (t.float().numpy().astype(np.float16) for t in (q, k, v))
+        outn = np.full((1, 9, 2, 64), np.nan, dtype=np.float16).transpose(0, 2, 1, 3)
+        assert kiln.attention(qn, kn, vn, out=outn) is outn
+        np.testing.assert_array_equal(outn, kiln.attention(qn, kn, vn))
+
+
+def test_out_errors():
+    q = torch.zeros(1, 2, 4, 64, dtype=torch.bfloat16)
+    with pytest.raises(kiln.InvalidArgumentError, match=r"out has shape \[1, 2, 4, 32\], expected "
+                                                        r"\[1, 2, 4, 64\]"):
+        kiln.attention(q, q, q, out=torch.empty(1, 2, 4, 32, dtype=torch.bfloat16))
+    with pytest.raises(kiln.InvalidArgumentError, match="last dim contiguous"):
+        kiln.attention(q, q, q, out=torch.empty(1, 2, 4, 128, dtype=torch.bfloat16)[..., ::2])
+    with pytest.raises(kiln.InvalidArgumentError, match="rows that do not overlap"):
+        kiln.attention(q, q, q, out=torch.empty(1, 2, 1, 64, dtype=torch.bfloat16).expand(
+            1, 2, 4, 64))
+    with pytest.raises(kiln.InvalidArgumentError, match="out overlaps q"):
+        kiln.attention(q, torch.zeros_like(q), torch.zeros_like(q), out=q)
+    with pytest.raises(kiln.InvalidArgumentError, match="out is a numpy"):
+        kiln.attention(q, q, q, out=np.empty((1, 2, 4, 64), dtype=np.float32))
+
+
 def test_large_logits(device):
     q = randn(1, 2, 40, 64, dtype=torch.bfloat16, device=device) * 4
     k = randn(1, 2, 40, 64, dtype=torch.bfloat16, device=device) * 4

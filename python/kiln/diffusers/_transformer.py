@@ -117,8 +117,11 @@ def joint_attention(streams, heads: int, head_dim: int, pe):
                       out=buf[1][:, :, rows])
         kiln.rope_flux(x[:, :, 2], out=buf[2][:, :, rows])
         start = rows.stop
-    out = kiln.attention(buf[0], buf[1], buf[2])  # [B, H, L, D]
-    return out.transpose(1, 2).reshape(b, length, heads * head_dim)
+    # Written token-major, as the output projection reads it: no transpose copy.
+    out = first.new_empty(b, length, heads * head_dim)
+    kiln.attention(buf[0], buf[1], buf[2],
+                   out=out.view(b, length, heads, head_dim).transpose(1, 2))
+    return out
 
 
 def _joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -187,14 +187,16 @@ class Model:
             kiln.rope(qkv[:, :, hq:hq + hkv], positions, theta=hp.rope_theta, style=hp.style,
                       norm_weight=layer.k_norm, eps=eps, cache=self.k_cache[i])
             kiln.rope(qkv[:, :, hq + hkv:], positions, theta=None, cache=self.v_cache[i])
+            # Written token-major ([T, Hq * hd], as the output projection reads it).
+            o = q.new_empty(T, hq * hd)
+            heads_view = o.view(1, T, hq, hd).transpose(1, 2)  # [1, Hq, T, hd]
             if kv_len is None:
                 rows = start + T
-                o = kiln.attention(q, self.k_cache[i][:, :, :rows], self.v_cache[i][:, :, :rows],
-                                   causal=True)
+                kiln.attention(q, self.k_cache[i][:, :, :rows], self.v_cache[i][:, :, :rows],
+                               causal=True, out=heads_view)
             else:
-                o = kiln.attention(q, self.k_cache[i][:, :, :bucket],
-                                   self.v_cache[i][:, :, :bucket], kv_len=kv_len)
-            o = o.transpose(1, 2).reshape(T, hq * hd)  # [1, Hq, T, hd] -> [T, Hq * hd]
+                kiln.attention(q, self.k_cache[i][:, :, :bucket], self.v_cache[i][:, :, :bucket],
+                               kv_len=kv_len, out=heads_view)
             x = self._matmul(o, layer.w_o, torch.float32, residual=x)
             h = kiln.rms_norm(x, layer.ffn_norm, eps=eps, out_dtype=act)
             g = kiln.glu(self._matmul(h, layer.w_gate_up, act), activation="silu")

@@ -101,7 +101,8 @@ void validate(const TensorView& q, const TensorView& k, const TensorView& v, con
   check::dtype_in(kOp, "out", out, {DType::f32, DType::f16, DType::bf16});
   const std::int64_t out_shape[] = {N, Hq, Lq, Dv};
   check::shape(kOp, "out", out, out_shape, "[N, Hq, Lq, Dv] with " + q_dims + ", Dv from v");
-  check::contiguous(kOp, "out", out);
+  check::distinct_rows(kOp, "out", out,
+                       "a contiguous [N, Hq, Lq, Dv] or a [N, Lq, Hq, Dv] buffer seen transposed");
   check::non_null(kOp, "q", q);
   check::non_null(kOp, "k", k);
   check::non_null(kOp, "v", v);
@@ -258,9 +259,7 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
   check_rows_16b("q", q);
   check_rows_16b("k", k);
   check_rows_16b("v", v);
-  if (!aligned(out.data(), 16)) {
-    check::fail(kOp, ErrorCode::unsupported, "out does not start 16-byte aligned");
-  }
+  check_rows_16b("out", out);
   // Lk = 0 (every row gives zeros) takes the mma.sync kernel: a TMA map needs sizes > 0.
   if (k.size(2) > 0 && prefill_sm90_takes(q, k, v, options)) {
     run_prefill_sm90(q, k, v, out, options, scale, stream);
@@ -306,6 +305,7 @@ void run_cuda(const TensorView& q, const TensorView& k, const TensorView& v, con
     params.k_stride[d] = k.stride(d);
     params.v_stride[d] = v.stride(d);
   }
+  std::copy_n(out.strides().begin(), 3, params.out_stride);
   if (options.mask) {
     const TensorView& m = *options.mask;
     for (int d = 0; d < m.dim(); ++d) {

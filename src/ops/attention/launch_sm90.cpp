@@ -129,6 +129,7 @@ void run_prefill_sm90(const TensorView& q, const TensorView& k, const TensorView
   params.k_l_inner = l_inner[1];
   params.v_l_inner = l_inner[2];
   params.out = out.data();
+  std::copy_n(out.strides().begin(), 3, params.out_stride);
   params.lse = options.lse ? static_cast<float*>(options.lse->data()) : nullptr;
   int kv_len = kKvLenNone;
   if (options.kv_len) {

@@ -84,9 +84,10 @@ void reference(const TensorView& q, const TensorView& k, const TensorView& v, co
           for (std::int64_t d = 0; d < Dv; ++d)
             o[std::size_t(d)] += p * element(v, n, kv_head, j, d);
         }
-        const std::int64_t row = (n * Hq + h) * Lq + i;
+        const std::int64_t row = (n * Hq + h) * Lq + i;  // of lse, contiguous
+        const std::int64_t out_row = n * out.stride(0) + h * out.stride(1) + i * out.stride(2);
         for (std::int64_t d = 0; d < Dv; ++d) {
-          numeric::store_float(out.data(), out.dtype(), row * Dv + d,
+          numeric::store_float(out.data(), out.dtype(), out_row + d * out.stride(3),
                                float(sum == 0 ? 0.0 : o[std::size_t(d)] / sum));
         }
         if (options.lse) {

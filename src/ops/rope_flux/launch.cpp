@@ -24,31 +24,6 @@ constexpr const char* kOp = "rope_flux";
 constexpr const char* kFusedSource = "ops/rope_flux/kernels/rope_flux.cuh";
 constexpr const char* kUnfusedSource = "ops/rope_flux/kernels/rope_flux_unfused.cuh";
 
-// out's rows (n, h, l) may be strided, e.g. a row range [:, :, a:b] of a contiguous
-// [N, H, L', D] buffer, but D must be contiguous and no two rows may share an element: sorted by
-// stride, each dim of more than one row must step past everything the dims below it span. An
-// empty out has no element to place: any strides (torch gives empty tensors odd ones).
-void check_out_rows(const TensorView& out) {
-  if (out.numel() == 0) return;
-  const std::int64_t D = out.size(3);
-  const auto expected = [&] {
-    return "out has shape " + out.shape_str() + " and strides " + check::shape_str(out.strides()) +
-           ", expected D contiguous (stride 1) and rows (n, h, l) that do not overlap, such as a "
-           "contiguous [N, H, L, D] or a row range [:, :, a:b] of a contiguous [N, H, L', D]";
-  };
-  if (D > 1 && out.stride(3) != 1) check::fail(kOp, ErrorCode::invalid_argument, expected());
-  std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, size) of the row dims
-  for (int d = 0; d < 3; ++d) {
-    if (out.size(d) > 1) dims.emplace_back(out.stride(d), out.size(d));
-  }
-  std::sort(dims.begin(), dims.end());
-  std::int64_t span = D;  // elements covered by one step of the next dim up
-  for (const auto& [stride, size] : dims) {
-    if (stride < span) check::fail(kOp, ErrorCode::invalid_argument, expected());
-    span = stride * size;
-  }
-}
-
 void validate(const TensorView& x, const std::optional<TensorView>& pe, const TensorView& out,
               const RopeFluxOptions& options) {
   static constexpr std::initializer_list<DType> kFloat = {DType::f32, DType::f16, DType::bf16};
@@ -73,7 +48,10 @@ void validate(const TensorView& x, const std::optional<TensorView>& pe, const Te
   check::dtype_in(kOp, "out", out, kFloat);
   const std::int64_t out_shape[] = {N, H, L, D};
   check::shape(kOp, "out", out, out_shape, "[N, H, L, D] with " + nlhd);
-  check_out_rows(out);
+  // out's rows may be strided: a row range of the joint attention input.
+  check::distinct_rows(kOp, "out", out,
+                       "a contiguous [N, H, L, D] or a row range [:, :, a:b] of a contiguous "
+                       "[N, H, L', D]");
   check::non_null(kOp, "x", x);
   check::non_null(kOp, "out", out);
   check::no_overlap(kOp, "out", out, "x", x);

@@ -63,6 +63,9 @@ struct Case {
   bool lse = false;
   std::int64_t kv_len_cap = 0;  // > 0: batches between the first and the last see <= this many keys
   Specials specials = Specials::none;
+  // out as a [N, Lq, Hq, Dv] buffer seen transposed (strides (Lq Hq Dv, Dv, Hq Dv, 1)): the rows
+  // land as an output projection reads them.
+  bool out_transposed = false;
 
   std::string name() const {
     static const char* layouts[] = {"contiguous", "packed_qkv", "kv_cache"};
@@ -76,7 +79,8 @@ struct Case {
                scale > 0 ? cat("_scale", int(scale * 100)) : "",
                input_range != 1.f ? cat("_range", int(input_range)) : "", lse ? "_lse" : "",
                kv_len_cap > 0 ? cat("_kvlencap", kv_len_cap) : "",
-               specials == Specials::nonfinite ? "_nonfinite" : "", "_", layouts[int(layout)]);
+               specials == Specials::nonfinite ? "_nonfinite" : "",
+               out_transposed ? "_out_transposed" : "", "_", layouts[int(layout)]);
   }
   float softmax_scale() const { return scale > 0 ? scale : float(1.0 / std::sqrt(double(D))); }
 };
@@ -288,7 +292,11 @@ struct Attention {
         }
       }
     }
-    t.output("out", c.out, {c.N, c.Hq, c.Lq, c.Dv});
+    if (c.out_transposed) {
+      t.output("out", c.out, {c.N, c.Hq, c.Lq, c.Dv}, {c.Lq * c.Hq * c.Dv, c.Dv, c.Hq * c.Dv, 1});
+    } else {
+      t.output("out", c.out, {c.N, c.Hq, c.Lq, c.Dv});
+    }
     if (c.lse) t.output("lse", DType::f32, {c.N, c.Hq, c.Lq});
   }
 
@@ -388,6 +396,20 @@ std::vector<Case> cases() {
   all.push_back({2, 2, 2, 129, 129, 128, 64});
   all.push_back({2, 4, 2, 7, 129, 72, 40, hf, hf, hf, true});
   all.push_back({2, 4, 4, 1, 200, 192, 128});
+  // out seen transposed through every kernel: the sm_90a prefill (D 128 and 64), the mma.sync
+  // prefill (a mask; D 96), split-KV decode with its combine (TMA loads at D 128, cp.async at
+  // D 72), f32 out.
+  for (Case c :
+       std::initializer_list<Case>{{1, 4, 4, 200, 200, 128, 128},
+                                   {2, 4, 2, 129, 300, 64, 64, bf, bf, bf, true},
+                                   {2, 4, 2, 129, 129, 64, 64, bf, bf, bf, false, MaskKind::f32_2d},
+                                   {2, 4, 4, 129, 129, 96, 96, hf, hf, f32},
+                                   {3, 8, 2, 1, 9000, 128, 128, bf, bf, bf, false, MaskKind::none,
+                                    KvLen::i32, 0, 0, 1, Layout::contiguous, true},
+                                   {2, 8, 2, 1, 3000, 72, 72, hf, hf, hf}}) {
+    c.out_transposed = true;
+    all.push_back(c);
+  }
   return all;
 }
 
@@ -407,6 +429,49 @@ std::vector<Case> sanitizer_cases() {
       {1, 2, 2, 40, 40, 256, 256, bf, bf, bf, true},
       {2, 4, 1, 1, 3000, 64, 64, bf, bf, bf, false, MaskKind::none, KvLen::i32, 0, 0, 1,
        Layout::contiguous, true, 200},
+      // out seen transposed: the sm_90a prefill and split-KV decode with its combine.
+      {2,
+       4,
+       2,
+       70,
+       70,
+       128,
+       128,
+       bf,
+       bf,
+       bf,
+       true,
+       MaskKind::none,
+       KvLen::none,
+       0,
+       0,
+       1,
+       Layout::contiguous,
+       false,
+       0,
+       Specials::none,
+       true},
+      {2,
+       4,
+       1,
+       1,
+       3000,
+       64,
+       64,
+       bf,
+       bf,
+       bf,
+       false,
+       MaskKind::none,
+       KvLen::i32,
+       0,
+       0,
+       1,
+       Layout::contiguous,
+       true,
+       200,
+       Specials::none,
+       true},
   };
 }
 
@@ -927,6 +992,52 @@ TEST(AttentionArgs, Work) {
   for (double x : values(a.out())) EXPECT_NEAR(x, 1.0, 1e-6);
 }
 
+// out seen transposed ([N, Lq, Hq, Dv] memory) and as a row range of a longer buffer: the same
+// values as a contiguous out, and the buffer's rows outside the range keep their poison.
+TEST(AttentionArgs, StridedOutMatchesContiguous) {
+  const std::int64_t N = 2, H = 3, L = 5, D = 16, pad = 2;
+  Rng rng;
+  std::uniform_real_distribution<float> value(-1.f, 1.f);
+  std::vector<float> qkv(std::size_t(3 * N * H * L * D));
+  for (float& x : qkv) x = value(rng.engine());
+  const auto input = [&](int i) {
+    return TensorView(qkv.data() + i * N * H * L * D, DType::f32, {N, H, L, D});
+  };
+  // f32 q against f32 k is not a call kiln takes: k and v as bf16 copies.
+  std::vector<std::uint16_t> kv(std::size_t(2 * N * H * L * D));
+  for (std::size_t e = 0; e < kv.size(); ++e) {
+    numeric::store_float(kv.data(), DType::bf16, std::int64_t(e), qkv[N * H * L * D + e]);
+  }
+  const TensorView k(kv.data(), DType::bf16, {N, H, L, D});
+  const TensorView v(kv.data() + N * H * L * D, DType::bf16, {N, H, L, D});
+  std::vector<float> plain(std::size_t(N * H * L * D));
+  attention(input(0), k, v, TensorView(plain.data(), DType::f32, {N, H, L, D}));
+
+  const std::int64_t shape[] = {N, H, L, D}, rows = L + 2 * pad;
+  const std::int64_t transposed_strides[] = {L * H * D, D, H * D, 1};
+  const std::int64_t ranged_strides[] = {H * rows * D, rows * D, D, 1};
+  std::vector<float> transposed(plain.size(), NAN);
+  attention(input(0), k, v, TensorView(transposed.data(), DType::f32, shape, transposed_strides));
+  std::vector<float> ranged(std::size_t(N * H * rows * D), -7.f);
+  attention(input(0), k, v, TensorView(ranged.data() + pad * D, DType::f32, shape, ranged_strides));
+  for (std::int64_t n = 0; n < N; ++n) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      for (std::int64_t i = 0; i < rows; ++i) {
+        for (std::int64_t d = 0; d < D; ++d) {
+          const float got = ranged[std::size_t(((n * H + h) * rows + i) * D + d)];
+          if (i < pad || i >= pad + L) {
+            EXPECT_EQ(got, -7.f) << "wrote row " << i << " outside the range";
+            continue;
+          }
+          const float want = plain[std::size_t(((n * H + h) * L + i - pad) * D + d)];
+          EXPECT_EQ(got, want);
+          EXPECT_EQ(transposed[std::size_t(((n * L + i - pad) * H + h) * D + d)], want);
+        }
+      }
+    }
+  }
+}
+
 void errors(ErrorTable<Args>& t) {
   const auto invalid = ErrorCode::invalid_argument;
   t.add("HeadDimNotMultipleOf8", invalid, {"q", "head dim 12", "multiple of 8"}, [](Args& a) {
@@ -960,6 +1071,12 @@ void errors(ErrorTable<Args>& t) {
         [](Args& a) { a.with(&AttentionOptions::scale, -1.f); });
   t.add("BadSoftcap", invalid, {"softcap", "> 0"},
         [](Args& a) { a.with(&AttentionOptions::softcap, 0.f); });
+  t.add("OutLastDimStrided", invalid, {"out", "last dim contiguous"}, [](Args& a) {
+    attention(a.q(), a.k(), a.v(), a.other_({2, 4, 3, 8}, DType::f32, {96, 24, 8, 2}));
+  });
+  t.add("OutRowsOverlap", invalid, {"out", "strides [24, 0, 8, 1]", "do not overlap"}, [](Args& a) {
+    attention(a.q(), a.k(), a.v(), a.out_({2, 4, 3, 8}, DType::f32, {24, 0, 8, 1}));
+  });
   t.add("OutOverlapsQ", invalid, {"out", "overlaps", "q"}, [](Args& a) {
     attention(a.q(), a.k(), a.v(), a.q_({2, 4, 3, 8}, DType::bf16));
   });

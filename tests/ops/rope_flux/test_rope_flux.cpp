@@ -345,7 +345,7 @@ void errors(ErrorTable<Args>& t) {
   t.add("OutDtype", invalid, {"out", "i32"}, [](Args& a) {
     rope_flux(a.x(), a.pe(), a.out_({2, 3, 4, 8}, DType::i32));
   });
-  t.add("OutDStrided", invalid, {"out", "D contiguous"}, [](Args& a) {
+  t.add("OutDStrided", invalid, {"out", "last dim contiguous"}, [](Args& a) {
     rope_flux(a.x(), a.pe(), a.other_({2, 3, 4, 8}, DType::f32, {100, 32, 8, 2}));
   });
   t.add("OutRowsOverlapByStrideZero", invalid, {"out", "do not overlap"}, [](Args& a) {

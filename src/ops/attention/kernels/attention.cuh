@@ -509,12 +509,13 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ?
   math_sync<kThreads, TMA>();
 
   const i64 out_rows = p.N * p.Hq * p.Lq;
+  TO* const out_n = static_cast<TO*>(p.out) + n * p.out_stride[0];  // out may be strided
   for (int i = tid; i < kBlockM * kVChunks; i += kThreads) {
     const int r = i / kVChunks, c = i % kVChunks;
     if (m0 + r >= rows) continue;
     i64 query, head;
     row_coords(m0 + r, query, head);
-    const i64 row = (n * p.Hq + head) * p.Lq + query;  // row of out [N, Hq, Lq, DV]
+    const i64 row = (n * p.Hq + head) * p.Lq + query;  // row of [N, Hq, Lq]: o_part's and lse's
     float acc[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] = 0.f;
@@ -534,7 +535,7 @@ __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N + (TMA ? 32 : 0), TMA ?
       TO y[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) y[e] = from_float<TO>(acc[e]);
-      store_vec(static_cast<TO*>(p.out) + row * DV + c * 8, y);
+      store_vec(out_n + head * p.out_stride[1] + query * p.out_stride[2] + c * 8, y);
       if (c == 0 && p.lse != nullptr) p.lse[row] = s_lse[r] / kLog2e;
     }
   }

@@ -25,6 +25,10 @@ __device__ __forceinline__ void attention_combine_row(const AttentionParams& p, 
   constexpr float kLn2 = 0.6931471805599453f;
   const i64 rows = p.N * p.Hq * p.Lq;
   const float inf = __int_as_float(0x7f800000);
+  // out's element offset of the row's (n, hq, i): out may be strided (params.cuh).
+  const i64 nh = row / p.Lq;
+  TO* out = static_cast<TO*>(p.out) + (nh / p.Hq) * p.out_stride[0] +
+            (nh % p.Hq) * p.out_stride[1] + (row % p.Lq) * p.out_stride[2];
 
   float max_lse = -inf;
   for (int s = lane; s < p.splits; s += 32) max_lse = fmaxf(max_lse, p.lse_part[s * rows + row]);
@@ -57,7 +61,7 @@ __device__ __forceinline__ void attention_combine_row(const AttentionParams& p, 
     TO y[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) y[e] = from_float<TO>(acc[e]);
-    store_vec(static_cast<TO*>(p.out) + row * DV + c * 8, y);
+    store_vec(out + c * 8, y);
   }
   if (lane == 0 && p.lse != nullptr) {
     p.lse[row] = total == 0.f ? -inf : (shift + __log2f(total)) * kLn2;

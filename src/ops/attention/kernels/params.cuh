@@ -23,7 +23,7 @@ struct AttentionParams {
   const void* q;       // [N, Hq, Lq, D], strides q_stride
   const void* k;       // [N, Hkv, Lk, D], strides k_stride
   const void* v;       // [N, Hkv, Lk, Dv], strides v_stride
-  void* out;           // [N, Hq, Lq, Dv], contiguous
+  void* out;           // [N, Hq, Lq, Dv], strides out_stride, Dv contiguous
   float* lse;          // [N, Hq, Lq] natural-log LSE, or nullptr
   const void* mask;    // additive, [N, Hq, Lq, Lk] with mask_stride (0 where broadcast)
   const void* kv_len;  // [N]
@@ -38,6 +38,7 @@ struct AttentionParams {
   long long k_stride[4];
   long long v_stride[4];
   long long mask_stride[4];
+  long long out_stride[3];  // out's (n, h, l)
   long long N;
   long long Hq;
   long long Hkv;

@@ -350,14 +350,15 @@ __global__ void __launch_bounds__(prefill_sm90::kThreads, 1)
         }
       }
     }
-    TO* out = static_cast<TO*>(p.out) + head_row * D;
+    TO* out = static_cast<TO*>(p.out) + static_cast<i64>(w.batch) * p.out_stride[0] +
+              static_cast<i64>(w.head) * p.out_stride[1];
 #pragma unroll
     for (int i = 0; i < D / 2; i += 2) {
       const int r = (i % 4) / 2;
       const int row = row0 + 8 * r;
       const int col = 8 * (i / 4) + 2 * (lane % 4);
       if (row < lq) {
-        TO* dst = out + static_cast<i64>(row) * D + col;
+        TO* dst = out + static_cast<i64>(row) * p.out_stride[2] + col;
         if constexpr (sizeof(TO) == 4) {
           *reinterpret_cast<float2*>(dst) = float2{o[i] * inv_l[r], o[i + 1] * inv_l[r]};
         } else {

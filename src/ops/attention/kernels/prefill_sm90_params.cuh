@@ -14,9 +14,10 @@ struct AttentionSm90Params {
   TensorMapBytes map_q;
   TensorMapBytes map_k;
   TensorMapBytes map_v;
-  void* out;           // [N, Hq, Lq, Dv], contiguous
-  float* lse;          // [N, Hq, Lq] natural-log LSE, or nullptr
-  const void* kv_len;  // [N] (KV_LEN != 0)
+  void* out;                // [N, Hq, Lq, Dv], strides out_stride, Dv contiguous
+  float* lse;               // [N, Hq, Lq] natural-log LSE, or nullptr
+  const void* kv_len;       // [N] (KV_LEN != 0)
+  long long out_stride[3];  // out's (n, h, l)
   long long Hq;
   long long Lq;
   long long Lk;
