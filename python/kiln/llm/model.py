@@ -19,7 +19,12 @@ One layer, for T tokens at positions p..p+T-1 (batch 1; x is the f32 residual st
 
 then logits = matmul(rms_norm(x, output_norm), w_output) in f32 and argmax. The KV cache is bf16
 [1, Hkv, S, hd] per layer. Weights are read in the file's format (Q8_0 blocks, bf16, f16), or
-fp8 e4m3 with per-row scales quantized at load (weights="e4m3fn").
+fp8 e4m3 with per-row scales quantized at load (weights="e4m3fn"). On CUDA a Q8_0 matmul with
+more rows than the GEMV takes (prefill) multiplies a copy kiln.prepare_weight makes for that call
+(on sm_90 the bf16 weight that cuBLASLt multiplies, on sm_80 the GEMM's packed layout): the GEMM
+would otherwise gather ggml's 2-byte-aligned blocks element by element (4.5x slower than fp8
+weights at M = 16, matmul NOTES). The copy, at most the largest weight's size in bf16, lives for
+the call; the decode steps read the file's blocks.
 
 On CUDA each decode step is captured as one CUDA graph per context bucket (the attention reads
 the first `bucket` rows of the cache; kv_len hides the rest), with the token id, position and
@@ -89,6 +94,7 @@ class Model:
         if self.context < 1:
             raise ValueError(f"kiln.llm: context={context}, expected >= 1")
         self.act_dtype = torch.bfloat16
+        self._logged_prepare = False
         self._load_weights(weights)
 
         S, dev = self.context, self.device
@@ -166,7 +172,16 @@ class Model:
         return rows.float()
 
     def _matmul(self, a, w: Weight, out_dtype, residual=None):
-        return self.kiln.matmul(a, w.data, w_scale=w.scale, out_dtype=out_dtype,
+        data = w.data
+        if (data.dtype == self.torch.uint8 and data.is_cuda
+                and self.kiln.select_path(a.shape[0], data) == "gemm"):
+            if not self._logged_prepare:
+                self._logged_prepare = True
+                log.info("kiln.llm: Q8_0 matmuls of more than the GEMV's rows multiply a copy "
+                         "prepared per call (kiln.prepare_weight): the GEMM reads ggml's blocks "
+                         "element by element")
+            data = self.kiln.prepare_weight(data)
+        return self.kiln.matmul(a, data, w_scale=w.scale, out_dtype=out_dtype,
                                 residual=residual)
 
     def _forward(self, ids, positions, start: int, kv_len=None, bucket=None, all_rows=False):
