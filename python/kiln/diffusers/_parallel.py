@@ -220,12 +220,13 @@ def parallel_attention(layout: Layout, streams, heads: int, head_dim: int, pe):
             kiln.rope_flux(x[:, :, 2, cols], out=_head_major(kv_send[g, :, 1])[:, :, rows])
         start = rows.stop
     q, kv = _ulysses_gather(layout, q_send, kv_send)  # [Lg, B, H/U, D], [Lg, 2, B, H/U, D]
+    # The attention output lands token-major, in the scatter's send buffer (no transpose copy).
+    send = torch.empty_like(q)  # [Lg, B, H/U, D]
     if layout.ring_degree > 1:
-        out = _ring(layout, q, kv)  # f32 [1, B H/U, Lg, D]
+        _folded(send).copy_(_ring(layout, q, kv))  # from f32 [1, B H/U, Lg, D]
     else:
-        out = kiln.attention(_folded(q), *_kv_views(kv))  # [1, B H/U, Lg, D]
-    out = out.view(b, group_heads, *out.shape[2:])  # [B, H/U, Lg, D]
-    return _ulysses_scatter(layout, out, local, heads, first.dtype)
+        kiln.attention(_folded(q), *_kv_views(kv), out=_folded(send))
+    return _ulysses_scatter(layout, send, local, heads)
 
 
 def _split_sizes(lengths, local: int):
@@ -255,17 +256,15 @@ def _ulysses_gather(layout: Layout, q_send, kv_send):
     return q, kv
 
 
-def _ulysses_scatter(layout: Layout, out, local: int, heads: int, dtype):
-    """The attention output [B, H/U, Lg, D] (every token of the ulysses group, this rank's heads;
-    f32 from the ring) -> [B, local, H D] in `dtype` (this rank's tokens, every head)."""
-    b, group_heads, total, head_dim = out.shape
+def _ulysses_scatter(layout: Layout, send, local: int, heads: int):
+    """The attention output, token-major [Lg, B, H/U, D] (every token of the ulysses group in
+    rank order, this rank's heads) -> [B, local, H D] (this rank's tokens, every head)."""
+    _, b, group_heads, head_dim = send.shape
     u = layout.ulysses_degree
-    joint = out.new_empty(b, local, heads, head_dim, dtype=dtype)  # [B, L, H, D]
+    joint = send.new_empty(b, local, heads, head_dim)  # [B, L, H, D]
     if u == 1:
-        joint.transpose(1, 2).copy_(out)
+        joint.copy_(send.transpose(0, 1))
         return joint.view(b, local, heads * head_dim)
-    send = out.new_empty(total, b, group_heads, head_dim, dtype=dtype)  # rows in rank order
-    _head_major(send).copy_(out)
     recv = send.new_empty(u * local, b, group_heads, head_dim)  # (head group, token, B, H/U, D)
     lengths = layout.group_lengths[layout.ring_rank]
     shares, own = _split_sizes(lengths, local)
